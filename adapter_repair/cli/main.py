@@ -1,0 +1,160 @@
+"""``adapter-repair``: the click group and its commands.
+
+Results go to stdout (a table, or JSON with ``--json``); logs and progress bars to stderr.
+Bad input ends with ``error: ...`` and ``fix: ...`` on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import click
+
+from adapter_repair import __version__
+from adapter_repair.adapter import LoraAdapter, load_adapter
+from adapter_repair.cli.options import config_from, options_from
+from adapter_repair.errors import AdapterRepairError
+from adapter_repair.loading import LoadConfig, load_model
+from adapter_repair.walk import ModelMap, walk
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class _Group(click.Group):
+    """Turns an AdapterRepairError into a two-line message on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterRepairError as e:
+            click.echo(f"error: {e.problem}", err=True)
+            if e.fix:
+                click.echo(f"  fix: {e.fix}", err=True)
+            ctx.exit(e.exit_code)
+
+
+def _setup_logging(verbose: int, quiet: int) -> None:
+    level = logging.INFO - 10 * verbose + 10 * quiet
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger("adapter_repair")
+    root.handlers[:] = [handler]
+    root.setLevel(max(logging.DEBUG, min(level, logging.CRITICAL)))
+    root.propagate = False
+
+
+@click.group(
+    cls=_Group,
+    context_settings=CONTEXT,
+    epilog="\b\nExamples:\n  adapter-repair inspect ./my-lora\n  adapter-repair inspect ./my-lora --base ./base-model --json",
+)
+@click.version_option(__version__, "--version", prog_name="adapter-repair")
+@click.option("-v", "--verbose", count=True, help="More log output on stderr (repeat for debug).")
+@click.option("-q", "--quiet", count=True, help="Less log output on stderr (warnings only; -qq: errors).")
+def cli(verbose: int, quiet: int) -> None:
+    """Repair the safety alignment of a LoRA adapter, at adapter rank.
+
+    A LoRA fine-tune of a safety-aligned chat model often stops refusing harmful requests.
+    adapter-repair takes the adapter and returns one of the same format and rank that refuses
+    again and keeps its task skill.
+    """
+    _setup_logging(verbose, quiet)
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _inspect_report(adapter: LoraAdapter, mm: ModelMap | None) -> dict[str, Any]:
+    modules = []
+    for m in adapter:
+        site = mm.sites.get(m.key) if mm is not None else None
+        modules.append(
+            {
+                "module": m.base_name,
+                "rank": m.rank,
+                "d_in": m.d_in,
+                "d_out": m.d_out,
+                "alpha": m.alpha,
+                "scaling": m.scaling,
+                "layer": site.layer if site else None,
+                "role": site.role.value if site else None,
+            }
+        )
+    return {
+        "adapter": str(adapter.source),
+        "base_model_name_or_path": adapter.base_model_name_or_path,
+        "rank": adapter.rank,
+        "use_rslora": adapter.use_rslora,
+        "n_modules": len(adapter),
+        "n_parameters": adapter.n_parameters(),
+        "extra_tensors": sorted(adapter.extra_tensors),
+        "n_decoder_layers": mm.n_layers if mm is not None else None,
+        "modules": modules,
+    }
+
+
+@cli.command(
+    context_settings=CONTEXT,
+    epilog="\b\nExamples:\n  adapter-repair inspect ./my-lora\n  adapter-repair inspect ./my-lora --base ./base-model --quant 4bit --json",
+)
+@click.argument("adapter", type=click.Path(path_type=Path))
+@options_from(LoadConfig)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+@click.option(
+    "--walk/--no-walk",
+    "do_walk",
+    default=None,
+    help="Load the base and find each module's decoder layer and role "
+    "(default: when --base is given).",
+)
+def inspect(adapter: Path, as_json: bool, do_walk: bool | None, **params: Any) -> None:
+    """Validate a LoRA adapter folder and list its modules.
+
+    Reads ADAPTER (a folder with adapter_config.json and adapter_model.safetensors) without
+    changing it. With --base (or --walk, using the base the adapter names), it also loads the
+    base, checks that the adapter fits it, and shows each module's decoder layer and role
+    (reads from or writes into the residual stream).
+    """
+    config = config_from(LoadConfig, params)
+    mm = None
+    if do_walk or (do_walk is None and config.base is not None):
+        peft_model, lora = load_model(adapter, config)
+        mm = walk(peft_model)
+    else:
+        lora = load_adapter(adapter)
+    report = _inspect_report(lora, mm)
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"adapter  {report['adapter']}")
+    click.echo(f"base     {report['base_model_name_or_path']}")
+    click.echo(
+        f"rank {report['rank']}{' (rsLoRA)' if report['use_rslora'] else ''}, "
+        f"{report['n_modules']} modules, {report['n_parameters']:,} parameters"
+    )
+    rows = [
+        [
+            r["module"],
+            r["rank"],
+            f"{r['d_in']}->{r['d_out']}",
+            f"{r['scaling']:.4g}",
+            "-" if r["layer"] is None else r["layer"],
+            r["role"] or "-",
+        ]
+        for r in report["modules"]
+    ]
+    click.echo(_table(rows, ["module", "r", "shape", "scaling", "layer", "role"]))
+
+
+def main() -> None:  # pragma: no cover - console entry point
+    cli()
