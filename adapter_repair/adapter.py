@@ -155,7 +155,9 @@ def _pattern_value(patterns: Mapping[str, Any], name: str, default: Any) -> Any:
 def module_scaling(config: Mapping[str, Any], base_name: str, rank: int) -> tuple[float, float]:
     """(alpha, scaling) of one module as PEFT computes it: ``alpha / r``, or ``alpha / sqrt(r)``
     with rsLoRA, honouring ``alpha_pattern``."""
-    alpha = float(_pattern_value(config.get("alpha_pattern") or {}, base_name, config["lora_alpha"]))
+    alpha = float(
+        _pattern_value(config.get("alpha_pattern") or {}, base_name, config["lora_alpha"])
+    )
     if config.get("use_rslora"):
         return alpha, alpha / math.sqrt(rank)
     return alpha, alpha / rank
@@ -253,7 +255,9 @@ def _read_files(folder: Path) -> dict[str, bytes]:
         if p.name in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) or not p.is_file():
             continue
         if p.stat().st_size > MAX_CARRIED_FILE_BYTES:
-            logger.warning("not carrying %s (%d bytes) into the repaired adapter", p.name, p.stat().st_size)
+            logger.warning(
+                "not carrying %s (%d bytes) into the repaired adapter", p.name, p.stat().st_size
+            )
             continue
         files[p.name] = p.read_bytes()
     return files
@@ -431,4 +435,3 @@ def save_adapter(
     path = write_folder_atomically(out_path, write, overwrite=overwrite)
     logger.info("saved adapter to %s", path)
     return path
-

@@ -1,5 +1,6 @@
 """Frozen dataclass configs whose fields carry their own help text.
 
+Configs import nothing heavy (torch is imported inside methods), so ``--help`` is instant.
 The help is written once, here, and the CLI builds its click options from the fields
 (:mod:`adapter_repair.cli.options`), so the Python API and the command line never disagree.
 """
@@ -8,7 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 def setting(
@@ -30,7 +35,12 @@ def setting(
     """
     return dataclasses.field(
         default=default,
-        metadata={"help": help, "choices": tuple(choices) if choices else None, "cli": cli, "metavar": metavar},
+        metadata={
+            "help": help,
+            "choices": tuple(choices) if choices else None,
+            "cli": cli,
+            "metavar": metavar,
+        },
     )
 
 
@@ -41,3 +51,65 @@ def check_choices(config: Any) -> None:
         value = getattr(config, f.name)
         if choices and value not in choices:
             raise ValueError(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+QUANT_CHOICES = ("auto", "none", "8bit", "4bit")
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    """How to load the base model under the adapter."""
+
+    base: str | None = setting(
+        None,
+        "Base model id or local path. Default: the adapter's base_model_name_or_path.",
+        metavar="ID_OR_PATH",
+    )
+    base_revision: str | None = setting(
+        None, "Branch, tag or commit of the base model (Hub ids only).", metavar="REV"
+    )
+    quant: str = setting(
+        "auto",
+        "Load the base quantized with bitsandbytes: 4bit (NF4, as QLoRA trains), 8bit, or none. "
+        "auto: 4bit on a CUDA GPU, none on CPU.",
+        choices=QUANT_CHOICES,
+    )
+    dtype: str = setting(
+        "auto",
+        "Compute dtype of the base. auto: bfloat16 on a GPU that supports it, float32 otherwise.",
+        choices=DTYPE_CHOICES,
+    )
+    device_map: str = setting(
+        "auto",
+        "Passed to accelerate: auto spreads a base larger than one GPU over GPUs, CPU and disk; "
+        "or cpu, cuda, cuda:1. auto means cpu when there is no GPU.",
+        metavar="MAP",
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+
+    def resolved_quant(self) -> str:
+        import torch
+
+        if self.quant != "auto":
+            return self.quant
+        return "4bit" if torch.cuda.is_available() else "none"
+
+    def resolved_dtype(self) -> torch.dtype:
+        import torch
+
+        if self.dtype != "auto":
+            dtype: torch.dtype = getattr(torch, self.dtype)
+            return dtype
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+
+    def resolved_device_map(self) -> str:
+        import torch
+
+        if self.device_map == "auto" and not torch.cuda.is_available():
+            return "cpu"
+        return self.device_map

@@ -11,8 +11,6 @@ import dataclasses
 import logging
 import os
 import sys
-from dataclasses import dataclass
-from typing import Any
 
 import torch
 from peft import PeftModel
@@ -20,64 +18,10 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from adapter_repair.adapter import LoraAdapter, load_adapter
-from adapter_repair.config import check_choices, setting
+from adapter_repair.config import LoadConfig
 from adapter_repair.errors import AdapterRepairError, BaseMismatchError
 
 logger = logging.getLogger(__name__)
-
-QUANT_CHOICES = ("auto", "none", "8bit", "4bit")
-DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
-
-
-@dataclass(frozen=True)
-class LoadConfig:
-    """How to load the base model under the adapter."""
-
-    base: str | None = setting(
-        None,
-        "Base model id or local path. Default: the adapter's base_model_name_or_path.",
-        metavar="ID_OR_PATH",
-    )
-    base_revision: str | None = setting(
-        None, "Branch, tag or commit of the base model (Hub ids only).", metavar="REV"
-    )
-    quant: str = setting(
-        "auto",
-        "Load the base quantized with bitsandbytes: 4bit (NF4, as QLoRA trains), 8bit, or none. "
-        "auto: 4bit on a CUDA GPU, none on CPU.",
-        choices=QUANT_CHOICES,
-    )
-    dtype: str = setting(
-        "auto",
-        "Compute dtype of the base. auto: bfloat16 on a GPU that supports it, float32 otherwise.",
-        choices=DTYPE_CHOICES,
-    )
-    device_map: str = setting(
-        "auto",
-        "Passed to accelerate: auto spreads a base larger than one GPU over GPUs, CPU and disk; "
-        "or cpu, cuda, cuda:1. auto means cpu when there is no GPU.",
-        metavar="MAP",
-    )
-
-    def __post_init__(self) -> None:
-        check_choices(self)
-
-    def resolved_quant(self) -> str:
-        if self.quant != "auto":
-            return self.quant
-        return "4bit" if torch.cuda.is_available() else "none"
-
-    def resolved_dtype(self) -> torch.dtype:
-        if self.dtype != "auto":
-            return getattr(torch, self.dtype)  # type: ignore[no-any-return]
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
-
-    def resolved_device_map(self) -> str | dict[str, Any]:
-        if self.device_map == "auto" and not torch.cuda.is_available():
-            return "cpu"
-        return self.device_map
 
 
 def fix_bnb_cpu_trap(model: nn.Module) -> int:
@@ -127,7 +71,12 @@ def load_base(config: LoadConfig) -> PreTrainedModel:
     if quant == "8bit" and dtype == torch.float32:
         # bitsandbytes casts float32 inputs to float16 on every 8-bit matmul (and logs it).
         dtype = torch.float16
-    logger.info("loading base %s (quant %s, dtype %s)", config.base, quant, str(dtype).removeprefix("torch."))
+    logger.info(
+        "loading base %s (quant %s, dtype %s)",
+        config.base,
+        quant,
+        str(dtype).removeprefix("torch."),
+    )
     try:
         model = AutoModelForCausalLM.from_pretrained(
             config.base,
@@ -181,7 +130,8 @@ def check_against_base(adapter: LoraAdapter, model: nn.Module) -> None:
     if missing:
         raise BaseMismatchError(
             f"{len(missing)} target module(s) of the adapter are not in the base "
-            f"{type(model).__name__}: {', '.join(missing[:3])}" + (" ..." if len(missing) > 3 else ""),
+            f"{type(model).__name__}: {', '.join(missing[:3])}"
+            + (" ..." if len(missing) > 3 else ""),
             "Pass --base with the model the adapter was trained on.",
         )
     for m in adapter:

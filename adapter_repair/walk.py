@@ -101,9 +101,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     ]
     # Prefer lists whose entries hold parameters and are all of one class.
     found = [
-        m
-        for m in found
-        if len({type(x) for x in m}) == 1 and any(True for _ in m[0].parameters())
+        m for m in found if len({type(x) for x in m}) == 1 and any(True for _ in m[0].parameters())
     ]
     if len(found) != 1:
         raise UnsupportedModelError(
@@ -117,6 +115,10 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def _is_linear(m: nn.Module) -> bool:
     # bitsandbytes' Linear4bit / Linear8bitLt subclass nn.Linear.
     return isinstance(m, nn.Linear | LoraLayer)
+
+
+def _is_lora(m: nn.Module) -> bool:
+    return isinstance(m, LoraLayer)
 
 
 def _is_norm(m: nn.Module) -> bool:
@@ -244,7 +246,7 @@ def walk(model: nn.Module) -> ModelMap:
     for i, layer in enumerate(layers):
         for m in layer.modules():
             layer_of[id(m)] = i
-    lora = [(n, m) for n, m in model.named_modules() if isinstance(m, LoraLayer)]
+    lora = [(n, m) for n, m in model.named_modules() if _is_lora(m)]
     if not lora:
         return ModelMap(layers=layers)
     nodes = _trace(model, layers)
@@ -267,10 +269,11 @@ def walk(model: nn.Module) -> ModelMap:
 
     mm = ModelMap(layers=layers)
     for name, m in lora:
-        i = layer_of.get(id(m))
-        if i is None or f"layer:{i}" not in nodes:
-            mm.sites[name] = LoraSite(key=name, module=m, layer=i, role=Role.OUTSIDE)
+        at = layer_of.get(id(m))
+        if at is None or f"layer:{at}" not in nodes:
+            mm.sites[name] = LoraSite(key=name, module=m, layer=at, role=Role.OUTSIDE)
             continue
+        i = at
         layer_in, layer_out = nodes[f"layer:{i}"]
         if name not in nodes:
             raise UnsupportedModelError(
@@ -296,7 +299,9 @@ def walk(model: nn.Module) -> ModelMap:
             out_norm=norms_by_in.get(node_out) if writes else None,
         )
     counts = {r.value: sum(s.role is r for s in mm) for r in Role}
-    logger.info("walked %d LoRA modules over %d decoder layers: %s", len(mm.sites), len(layers), counts)
+    logger.info(
+        "walked %d LoRA modules over %d decoder layers: %s", len(mm.sites), len(layers), counts
+    )
     return mm
 
 
@@ -307,13 +312,14 @@ def norm_gain(norm: nn.Module) -> torch.Tensor:
     For a zero-mean input ``x`` with no zero entries, ``(norm(x) - norm(-x)) / 2x`` is ``g`` times
     a positive constant (1/rms or 1/std), and only the direction of ``g * r`` is ever used.
     """
-    w = norm.weight  # type: ignore[union-attr]
-    d = w.shape[0]  # type: ignore[union-attr]
+    w = norm.weight
+    assert isinstance(w, torch.Tensor)
+    d = int(w.shape[0])
     x = torch.linspace(1.0, 2.0, d, dtype=torch.float32)
     x = x * torch.where(torch.arange(d) % 2 == 0, 1.0, -1.0)  # alternating signs, mean ~ 0
     x = x - x.mean()
     x = torch.where(x.abs() < 1e-3, torch.full_like(x, 1e-3), x)
-    x = x.to(device=w.device, dtype=w.dtype)  # type: ignore[union-attr]
+    x = x.to(device=w.device, dtype=w.dtype)
     with torch.no_grad():
         g = (norm(x[None]) - norm(-x[None]))[0].float() / (2 * x.float())  # (d,)
     return g

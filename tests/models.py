@@ -64,9 +64,7 @@ def lora_config(**overrides: Any) -> LoraConfig:
     return LoraConfig(**kw)
 
 
-def make_adapter(
-    base_dir: Path | str, out_dir: Path, seed: int = 1, **lora_overrides: Any
-) -> Path:
+def make_adapter(base_dir: Path | str, out_dir: Path, seed: int = 1, **lora_overrides: Any) -> Path:
     """A LoRA with random non-zero A and B (as after training) over the model at base_dir."""
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     peft_model = get_peft_model(model, lora_config(**lora_overrides))
@@ -75,5 +73,5 @@ def make_adapter(
         for name, p in peft_model.named_parameters():
             if "lora_" in name:
                 p.normal_(0.0, 0.05)
-    peft_model.save_pretrained(out_dir)
+    peft_model.save_pretrained(str(out_dir))
     return out_dir

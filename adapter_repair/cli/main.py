@@ -11,16 +11,18 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from adapter_repair import __version__
-from adapter_repair.adapter import LoraAdapter, load_adapter
 from adapter_repair.cli.options import config_from, options_from
+from adapter_repair.config import LoadConfig
 from adapter_repair.errors import AdapterRepairError
-from adapter_repair.loading import LoadConfig, load_model
-from adapter_repair.walk import ModelMap, walk
+
+if TYPE_CHECKING:  # the library is imported inside commands: --help stays instant
+    from adapter_repair.adapter import LoraAdapter
+    from adapter_repair.walk import ModelMap
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -55,7 +57,9 @@ def _setup_logging(verbose: int, quiet: int) -> None:
 )
 @click.version_option(__version__, "--version", prog_name="adapter-repair")
 @click.option("-v", "--verbose", count=True, help="More log output on stderr (repeat for debug).")
-@click.option("-q", "--quiet", count=True, help="Less log output on stderr (warnings only; -qq: errors).")
+@click.option(
+    "-q", "--quiet", count=True, help="Less log output on stderr (warnings only; -qq: errors)."
+)
 def cli(verbose: int, quiet: int) -> None:
     """Repair the safety alignment of a LoRA adapter, at adapter rank.
 
@@ -125,6 +129,10 @@ def inspect(adapter: Path, as_json: bool, do_walk: bool | None, **params: Any) -
     base, checks that the adapter fits it, and shows each module's decoder layer and role
     (reads from or writes into the residual stream).
     """
+    from adapter_repair.adapter import load_adapter
+    from adapter_repair.loading import load_model
+    from adapter_repair.walk import walk
+
     config = config_from(LoadConfig, params)
     mm = None
     if do_walk or (do_walk is None and config.base is not None):

@@ -33,7 +33,9 @@ def options_from(cls: type[Any], *, exclude: tuple[str, ...] = ()) -> Callable[[
             hint = hints[f.name]
             if hint is bool:
                 decl = f"{flag}/--no-{flag[2:]}"
-                fn = click.option(decl, f.name, default=f.default, show_default=True, help=f.metadata["help"])(fn)
+                fn = click.option(
+                    decl, f.name, default=f.default, show_default=True, help=f.metadata["help"]
+                )(fn)
                 continue
             fn = click.option(
                 flag,
