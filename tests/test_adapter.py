@@ -72,7 +72,10 @@ def test_clone_is_independent(tiny_adapter_dir: Path) -> None:
     [
         {},
         {"use_rslora": True},
-        {"rank_pattern": {"o_proj": 2, "layers.1.mlp.down_proj": 6}, "alpha_pattern": {"up_proj": 3}},
+        {
+            "rank_pattern": {"o_proj": 2, "layers.1.mlp.down_proj": 6},
+            "alpha_pattern": {"up_proj": 3},
+        },
         {"use_rslora": True, "rank_pattern": {"k_proj": 8}, "alpha_pattern": {"q_proj": 32}},
     ],
     ids=["plain", "rslora", "patterns", "rslora+patterns"],

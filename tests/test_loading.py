@@ -44,7 +44,7 @@ def test_load_quantized_base_with_adapter(
     tol: float,
 ) -> None:
     reference = logits(AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32))
-    model, adapter = load_model(
+    model, _ = load_model(
         tiny_adapter_dir, LoadConfig(base=str(tiny_llama_dir), quant=quant, dtype=dtype)
     )
     assert isinstance(model, PeftModel)
@@ -75,7 +75,9 @@ def test_enabled_adapter_equals_the_merged_update(
     tiny_llama_dir: Path, tiny_adapter_dir: Path
 ) -> None:
     """W + s B A, computed from our adapter object, is what the PeftModel runs."""
-    model, adapter = load_model(tiny_adapter_dir, LoadConfig(base=str(tiny_llama_dir), quant="none"))
+    model, adapter = load_model(
+        tiny_adapter_dir, LoadConfig(base=str(tiny_llama_dir), quant="none")
+    )
     merged = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
     modules = dict(merged.named_modules())
     with torch.no_grad():
@@ -162,7 +164,9 @@ def test_load_base_applies_the_fix(tiny_llama_dir: Path) -> None:
 def test_shapes_that_do_not_match_the_base(tiny_adapter_dir: Path, tmp_path: Path) -> None:
     other = tmp_path / "wider"
     tiny_model("llama", intermediate_size=96).save_pretrained(other)
-    with pytest.raises(BaseMismatchError, match="128 -> 64 linear layer, the base has 96 -> 64") as e:
+    with pytest.raises(
+        BaseMismatchError, match="128 -> 64 linear layer, the base has 96 -> 64"
+    ) as e:
         load_model(tiny_adapter_dir, LoadConfig(base=str(other)))
     assert "--base" in e.value.fix
 

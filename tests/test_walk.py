@@ -55,7 +55,9 @@ def test_walk_finds_layer_role_and_norms(layout: str) -> None:
 
 
 def test_walk_on_a_4bit_peft_model(tiny_llama_dir: Path, tiny_adapter_dir: Path) -> None:
-    model, adapter = load_model(tiny_adapter_dir, LoadConfig(base=str(tiny_llama_dir), quant="4bit"))
+    model, adapter = load_model(
+        tiny_adapter_dir, LoadConfig(base=str(tiny_llama_dir), quant="4bit")
+    )
     mm = walk(model)
     assert set(mm.sites) == set(adapter.modules)
     roles = {s.key.rsplit(".", 1)[1]: s.role for s in mm}
@@ -157,7 +159,9 @@ def test_h_L_carries_gradients_into_the_adapter(
     h.sum().backward()
     grads = {n: p.grad for n, p in model.named_parameters() if "lora_" in n}
     # Layers 0 and 1 run and get gradients; layer 2 never runs.
-    assert all(g is not None and g.abs().sum() > 0 for n, g in grads.items() if "layers.2." not in n)
+    assert all(
+        g is not None and g.abs().sum() > 0 for n, g in grads.items() if "layers.2." not in n
+    )
     assert all(g is None for n, g in grads.items() if "layers.2." in n)
 
 
