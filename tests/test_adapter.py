@@ -8,6 +8,7 @@ import logging
 import shutil
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from transformers import AutoModelForCausalLM
 
 from adapter_repair import adapter as adapter_mod
 from adapter_repair.adapter import load_adapter, save_adapter
-from adapter_repair.errors import AdapterFormatError, UnsupportedAdapterError
+from adapter_repair.errors import AdapterFormatError, AdapterRepairError, UnsupportedAdapterError
 from tests.models import make_adapter
 
 
@@ -81,7 +82,7 @@ def test_clone_is_independent(tiny_adapter_dir: Path) -> None:
     ids=["plain", "rslora", "patterns", "rslora+patterns"],
 )
 def test_scaling_and_rank_match_peft(
-    tiny_llama_dir: Path, tmp_path: Path, overrides: dict[str, object]
+    tiny_llama_dir: Path, tmp_path: Path, overrides: dict[str, Any]
 ) -> None:
     folder = make_adapter(tiny_llama_dir, tmp_path / "a", **overrides)
     a = load_adapter(folder)
@@ -168,7 +169,7 @@ def break_config_not_json(f: Path) -> None:
 
 
 def break_config_missing_keys(f: Path) -> None:
-    _rewrite_config(f, lambda c: c.pop("lora_alpha"))
+    _rewrite_config(f, lambda c: c.__delitem__("lora_alpha"))
 
 
 def break_pickle_only(f: Path) -> None:
@@ -229,7 +230,7 @@ def break_embedding_lora(f: Path) -> None:
     _rewrite_tensors(f, edit)
 
 
-BAD_INPUTS: dict[str, tuple[Callable[[Path], None], type[Exception], str]] = {
+BAD_INPUTS: dict[str, tuple[Callable[[Path], None], type[AdapterRepairError], str]] = {
     "missing-config": (break_missing_config, AdapterFormatError, "no adapter_config.json"),
     "config-not-json": (break_config_not_json, AdapterFormatError, "not valid JSON"),
     "config-missing-keys": (break_config_missing_keys, AdapterFormatError, "lora_alpha"),
