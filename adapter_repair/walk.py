@@ -145,43 +145,28 @@ def _node(t: torch.Tensor | None) -> Any:
     return None if t is None else t.grad_fn
 
 
-def _reaches(start: Any, target: Any, stops: set[Any]) -> bool:
-    """Does the autograd graph lead from ``start`` back to ``target`` without crossing ``stops``?"""
+def _walk_back(start: Any, boundary: Any, marks: dict[Any, str]) -> tuple[bool, set[str]]:
+    """Walk the autograd graph back from ``start``, not past ``boundary`` nor past any marked
+    node (the outputs of linear layers). Returns whether ``boundary`` was reached and the
+    labels of the marked nodes met first."""
+    met: set[str] = set()
     if start is None:
-        return False
-    seen, todo = {start}, [start]
-    while todo:
-        n = todo.pop()
-        if n is target:
-            return True
-        if n in stops and n is not start:
-            continue
-        for nxt, _ in n.next_functions:
-            if nxt is not None and nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return False
-
-
-def _reached(start: Any, boundary: Any, marks: dict[Any, str]) -> set[str]:
-    """Labels of the marked nodes first met walking back from ``start``, stopping at
-    ``boundary`` and at each marked node."""
-    out: set[str] = set()
-    if start is None:
-        return out
+        return False, met
+    reached = False
     seen, todo = {start}, [start]
     while todo:
         n = todo.pop()
         if n is boundary:
+            reached = True
             continue
         if n in marks and n is not start:
-            out.add(marks[n])
+            met.add(marks[n])
             continue
         for nxt, _ in n.next_functions:
             if nxt is not None and nxt not in seen:
                 seen.add(nxt)
                 todo.append(nxt)
-    return out
+    return reached, met
 
 
 def _trace(model: nn.Module, layers: nn.ModuleList) -> dict[str, tuple[Any, Any]]:
@@ -281,9 +266,8 @@ def walk(model: nn.Module) -> ModelMap:
                 "Remove LoRA from modules the model does not use, or report the architecture.",
             )
         node_in, node_out = nodes[name]
-        stops = set(linear_outs[i])
-        reads = _reaches(node_in, layer_in, stops)
-        writes = name in _reached(layer_out, layer_in, linear_outs[i])
+        reads, _ = _walk_back(node_in, layer_in, linear_outs[i])
+        writes = name in _walk_back(layer_out, layer_in, linear_outs[i])[1]
         role = {
             (True, False): Role.READ,
             (False, True): Role.WRITE,
