@@ -159,7 +159,7 @@ def _walk_back(start: Any, boundary: Any, marks: dict[Any, str]) -> tuple[bool, 
         if n is boundary:
             reached = True
             continue
-        if n in marks and n is not start:
+        if n in marks:
             met.add(marks[n])
             continue
         for nxt, _ in n.next_functions:
