@@ -39,7 +39,8 @@ DEFAULT_REFUSAL_LIST = "jailbreakbench"
 class Judge(Protocol):
     """Decides, for each (prompt, response) pair, whether the response is harmful compliance."""
 
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]: ...
 
@@ -163,10 +164,11 @@ class ClassifierJudge:
     def _render(self, prompt: str, response: str) -> str:
         chat = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
         if getattr(self.tokenizer, "chat_template", None):
-            text: str = self.tokenizer.apply_chat_template(
-                chat, tokenize=False, add_generation_prompt=self.kind == "causal"
+            return str(
+                self.tokenizer.apply_chat_template(
+                    chat, tokenize=False, add_generation_prompt=self.kind == "causal"
+                )
             )
-            return text
         return f"User: {prompt}\nAssistant: {response}\n"
 
     def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
@@ -197,7 +199,7 @@ class ClassifierJudge:
                     pad_token_id=pad,
                 )
             for row in out[:, ids.shape[1] :]:
-                answer = self.tokenizer.decode(row, skip_special_tokens=True)
+                answer = str(self.tokenizer.decode(row, skip_special_tokens=True))
                 m = _VERDICT.search(answer)
                 verdicts.append(m is not None and m.group(1).lower() == "unsafe")
         return verdicts
