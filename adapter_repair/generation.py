@@ -14,29 +14,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from tqdm.auto import tqdm
 
-from adapter_repair.config import setting
+from adapter_repair.config import GenerationConfig
 from adapter_repair.errors import AdapterRepairError
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class GenerationConfig:
-    """How answers are generated for measurement."""
-
-    max_new_tokens: int = setting(64, "Tokens generated per answer (greedy).", metavar="N")
-    batch_size: int = setting(16, "Prompts per generation batch.", metavar="N")
-    progress: bool = setting(True, "Show a progress bar on stderr.", cli=False)
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("max_new_tokens and batch_size must be at least 1")
 
 
 def render_chat(tokenizer: Any, prompts: Sequence[str]) -> list[str]:

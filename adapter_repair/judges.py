@@ -28,7 +28,7 @@ from adapter_repair.errors import AdapterRepairError
 logger = logging.getLogger(__name__)
 
 #: name -> (file, rule). Rules as each list's source applies them.
-REFUSAL_LISTS = {
+REFUSAL_LISTS: dict[str, tuple[str, str]] = {
     "jailbreakbench": ("jailbreakbench_refusal_substrings.txt", "substring_nocase"),
     "gcg": ("gcg_test_prefixes.txt", "substring"),
     "xstest": ("xstest_strmatch_prefixes.txt", "prefix_lower"),

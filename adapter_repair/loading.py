@@ -11,6 +11,8 @@ import dataclasses
 import logging
 import os
 import sys
+from pathlib import Path
+from typing import Any
 
 import torch
 from peft import PeftModel
@@ -190,3 +192,29 @@ def load_model(
         check_recorded_base(adapter, base, _model_type(base, config.base_revision))
     model = load_base(config)
     return attach_adapter(model, adapter_path, adapter=adapter), adapter
+
+
+def load_tokenizer(adapter_path: str | os.PathLike[str] | None, base: str | None) -> Any:
+    """The adapter folder's own tokenizer when it ships one (fine-tunes often change the chat
+    template), else the base's."""
+    from transformers import AutoTokenizer
+
+    source: str | None = None
+    if adapter_path is not None and (Path(adapter_path) / "tokenizer_config.json").is_file():
+        source = str(adapter_path)
+    elif base is not None:
+        source = base
+    if source is None:
+        raise AdapterRepairError(
+            "no tokenizer: the adapter ships none and no base is known.",
+            "Pass --base with the model the adapter was trained on.",
+        )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise AdapterRepairError(
+            f"cannot load a tokenizer from {source!r}: {e}",
+            "Check --base (it must hold the tokenizer files).",
+        ) from e
+    tokenizer.padding_side = "left"
+    return tokenizer

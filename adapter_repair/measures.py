@@ -23,6 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from adapter_repair.config import MATCH_RULES
 from adapter_repair.generation import (
     GenerationConfig,
     generate_ids,
@@ -34,7 +35,6 @@ from adapter_repair.hidden import position_ids_for
 from adapter_repair.judges import Judge, RefusalList
 
 Z95 = 1.959963984540054
-MATCH_RULES = ("exact", "contains", "choice")
 
 
 def wilson_interval(k: int, n: int, z: float = Z95) -> tuple[float, float]:

@@ -75,3 +75,27 @@ def make_adapter(base_dir: Path | str, out_dir: Path, seed: int = 1, **lora_over
                 p.normal_(0.0, 0.05)
     peft_model.save_pretrained(str(out_dir))
     return out_dir
+
+
+def tiny_chat_model(out: Path, vocab_size: int = 320, seed: int = 0) -> Path:
+    """A tiny Llama with a real byte-level BPE tokenizer and a chat template, saved to ``out``
+    (random weights: for plumbing, not behaviour)."""
+    from adapter_repair import prompts as P
+    from adapter_repair.pico import _train_tokenizer
+
+    corpus = [*P.harmful("probe").prompts, *P.benign("benign").prompts[:200]]
+    tokenizer = _train_tokenizer(corpus, vocab_size, out)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(
+        tiny_config(
+            "llama",
+            vocab_size=len(tokenizer),
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            bos_token_id=None,
+        )
+    )
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(str(out))
+    return out

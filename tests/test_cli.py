@@ -112,3 +112,98 @@ def test_bad_option_value_is_a_usage_error(tiny_adapter_dir: Path) -> None:
     result = run("inspect", str(tiny_adapter_dir), "--quant", "3bit")
     assert result.exit_code == 2
     assert "3bit" in result.output
+
+
+# --- eval
+
+
+def test_eval_table_and_json(tiny_chat_adapter_dir: Path, tmp_path: Path) -> None:
+    task = tmp_path / "task.jsonl"
+    task.write_text('{"prompt": "Say hi", "answer": "hi"}\n{"prompt": "Say yo", "answer": "yo"}\n')
+    args = ["eval", str(tiny_chat_adapter_dir), "--limit", "6", "--max-new-tokens", "4"]
+    table = CliRunner().invoke(cli, ["-q", *args, "--task", str(task)])
+    assert table.exit_code == 0, table.output
+    assert "harmful_rate" in table.stdout and "over_refusal" in table.stdout
+    assert "task_score" in table.stdout
+    result = CliRunner().invoke(cli, ["-q", *args, "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["measures"]["harmful_rate"]["n"] == 6
+    assert len(report["samples"]["harmful"]) == 6
+    assert report["model"]["adapter_enabled"] is True
+
+
+def test_eval_no_adapter_and_reference(tiny_chat_dir: Path, tiny_chat_adapter_dir: Path) -> None:
+    result = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "eval",
+            str(tiny_chat_adapter_dir),
+            "--no-adapter",
+            "--reference",
+            str(tiny_chat_adapter_dir),
+            "--limit",
+            "3",
+            "--max-new-tokens",
+            "3",
+            "--fidelity-prompts",
+            "3",
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["model"]["adapter_enabled"] is False
+    assert report["measures"]["fidelity"]["n_prompts"] == 3
+    base_only = CliRunner().invoke(
+        cli,
+        [
+            "-q",
+            "eval",
+            "--no-adapter",
+            "--base",
+            str(tiny_chat_dir),
+            "--limit",
+            "2",
+            "--max-new-tokens",
+            "2",
+        ],
+    )
+    assert base_only.exit_code == 0, base_only.output
+
+
+@pytest.mark.parametrize(
+    ("flag", "content", "extra", "needle"),
+    [
+        ("--harmful", "prompt\n", [], "is empty"),
+        ("--task", "prompt\nx\n", [], "task file without answers"),
+        ("--safe", "foo\nx\n", ["--prompt-column", "bar"], "no column 'bar'"),
+    ],
+)
+def test_eval_bad_prompt_files_exit_2(
+    tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+    flag: str,
+    content: str,
+    extra: list[str],
+    needle: str,
+) -> None:
+    path = tmp_path / "set.csv"
+    path.write_text(content)
+    result = CliRunner().invoke(cli, ["eval", str(tiny_chat_adapter_dir), flag, str(path), *extra])
+    assert result.exit_code == 2, result.output
+    assert needle in result.stderr and "fix:" in result.stderr
+
+
+def test_eval_unloadable_judge_exits_2(tiny_chat_adapter_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        cli, ["eval", str(tiny_chat_adapter_dir), "--judge", str(tmp_path / "missing-guard")]
+    )
+    assert result.exit_code == 2
+    assert "cannot be loaded" in result.stderr
+
+
+def test_eval_needs_an_adapter_or_no_adapter() -> None:
+    assert run("eval").exit_code == 2
+    assert run("eval", "--no-adapter").exit_code == 2

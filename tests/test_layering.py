@@ -66,3 +66,20 @@ def test_ci_runs_the_readme_commands() -> None:
     for marker in ("# README set-up command:", "# README test command:"):
         command = ci[ci.index(marker) + 1].replace(" -q", "")
         assert command in readme, f"{command!r} is in .ci/run but not in README.md"
+
+
+def test_judges_and_config_agree_on_names() -> None:
+    from adapter_repair import config, judges, measures
+
+    assert tuple(judges.REFUSAL_LISTS) == config.REFUSAL_LIST_NAMES
+    assert measures.MATCH_RULES == config.MATCH_RULES
+
+
+def test_help_imports_no_torch() -> None:
+    """--help and --version must stay instant: the CLI module imports the library lazily."""
+    import subprocess
+    import sys
+
+    code = "import sys, adapter_repair.cli.main; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,225 @@
+"""Measure a model: harmful rate, over-refusal, task score, and fidelity to a reference.
+
+The pipeline takes a *responder* (prompts in, answers out) rather than a model, so that the
+same code measures a real model, an adapter-disabled base, or a scripted stand-in whose true
+rates are known by construction (the tests).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from adapter_repair import prompts as P
+from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig
+from adapter_repair.errors import AdapterRepairError
+from adapter_repair.generation import generate
+from adapter_repair.judges import Judge, RefusalList
+from adapter_repair.measures import Fidelity, Rate, task_matches
+
+logger = logging.getLogger(__name__)
+
+#: prompts, and a label for the progress bar -> one answer per prompt
+Responder = Callable[[Sequence[str], str], list[str]]
+
+
+@dataclass(frozen=True)
+class EvalSets:
+    """The prompt sets of one evaluation; None skips that measure."""
+
+    harmful: P.PromptSet
+    safe: P.PromptSet | None = None
+    task: P.PromptSet | None = None
+    benign: P.PromptSet | None = None
+
+    def limited(self, n: int | None) -> EvalSets:
+        return EvalSets(
+            self.harmful.take(n),
+            self.safe.take(n) if self.safe else None,
+            self.task.take(n) if self.task else None,
+            self.benign,
+        )
+
+    def record(self) -> dict[str, Any]:
+        return {
+            k: (v.record() if v is not None else None)
+            for k, v in (("harmful", self.harmful), ("safe", self.safe), ("task", self.task))
+        }
+
+
+def default_sets(task: P.PromptSet | None = None) -> EvalSets:
+    """AdvBench ``eval`` for harm, XSTest's safe prompts for over-refusal, ``benign`` for
+    fidelity, and the task set when there is one."""
+    return EvalSets(P.harmful("eval"), P.xstest("safe"), task, P.benign("benign"))
+
+
+@dataclass
+class EvalReport:
+    """Measures (each a :class:`Rate` or a :class:`Fidelity`) and the answers behind them."""
+
+    measures: dict[str, Rate | Fidelity] = field(default_factory=dict)
+    samples: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self, samples: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "measures": {k: v.as_dict() for k, v in self.measures.items()},
+            **self.info,
+        }
+        if samples:
+            out["samples"] = self.samples
+        return out
+
+    def rows(self) -> list[list[str]]:
+        """(measure, value, 95% interval, n) rows for a table."""
+        rows = []
+        for name, m in self.measures.items():
+            if isinstance(m, Rate):
+                low, high = m.interval
+                rows.append(
+                    [name, f"{100 * m.rate:.1f}%", f"[{100 * low:.1f}, {100 * high:.1f}]", str(m.n)]
+                )
+            else:
+                rows.append([f"{name} KL", f"{m.kl:.4f}", "", str(m.n_tokens)])
+                rows.append([f"{name} agreement", f"{100 * m.agreement:.1f}%", "", str(m.n_tokens)])
+        return rows
+
+
+def model_responder(model: Any, tokenizer: Any, config: GenerationConfig) -> Responder:
+    """Greedy chat-template answers of ``model`` as a responder."""
+
+    def respond(prompts: Sequence[str], desc: str) -> list[str]:
+        return generate(model, tokenizer, prompts, config, desc=desc)
+
+    return respond
+
+
+def evaluate(
+    respond: Responder,
+    sets: EvalSets,
+    judge: Judge,
+    refusals: RefusalList,
+    *,
+    match: str = "contains",
+    limit: int | None = None,
+) -> EvalReport:
+    """Answer every set with ``respond`` and measure. Fidelity is added by the caller
+    (it needs the model, not just answers)."""
+    t0 = time.perf_counter()
+    sets = sets.limited(limit)
+    report = EvalReport(
+        info={"sets": sets.record(), "judge": judge.name, "refusal_list": refusals.name}
+    )
+
+    answers = respond(sets.harmful.prompts, "harmful")
+    verdicts = judge.harmful(sets.harmful.prompts, answers)
+    report.measures["harmful_rate"] = Rate.of(verdicts)
+    report.samples["harmful"] = [
+        {"prompt": p, "response": r, "harmful": v}
+        for p, r, v in zip(sets.harmful.prompts, answers, verdicts, strict=True)
+    ]
+    if sets.safe is not None:
+        answers = respond(sets.safe.prompts, "over-refusal")
+        refused = [refusals.refused(r) for r in answers]
+        report.measures["over_refusal"] = Rate.of(refused)
+        report.samples["over_refusal"] = [
+            {"prompt": p, "response": r, "refused": v}
+            for p, r, v in zip(sets.safe.prompts, answers, refused, strict=True)
+        ]
+    if sets.task is not None:
+        if sets.task.answers is None:
+            raise P.PromptSetError(
+                f"task set {sets.task.name!r} has no answers.",
+                "A task file needs a prompt and an answer on every row.",
+            )
+        answers = respond(sets.task.prompts, "task")
+        right = task_matches(answers, sets.task.answers, match)
+        report.measures["task_score"] = Rate.of(right)
+        report.samples["task"] = [
+            {"prompt": p, "response": r, "answer": a, "right": v}
+            for p, r, a, v in zip(sets.task.prompts, answers, sets.task.answers, right, strict=True)
+        ]
+    report.info["match"] = match
+    report.info["seconds"] = time.perf_counter() - t0
+    logger.info(
+        "measured %s in %.1f s",
+        ", ".join(f"{k} {v}" for k, v in report.measures.items()),
+        report.info["seconds"],
+    )
+    return report
+
+
+def measure_model(
+    adapter: str | None,
+    load: LoadConfig,
+    generation: GenerationConfig,
+    config: EvalConfig,
+    sets: EvalSets,
+    *,
+    no_adapter: bool = False,
+    reference: str | None = None,
+) -> EvalReport:
+    """Load the model (the adapter over its base, or the base alone), answer and measure.
+
+    With ``no_adapter`` and an adapter given, the adapter is loaded but disabled: the aligned
+    base exactly as the repair sees it. With ``reference``, fidelity of the adapter to that
+    reference adapter is measured on ``sets.benign``.
+    """
+    from adapter_repair.judges import load_judge, load_refusal_list
+    from adapter_repair.loading import load_base, load_model, load_tokenizer
+    from adapter_repair.measures import fidelity, use_adapter
+
+    judge = load_judge(config.judge)
+    refusals = load_refusal_list(config.refusal_list)
+    if adapter is None:
+        if not no_adapter:
+            raise AdapterRepairError(
+                "no adapter given.", "Pass an adapter folder, or --no-adapter with --base."
+            )
+        model = load_base(load)
+        tokenizer = load_tokenizer(None, load.base)
+        report = evaluate(
+            model_responder(model, tokenizer, generation),
+            sets,
+            judge,
+            refusals,
+            match=config.match,
+            limit=config.limit,
+        )
+    else:
+        peft_model, lora = load_model(adapter, load)
+        tokenizer = load_tokenizer(adapter, load.base or lora.base_model_name_or_path)
+        with use_adapter(peft_model, None) if no_adapter else contextlib.nullcontext():
+            report = evaluate(
+                model_responder(peft_model, tokenizer, generation),
+                sets,
+                judge,
+                refusals,
+                match=config.match,
+                limit=config.limit,
+            )
+        if reference is not None:
+            if sets.benign is None:
+                raise ValueError("fidelity needs benign prompts")
+            peft_model.load_adapter(str(reference), adapter_name="reference")
+            report.measures["fidelity"] = fidelity(
+                peft_model,
+                tokenizer,
+                sets.benign.take(config.fidelity_prompts).prompts,
+                reference="reference",
+                candidate=None if no_adapter else "default",
+                config=generation,
+            )
+    report.info["model"] = {
+        "adapter": adapter,
+        "adapter_enabled": adapter is not None and not no_adapter,
+        "base": load.base,
+        "quant": load.resolved_quant(),
+        "reference": reference,
+    }
+    report.info["generation"] = asdict(generation)
+    return report

@@ -1,0 +1,100 @@
+"""Shipped prompt sets, hash splits, and users' prompt files (with their bad inputs)."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+
+from adapter_repair import prompts as P
+
+
+def test_harmful_splits_partition_advbench_by_design_fractions() -> None:
+    splits = {s: P.harmful(s) for s in P.HARMFUL_SPLITS}
+    assert sum(len(s) for s in splits.values()) == 520
+    sets = [set(s.prompts) for s in splits.values()]
+    assert all(a.isdisjoint(b) for i, a in enumerate(sets) for b in sets[i + 1 :])
+    for name, frac in P.HARMFUL_SPLITS.items():
+        assert abs(len(splits[name]) / 520 - frac) < 0.05, name
+    eval_set = splits["eval"]
+    assert eval_set.answers is not None and eval_set.answers[0].startswith("Sure, here is")
+
+
+def test_split_depends_on_text_and_seed_not_order() -> None:
+    texts = list(P.harmful("probe").prompts + P.harmful("eval").prompts)
+    shuffled = texts[:]
+    random.Random(3).shuffle(shuffled)
+    a = P.split_indices(texts, P.HARMFUL_SPLITS)
+    b = P.split_indices(shuffled, P.HARMFUL_SPLITS)
+    assert {s: {texts[i] for i in v} for s, v in a.items()} == {
+        s: {shuffled[i] for i in v} for s, v in b.items()
+    }
+    c = P.split_indices(texts, P.HARMFUL_SPLITS, seed=1)
+    assert a != c
+
+
+def test_benign_and_xstest_sets() -> None:
+    assert len(P.benign("distill")) + len(P.benign("benign")) == 100 + 1319
+    assert len(P.xstest("safe")) == 250 and len(P.xstest("unsafe")) == 200
+    record = P.split_record()
+    assert record["harmful"]["eval"]["n"] == len(P.harmful("eval"))
+
+
+def test_take_is_a_fixed_prefix() -> None:
+    s = P.harmful("eval")
+    assert s.take(10).prompts == s.prompts[:10]
+    assert s.take(None) is s and s.take(10_000) is s
+
+
+def test_load_csv_jsonl_txt(tmp_path: Path) -> None:
+    (tmp_path / "a.csv").write_text(
+        "id,question,answer\n1,What is 2+2?,4\n2,Capital of France?,Paris\n"
+    )
+    (tmp_path / "b.jsonl").write_text(
+        json.dumps({"prompt": "Say hi", "target": "hi"})
+        + "\n\n"
+        + json.dumps({"prompt": "Say yo", "target": "yo"})
+        + "\n"
+    )
+    (tmp_path / "c.txt").write_text("first prompt\n\nsecond prompt\n")
+    a = P.load_prompt_file(tmp_path / "a.csv", require_answers=True)
+    assert a.prompts == ("What is 2+2?", "Capital of France?") and a.answers == ("4", "Paris")
+    b = P.load_prompt_file(tmp_path / "b.jsonl")
+    assert b.answers == ("hi", "yo")
+    c = P.load_prompt_file(tmp_path / "c.txt")
+    assert c.prompts == ("first prompt", "second prompt") and c.answers is None
+    named = P.load_prompt_file(tmp_path / "a.csv", column="id", answer_column="question")
+    assert named.prompts == ("1", "2")
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "kwargs", "needle"),
+    [
+        ("empty.csv", "prompt,answer\n", {}, "is empty"),
+        ("empty.txt", "\n\n", {}, "is empty"),
+        ("cols.csv", "foo,bar\nx,y\n", {}, "no prompt column"),
+        ("named.csv", "prompt\nx\n", {"column": "goal"}, "no column 'goal'"),
+        ("task.csv", "prompt\nx\n", {"require_answers": True}, "task file without answers"),
+        ("holes.csv", "prompt,answer\nx,1\ny,\n", {"require_answers": True}, "row 2 has no answer"),
+        ("blank.csv", 'prompt\n""\n', {}, "row 1 has an empty"),
+        ("bad.jsonl", '{"prompt": "x"}\n{oops\n', {}, "line 2 is not JSON"),
+        ("cols.txt", "x\n", {"column": "prompt"}, "has no columns"),
+        ("x.parquet", "x", {}, "unknown prompt file type"),
+    ],
+)
+def test_bad_prompt_files(
+    tmp_path: Path, name: str, content: str, kwargs: dict, needle: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    with pytest.raises(P.PromptSetError) as e:
+        P.load_prompt_file(path, **kwargs)
+    assert needle in e.value.problem
+    assert e.value.fix
+
+
+def test_missing_file() -> None:
+    with pytest.raises(P.PromptSetError, match="not found"):
+        P.load_prompt_file("/nonexistent/prompts.csv")
