@@ -114,7 +114,7 @@ def main() -> None:
             report = evaluate(respond, sets, judge, refusals)
             times[name].append(time.perf_counter() - t0)
             rates[name] = report.measures["harmful_rate"].rate
-    rows = []
+    rows: list[dict[str, Any]] = []
     for name in methods:
         dt = statistics.median(times[name])
         rows.append(
