@@ -175,6 +175,7 @@ def measure_model(
 
     judge = load_judge(config.judge)
     refusals = load_refusal_list(config.refusal_list)
+    peft_model: Any = None
     if adapter is None:
         if not no_adapter:
             raise AdapterRepairError(
@@ -182,6 +183,12 @@ def measure_model(
             )
         model = load_base(load)
         tokenizer = load_tokenizer(None, load.base)
+    else:
+        peft_model, lora = load_model(adapter, load)
+        model = peft_model
+        tokenizer = load_tokenizer(adapter, load.base or lora.base_model_name_or_path)
+    disabled = peft_model is not None and no_adapter
+    with use_adapter(peft_model, None) if disabled else contextlib.nullcontext():
         report = evaluate(
             model_responder(model, tokenizer, generation),
             sets,
@@ -190,30 +197,21 @@ def measure_model(
             match=config.match,
             limit=config.limit,
         )
-    else:
-        peft_model, lora = load_model(adapter, load)
-        tokenizer = load_tokenizer(adapter, load.base or lora.base_model_name_or_path)
-        with use_adapter(peft_model, None) if no_adapter else contextlib.nullcontext():
-            report = evaluate(
-                model_responder(peft_model, tokenizer, generation),
-                sets,
-                judge,
-                refusals,
-                match=config.match,
-                limit=config.limit,
+    if reference is not None:
+        if peft_model is None or sets.benign is None:
+            raise AdapterRepairError(
+                "fidelity to --reference needs an adapter and benign prompts.",
+                "Pass the adapter folder to measure against the reference.",
             )
-        if reference is not None:
-            if sets.benign is None:
-                raise ValueError("fidelity needs benign prompts")
-            peft_model.load_adapter(str(reference), adapter_name="reference")
-            report.measures["fidelity"] = fidelity(
-                peft_model,
-                tokenizer,
-                sets.benign.take(config.fidelity_prompts).prompts,
-                reference="reference",
-                candidate=None if no_adapter else "default",
-                config=generation,
-            )
+        peft_model.load_adapter(str(reference), adapter_name="reference")
+        report.measures["fidelity"] = fidelity(
+            peft_model,
+            tokenizer,
+            sets.benign.take(config.fidelity_prompts).prompts,
+            reference="reference",
+            candidate=None if no_adapter else "default",
+            config=generation,
+        )
     report.info["model"] = {
         "adapter": adapter,
         "adapter_enabled": adapter is not None and not no_adapter,
