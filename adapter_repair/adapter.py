@@ -20,13 +20,16 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapter_repair.errors import AdapterFormatError, UnsupportedAdapterError
+
+if TYPE_CHECKING:
+    from adapter_repair.walk import Role
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +51,8 @@ class LoraModule:
     """One LoRA module: the update ``scaling * B @ A`` added to a base linear layer.
 
     ``layer`` (decoder layer index) and ``role`` (how it meets the residual stream) are not
-    stored in the adapter file; :func:`adapter_repair.walk.walk` fills them from the model.
+    stored in the adapter file; :meth:`adapter_repair.walk.ModelMap.annotate` fills them from
+    the model the adapter is attached to.
     """
 
     key: str  #: PEFT module path, e.g. ``base_model.model.model.layers.0.self_attn.q_proj``
@@ -57,7 +61,7 @@ class LoraModule:
     alpha: float
     scaling: float
     layer: int | None = None
-    role: str | None = None
+    role: Role | None = None
 
     @property
     def rank(self) -> int:

@@ -21,13 +21,16 @@ import enum
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
 from adapter_repair.errors import UnsupportedModelError
+
+if TYPE_CHECKING:
+    from adapter_repair.adapter import LoraAdapter
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +82,18 @@ class ModelMap:
     def in_layers(self, first: int, stop: int) -> list[LoraSite]:
         """Sites of decoder layers ``first .. stop-1``."""
         return [s for s in self if s.layer is not None and first <= s.layer < stop]
+
+    def annotate(self, adapter: LoraAdapter) -> LoraAdapter:
+        """Fill each module's ``layer`` and ``role`` from this walk; returns ``adapter``."""
+        missing = [m.key for m in adapter if m.key not in self.sites]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} adapter module(s) are not in this model: {missing[:3]}"
+            )
+        for m in adapter:
+            site = self.sites[m.key]
+            m.layer, m.role = site.layer, site.role
+        return adapter
 
 
 def text_config(model: nn.Module) -> Any:

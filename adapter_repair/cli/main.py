@@ -22,7 +22,6 @@ from adapter_repair.errors import AdapterRepairError
 
 if TYPE_CHECKING:  # the library is imported inside commands: --help stays instant
     from adapter_repair.adapter import LoraAdapter
-    from adapter_repair.walk import ModelMap
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
@@ -78,10 +77,9 @@ def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     return "\n".join(lines)
 
 
-def _inspect_report(adapter: LoraAdapter, mm: ModelMap | None) -> dict[str, Any]:
+def _inspect_report(adapter: LoraAdapter, n_layers: int | None) -> dict[str, Any]:
     modules = []
     for m in adapter:
-        site = mm.sites.get(m.key) if mm is not None else None
         modules.append(
             {
                 "module": m.base_name,
@@ -90,8 +88,8 @@ def _inspect_report(adapter: LoraAdapter, mm: ModelMap | None) -> dict[str, Any]
                 "d_out": m.d_out,
                 "alpha": m.alpha,
                 "scaling": m.scaling,
-                "layer": site.layer if site else None,
-                "role": site.role.value if site else None,
+                "layer": m.layer,
+                "role": m.role.value if m.role is not None else None,
             }
         )
     return {
@@ -102,7 +100,7 @@ def _inspect_report(adapter: LoraAdapter, mm: ModelMap | None) -> dict[str, Any]
         "n_modules": len(adapter),
         "n_parameters": adapter.n_parameters(),
         "extra_tensors": sorted(adapter.extra_tensors),
-        "n_decoder_layers": mm.n_layers if mm is not None else None,
+        "n_decoder_layers": n_layers,
         "modules": modules,
     }
 
@@ -134,13 +132,15 @@ def inspect(adapter: Path, as_json: bool, do_walk: bool | None, **params: Any) -
     from adapter_repair.walk import walk
 
     config = config_from(LoadConfig, params)
-    mm = None
+    n_layers = None
     if do_walk or (do_walk is None and config.base is not None):
         peft_model, lora = load_model(adapter, config)
         mm = walk(peft_model)
+        mm.annotate(lora)
+        n_layers = mm.n_layers
     else:
         lora = load_adapter(adapter)
-    report = _inspect_report(lora, mm)
+    report = _inspect_report(lora, n_layers)
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
