@@ -115,23 +115,47 @@ def generate_ids(
     context = context_length(model)
     limit = None if context is None else max(1, context - config.max_new_tokens)
     ids = encode_prompts(tokenizer, render_chat(tokenizer, prompts), limit)
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))  # longest first
-    pad = pad_token_id(tokenizer)
-    eos = tokenizer.eos_token_id
+    answers = greedy_decode(
+        model,
+        ids,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        pad=pad_token_id(tokenizer),
+        eos=tokenizer.eos_token_id,
+        progress=config.progress,
+        desc=desc,
+    )
+    return ids, answers
+
+
+def greedy_decode(
+    model: Any,
+    ids: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+    pad: int,
+    eos: int | list[int] | None,
+    progress: bool = False,
+    desc: str = "generate",
+) -> list[list[int]]:
+    """Greedy continuations of already-encoded prompts, in input order: batches of similar
+    length (longest first), left padded, each cut after its first end token."""
+    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     device = model_device(model)
     answers: list[list[int]] = [[] for _ in ids]
     was_training = model.training
     model.eval()
-    bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not config.progress, leave=False)
+    bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, leave=False)
     try:
-        for start in range(0, len(order), config.batch_size):
-            chunk = order[start : start + config.batch_size]
+        for start in range(0, len(order), batch_size):
+            chunk = order[start : start + batch_size]
             input_ids, mask = pad_left([ids[i] for i in chunk], pad)
             with torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids.to(device),
                     attention_mask=mask.to(device),
-                    max_new_tokens=config.max_new_tokens,
+                    max_new_tokens=max_new_tokens,
                     do_sample=False,
                     num_beams=1,
                     temperature=None,
@@ -147,7 +171,7 @@ def generate_ids(
     finally:
         bar.close()
         model.train(was_training)
-    return ids, answers
+    return answers
 
 
 def _cut_at_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
