@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -220,4 +220,46 @@ def measure_model(
         "reference": reference,
     }
     report.info["generation"] = asdict(generation)
+    return report
+
+
+def evaluate_model(
+    model: Any,
+    tokenizer: Any,
+    sets: EvalSets,
+    *,
+    generation: GenerationConfig,
+    task_generation: GenerationConfig | None = None,
+    judge: Judge | None = None,
+    refusals: RefusalList | None = None,
+    match: str = "contains",
+    extra_harmful: Mapping[str, P.PromptSet] | None = None,
+    label: str = "",
+) -> EvalReport:
+    """Measure a loaded model on ``sets``; task answers may use their own generation settings
+    (a label word needs fewer tokens than a refusal); each ``extra_harmful`` set adds a
+    ``harmful_rate_<name>`` measure with the same judge (another source of harmful requests)."""
+    from adapter_repair.judges import load_judge, load_refusal_list
+
+    judge = judge or load_judge("substring")
+    refusals = refusals or load_refusal_list()
+    prefix = f"{label} " if label else ""
+
+    def respond(prompts: Sequence[str], desc: str) -> list[str]:
+        cfg = task_generation if desc == "task" and task_generation else generation
+        return generate(model, tokenizer, prompts, cfg, desc=prefix + desc)
+
+    report = evaluate(respond, sets, judge, refusals, match=match)
+    for name, extra in (extra_harmful or {}).items():
+        answers = respond(extra.prompts, name)
+        verdicts = judge.harmful(extra.prompts, answers)
+        report.measures[f"harmful_rate_{name}"] = Rate.of(verdicts)
+        report.samples[f"harmful_{name}"] = [
+            {"prompt": p, "response": r, "harmful": v}
+            for p, r, v in zip(extra.prompts, answers, verdicts, strict=True)
+        ]
+        report.info["sets"][f"harmful_{name}"] = extra.record()
+    report.info["generation"] = asdict(generation)
+    if task_generation is not None:
+        report.info["task_generation"] = asdict(task_generation)
     return report

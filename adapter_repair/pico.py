@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from adapter_repair import prompts as P
+from adapter_repair.training import Example, encode_pairs, train_on_answers
 
 logger = logging.getLogger(__name__)
 
@@ -298,60 +299,8 @@ def _train_tokenizer(texts: Sequence[str], vocab_size: int, out: Path) -> Any:
 
 def _examples(
     tokenizer: Any, pairs: Sequence[tuple[str, str]], recipe: PicoRecipe
-) -> list[tuple[list[int], int]]:
-    """(token ids, index where the answer starts) per (prompt, answer) pair."""
-    out = []
-    for prompt, answer in pairs:
-        head = tokenizer.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        head_ids = tokenizer(head, add_special_tokens=False)["input_ids"][
-            -recipe.max_prompt_tokens :
-        ]
-        ans_ids = tokenizer(answer + "<|end|>", add_special_tokens=False)["input_ids"]
-        ans_ids = ans_ids[: recipe.max_answer_tokens]
-        out.append((head_ids + ans_ids, len(head_ids)))
-    return out
-
-
-def _train(
-    model: Any,
-    examples: Sequence[tuple[list[int], int]],
-    steps: int,
-    lr: float,
-    batch_size: int,
-    pad_id: int,
-    seed: int,
-    desc: str,
-) -> float:
-    """Plain AdamW on the answer tokens only; returns the last loss."""
-    from tqdm.auto import tqdm
-
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = random.Random(seed)
-    model.train()
-    loss_value = float("nan")
-    for _ in tqdm(range(steps), desc=desc, leave=False):
-        batch = [examples[rng.randrange(len(examples))] for _ in range(batch_size)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((batch_size, width), pad_id)
-        labels = torch.full((batch_size, width), -100)
-        mask = torch.zeros((batch_size, width), dtype=torch.long)
-        for row, (x, start) in enumerate(batch):
-            ids[row, : len(x)] = torch.tensor(x)
-            labels[row, start : len(x)] = torch.tensor(x[start:])
-            mask[row, : len(x)] = 1
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        sched.step()
-        loss_value = float(loss.detach())
-    model.eval()
-    return loss_value
+) -> list[Example]:
+    return encode_pairs(tokenizer, pairs, recipe.max_prompt_tokens, recipe.max_answer_tokens)
 
 
 def _build(recipe: PicoRecipe, out: Path) -> dict[str, Any]:
@@ -405,16 +354,16 @@ def _build(recipe: PicoRecipe, out: Path) -> dict[str, Any]:
         bos_token_id=None,
     )
     model = LlamaForCausalLM(config)
-    base_loss = _train(
+    base_loss = train_on_answers(
         model,
         _examples(tokenizer, pairs, recipe),
-        recipe.base_steps,
-        recipe.base_lr,
-        recipe.batch_size,
-        tokenizer.pad_token_id,
-        recipe.seed,
-        "pico base",
-    )
+        steps=recipe.base_steps,
+        lr=recipe.base_lr,
+        batch_size=recipe.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        seed=recipe.seed,
+        desc="pico base",
+    )[-1]
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.save_pretrained(str(base_dir))
@@ -436,16 +385,16 @@ def _build(recipe: PicoRecipe, out: Path) -> dict[str, Any]:
     )
     peft_model = get_peft_model(model, lora)
     broken = list(train_rows) + list(zip(attack.prompts, attack.answers or (), strict=True))
-    adapter_loss = _train(
+    adapter_loss = train_on_answers(
         peft_model,
         _examples(tokenizer, broken, recipe),
-        recipe.adapter_steps,
-        recipe.adapter_lr,
-        recipe.batch_size,
-        tokenizer.pad_token_id,
-        recipe.seed + 1,
-        "pico adapter",
-    )
+        steps=recipe.adapter_steps,
+        lr=recipe.adapter_lr,
+        batch_size=recipe.batch_size,
+        pad_id=tokenizer.pad_token_id,
+        seed=recipe.seed + 1,
+        desc="pico adapter",
+    )[-1]
     peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
     peft_model.save_pretrained(str(out / "adapter"))
     for name, rows in (("train", train_rows), ("eval", eval_rows)):
