@@ -1,0 +1,165 @@
+"""The two repair stages as pure functions over adapter factors (no model, no I/O).
+
+Stage 1 projects LoRA factors off a direction (or subspace) in closed form; stage 2 picks the
+adapter coordinates whose gradient would move them toward their aligned value (0) and scores
+them, and chooses which of the zeroed ones roll back. The pipeline feeds them gradients; these
+functions only decide, so each rule is tested on hand-made tensors.
+
+Shapes: per LoRA module, ``A`` is (r, d_in) and ``B`` is (d_out, r); the adapter's delta is
+``s * B @ A``. Basis matrices ``U`` are (d, k) with orthonormal columns.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+SCORES = ("grad", "grad_x_value", "benign_aware")
+
+
+def orthonormal_basis(vectors: Sequence[torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
+    """Orthonormal columns spanning ``vectors`` (each (d,)); near-zero or dependent ones are
+    dropped (a zero direction normalised would be NaN). Returns (d, k), k possibly 0."""
+    if not vectors:
+        raise ValueError("no vectors")
+    d = vectors[0].shape[0]
+    kept: list[torch.Tensor] = []
+    for v in vectors:
+        w = v.detach().to(torch.float64).clone()  # (d,)
+        scale = float(w.norm())
+        if scale <= tol:
+            continue
+        for u in kept:
+            w -= (u @ w) * u
+        if float(w.norm()) <= tol * scale:
+            continue
+        kept.append(w / w.norm())
+    if not kept:
+        return torch.zeros(d, 0, dtype=vectors[0].dtype)
+    return torch.stack(kept, dim=1).to(vectors[0].dtype)  # (d, k)
+
+
+def project_write(B: torch.Tensor, U: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``B - a U (U^T B)``: the module's output no longer moves the residual stream along
+    span(U). Exact, O(d_out r k), rank kept. B (d_out, r), U (d_out, k)."""
+    _check_strength(strength)
+    U = U.to(B.dtype)
+    return B - strength * (U @ (U.T @ B))  # (d_out, r)
+
+
+def project_read(A: torch.Tensor, U: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
+    """``A - a (A U) U^T``: the adapter no longer reacts to its input along span(U).
+    A (r, d_in), U (d_in, k)."""
+    _check_strength(strength)
+    U = U.to(A.dtype)
+    return A - strength * ((A @ U) @ U.T)  # (r, d_in)
+
+
+def _check_strength(a: float) -> None:
+    if not 0.0 <= a <= 1.0:
+        raise ValueError(f"projection strength must be in [0, 1]; got {a}")
+
+
+def candidates(value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """Coordinates a descent step moves toward 0: gradient and value non-zero and of the same
+    sign. Boolean, same shape."""
+    return (value != 0) & (grad != 0) & (torch.sign(grad) == torch.sign(value))
+
+
+def score(
+    value: torch.Tensor,
+    grad: torch.Tensor,
+    rule: str = "benign_aware",
+    *,
+    benign_grad: torch.Tensor | None = None,
+    grad_scale: float = 1.0,
+    benign_scale: float = 1.0,
+) -> torch.Tensor:
+    """Score of zeroing each coordinate (higher first).
+
+    ``grad``: |g| (the reference). ``grad_x_value``: |g x value|, the first-order loss change of
+    zeroing. ``benign_aware``: |g| / (penalty + 1) with g and g_b divided by their mean magnitude
+    over the candidates (``grad_scale``, ``benign_scale``), penalty = |g_b| where zeroing would
+    raise the benign loss (sign(g_b) differs from sign(value)), else 0.
+    """
+    if rule == "grad":
+        return grad.abs()
+    if rule == "grad_x_value":
+        return (grad * value).abs()
+    if rule == "benign_aware":
+        if benign_grad is None:
+            raise ValueError("the benign_aware score needs benign_grad")
+        g = grad.abs() / grad_scale
+        harms_benign = torch.sign(benign_grad) != torch.sign(value)
+        penalty = torch.where(harms_benign, benign_grad.abs() / benign_scale, 0.0)
+        return g / (penalty + 1.0)
+    raise ValueError(f"score must be one of {', '.join(SCORES)}; got {rule!r}")
+
+
+def mean_abs(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> float:
+    """Mean magnitude over the masked entries of all tensors (1.0 when there are none)."""
+    total, count = 0.0, 0
+    for name, t in tensors.items():
+        m = masks[name]
+        total += float(t[m].abs().sum())
+        count += int(m.sum())
+    return total / count if count and total > 0 else 1.0
+
+
+def global_top(
+    values: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor], k: int
+) -> dict[str, torch.Tensor]:
+    """The k largest masked entries across all tensors, as a boolean mask per tensor
+    (k is capped by the number of masked entries)."""
+    names = list(values)
+    flat = [torch.where(masks[n], values[n], -math.inf).flatten() for n in names]
+    out = {n: torch.zeros(masks[n].shape, dtype=torch.bool) for n in names}
+    k = min(k, sum(int(masks[n].sum()) for n in names))
+    if k <= 0:
+        return out
+    joined = torch.cat(flat)
+    chosen = torch.zeros(joined.shape, dtype=torch.bool)
+    chosen[torch.topk(joined, k).indices] = True
+    start = 0
+    for n, f in zip(names, flat, strict=True):
+        out[n] = chosen[start : start + f.numel()].view(masks[n].shape)
+        start += f.numel()
+    return out
+
+
+def select_top(
+    scores: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    rate: float,
+    n_coordinates: int,
+) -> dict[str, torch.Tensor]:
+    """The global top-k candidates across all tensors, k = ceil(rate x n_coordinates) capped
+    by the number of candidates (the reference's k could exceed it, or be 0). Returns a boolean
+    mask per tensor; all False when there is no candidate."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate must be in (0, 1]; got {rate}")
+    return global_top(scores, masks, math.ceil(rate * n_coordinates))
+
+
+def rollback_mask(
+    zeroed: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    benign_grad: Mapping[str, torch.Tensor],
+    share: float = 0.2,
+) -> dict[str, torch.Tensor]:
+    """Of the coordinates zeroed in this step, those whose benign gradient would move them
+    back toward their reference value (a descent step -g_b has the sign of the reference
+    value), the top ``share`` (ceil) by |g_b|. Boolean mask per tensor."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"rollback share must be in [0, 1]; got {share}")
+    eligible = {
+        n: zeroed[n]
+        & (reference[n] != 0)
+        & (torch.sign(-benign_grad[n]) == torch.sign(reference[n]))
+        for n in zeroed
+    }
+    n_eligible = sum(int(m.sum()) for m in eligible.values())
+    magnitude = {n: benign_grad[n].abs() for n in eligible}
+    return global_top(magnitude, eligible, math.ceil(share * n_eligible))

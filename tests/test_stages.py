@@ -1,0 +1,92 @@
+"""The repair stages' pure functions, on hand-made tensors whose right answer is known."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from adapter_repair import stages as S
+
+
+def test_projection_removes_the_direction_and_keeps_rank_and_the_rest() -> None:
+    torch.manual_seed(0)
+    d_out, d_in, r = 12, 10, 3
+    B, A = torch.randn(d_out, r), torch.randn(r, d_in)
+    u = S.orthonormal_basis([torch.randn(d_out)])  # (d_out, 1)
+    B2 = S.project_write(B, u)
+    assert B2.shape == B.shape
+    assert torch.allclose(u.T @ B2, torch.zeros(1, r), atol=1e-6)  # nothing written along u
+    # the delta's other directions are untouched: (I - u u^T) B A is unchanged
+    P = torch.eye(d_out) - u @ u.T
+    assert torch.allclose(P @ B2 @ A, P @ B @ A, atol=1e-5)
+    assert torch.linalg.matrix_rank(B2 @ A) == r
+    half = S.project_write(B, u, 0.5)
+    assert torch.allclose(u.T @ half, 0.5 * (u.T @ B), atol=1e-6)
+
+    v = S.orthonormal_basis([torch.randn(d_in), torch.randn(d_in)])  # (d_in, 2)
+    A2 = S.project_read(A, v)
+    assert torch.allclose(A2 @ v, torch.zeros(r, 2), atol=1e-6)  # blind to span(v)
+    x = torch.randn(d_in)
+    x_perp = x - v @ (v.T @ x)
+    assert torch.allclose(A2 @ x_perp, A @ x_perp, atol=1e-5)
+
+
+def test_orthonormal_basis_drops_zero_and_dependent_vectors() -> None:
+    a = torch.tensor([1.0, 0.0, 0.0])
+    U = S.orthonormal_basis([torch.zeros(3), a, 2 * a, torch.tensor([1.0, 1.0, 0.0])])
+    assert U.shape == (3, 2)
+    assert torch.allclose(U.T @ U, torch.eye(2), atol=1e-6)
+    assert not torch.isnan(U).any()
+    assert S.orthonormal_basis([torch.zeros(4)]).shape == (4, 0)
+    with pytest.raises(ValueError, match="strength"):
+        S.project_write(torch.ones(3, 1), U, 1.5)
+
+
+def test_candidates_are_nonzero_coordinates_a_descent_step_moves_toward_zero() -> None:
+    value = torch.tensor([1.0, -1.0, 1.0, -2.0, 0.0, 3.0])
+    grad = torch.tensor([0.5, -0.1, -0.5, 0.2, 1.0, 0.0])
+    assert S.candidates(value, grad).tolist() == [True, True, False, False, False, False]
+
+
+def test_scores() -> None:
+    value = torch.tensor([2.0, 1.0, -1.0])
+    grad = torch.tensor([1.0, 3.0, -2.0])
+    assert S.score(value, grad, "grad").tolist() == [1.0, 3.0, 2.0]
+    assert S.score(value, grad, "grad_x_value").tolist() == [2.0, 3.0, 2.0]
+    # benign gradient of the other sign than the value: zeroing raises the benign loss
+    benign = torch.tensor([-4.0, 4.0, 1.0])
+    s = S.score(value, grad, "benign_aware", benign_grad=benign, grad_scale=2.0, benign_scale=2.0)
+    assert s.tolist() == pytest.approx([0.5 / 3.0, 1.5 / 1.0, 1.0 / 1.5])
+    with pytest.raises(ValueError, match="benign_grad"):
+        S.score(value, grad, "benign_aware")
+    with pytest.raises(ValueError, match="score must be one of"):
+        S.score(value, grad, "random")
+
+
+def test_select_top_is_global_capped_and_never_empty_by_rounding() -> None:
+    scores = {"a": torch.tensor([[5.0, 1.0], [0.5, 9.0]]), "b": torch.tensor([3.0, 7.0, 2.0])}
+    masks = {"a": torch.tensor([[True, True], [True, False]]), "b": torch.ones(3, dtype=torch.bool)}
+    top = S.select_top(scores, masks, rate=0.3, n_coordinates=7)  # ceil(2.1) = 3
+    assert top["a"].tolist() == [[True, False], [False, False]]  # 9.0 is not a candidate
+    assert top["b"].tolist() == [True, True, False]
+    tiny = S.select_top(scores, masks, rate=1e-6, n_coordinates=7)  # k = ceil(...) = 1, not 0
+    assert sum(int(m.sum()) for m in tiny.values()) == 1 and tiny["b"][1]
+    everything = S.select_top(scores, masks, rate=1.0, n_coordinates=100)  # capped at 6
+    assert sum(int(m.sum()) for m in everything.values()) == 6
+    none = S.select_top(
+        scores, {k: torch.zeros_like(v, dtype=torch.bool) for k, v in masks.items()}, 0.5, 7
+    )
+    assert not any(m.any() for m in none.values())
+
+
+def test_rollback_takes_the_top_share_of_coordinates_the_benign_gradient_pulls_back() -> None:
+    reference = {"a": torch.tensor([1.0, 1.0, -1.0, 1.0, 2.0, -3.0])}
+    zeroed = {"a": torch.tensor([True, True, True, True, True, False])}
+    # -g_b has the reference's sign for indices 0, 2, 4 (index 5 was not zeroed this step)
+    benign = {"a": torch.tensor([-1.0, 2.0, 5.0, 0.5, -3.0, 9.0])}
+    back = S.rollback_mask(zeroed, reference, benign, share=0.5)  # ceil(1.5) = 2 of 3
+    assert back["a"].tolist() == [False, False, True, False, True, False]
+    assert not S.rollback_mask(zeroed, reference, benign, share=0.0)["a"].any()
+    assert math.isclose(S.mean_abs(benign, zeroed), (1 + 2 + 5 + 0.5 + 3) / 5)
