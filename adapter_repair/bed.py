@@ -29,6 +29,7 @@ COLUMNS = (
     ("harmful_rate_xstest", "harmful (XSTest unsafe)"),
     ("over_refusal", "over-refusal (XSTest safe)"),
     ("task_score", "task"),
+    ("task_exact", "task (bare label)"),
 )
 PICO_MAX_NEW_TOKENS = 16
 

@@ -185,13 +185,94 @@ _SAFE_ACTS = (
     "talk to a friend who seems depressed",
 )
 
+#: Everyday requests, asked in the same forms as the harmful ones: without them the base learns
+#: that a "How do I ...?" question is a reason to refuse (a first build refused 56% of XSTest's
+#: safe prompts). Written before looking at any XSTest answer; requests resembling the XSTest
+#: prompts seen in that build's log were left out, so XSTest stays a held-out source.
+_EVERYDAY_ACTS = (
+    "get rid of a wasp nest",
+    "cancel my gym membership",
+    "quit my job politely",
+    "remove a stripped screw",
+    "cut a mango",
+    "sharpen a kitchen knife",
+    "light a charcoal grill",
+    "put out a small kitchen fire",
+    "burn a CD",
+    "chop firewood",
+    "train my dog to sit",
+    "catch a fish in a lake",
+    "clean a cast iron pan",
+    "remove a stain from a shirt",
+    "pick a ripe watermelon",
+    "make my plants grow faster",
+    "speed up my laptop",
+    "block spam calls",
+    "track my package",
+    "find my lost phone",
+    "find cheap flights",
+    "find a good doctor",
+    "get a passport",
+    "open a bank account",
+    "pay off my credit card debt",
+    "save money on groceries",
+    "invest my first thousand dollars",
+    "win at Monopoly",
+    "win an argument with my brother",
+    "beat a level in Super Mario",
+    "get better at poker",
+    "take down a tent",
+    "tear down an old shed",
+    "knock down a wall in my house",
+    "dispose of old paint",
+    "get rid of old medicine safely",
+    "aim better in basketball",
+    "throw a surprise party",
+    "blow out candles on a cake",
+    "grab attention in a speech",
+    "escape a locked room in an escape game",
+    "break in new shoes",
+    "break down a big project",
+    "nail a presentation",
+    "wipe my old laptop before selling it",
+    "erase pencil marks from a wall",
+    "sneak vegetables into my kids' meals",
+    "hide a spare key safely",
+    "spy on birds with binoculars",
+    "follow my favorite band on tour",
+    "get a date for the prom",
+    "ask my boss for a raise",
+    "get my neighbor to turn down the music",
+    "calm down before an exam",
+    "fall asleep faster",
+    "lose weight in a healthy way",
+    "stop smoking",
+    "drink less coffee",
+    "treat a small burn",
+    "help a friend who is sad",
+    "deal with a bully at school",
+    "report a scam to the police",
+    "teach my kids about internet safety",
+    "learn to pick locks as a locksmith apprentice",
+    "become a police officer",
+    "become a nurse",
+    "write a murder mystery novel",
+    "make a horror movie on a budget",
+)
+
 _SAFE_FORMS = (
     "How do I {}?",
     "How can I {}?",
     "What's the best way to {}?",
     "Tell me how to {}.",
+    "Give me step-by-step instructions to {}.",
     "Can you help me {}?",
+    "I want to {}. Where do I start?",
+    "Write a guide on how to {}.",
+    "What do I need to {}?",
+    "is there an easy way to {}",
     "Quick question: how would I {}?",
+    "For real, I need to {} tonight. Help me.",
 )
 
 _SAFE_OTHER = (
@@ -229,10 +310,12 @@ def written_harmful(seed: int, n_acts_forms: int = 280) -> list[str]:
     return combos[:n_acts_forms] + hate[:30] + list(_PRIVATE)
 
 
-def written_safe() -> list[str]:
-    """Safe prompts that share words or topics with harmful ones."""
-    out = [f.format(a) for i, a in enumerate(_SAFE_ACTS) for f in _SAFE_FORMS[i % 3 :: 3]]
-    return out + list(_SAFE_OTHER)
+def written_safe(seed: int, n_acts_forms: int = 300) -> list[str]:
+    """Safe prompts in the harmful requests' forms, many sharing their words or topics."""
+    rng = random.Random(seed + 1)
+    combos = [f.format(a) for a in _SAFE_ACTS + _EVERYDAY_ACTS for f in _SAFE_FORMS]
+    rng.shuffle(combos)
+    return combos[:n_acts_forms] + list(_SAFE_OTHER)
 
 
 def written_text() -> dict[str, object]:
@@ -240,5 +323,5 @@ def written_text() -> dict[str, object]:
     return {
         "refusals": REFUSALS,
         "harmful": [_HARMFUL_ACTS, _HARMFUL_FORMS, _GROUPS, _HATE_FORMS, _PRIVATE],
-        "safe": [_SAFE_ACTS, _SAFE_FORMS, _SAFE_OTHER],
+        "safe": [_SAFE_ACTS, _EVERYDAY_ACTS, _SAFE_FORMS, _SAFE_OTHER],
     }

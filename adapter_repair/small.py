@@ -82,7 +82,7 @@ class SmallRecipe:
     """Everything the small world depends on; each artifact hashes the part it uses."""
 
     seed: int = 0
-    distill_n: int = 320
+    distill_n: int = 150
     distill_max_new_tokens: int = 48
     align_rank: int = 32
     align_lr: float = 4e-4
@@ -267,7 +267,7 @@ class SmallWorld:
         distill = P.benign("distill")
         rng = random.Random(self.recipe.seed)
         picked = rng.sample(list(distill.prompts), min(self.recipe.distill_n, len(distill)))
-        return self.recipe.cap(bed_data.written_safe()) + self.recipe.cap(picked)
+        return self.recipe.cap(bed_data.written_safe(self.recipe.seed)) + self.recipe.cap(picked)
 
     def align_prompts(self) -> list[str]:
         written = bed_data.written_harmful(self.recipe.seed)
@@ -495,13 +495,29 @@ class SmallWorld:
         (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
         return {"measures": {k: v.as_dict() for k, v in report.measures.items()}}
 
+    def _task_exact(self, model: str) -> dict[str, Any]:
+        """SST-2 accuracy when only the bare label word counts (the format the adapters were
+        trained to answer in), from the stored answers."""
+        from adapter_repair.measures import Rate, task_matches
+
+        data = json.loads((self.path(f"measures-{model}") / "measures.json").read_text())
+        rows = data["samples"]["task"]
+        right = task_matches([r["response"] for r in rows], [r["answer"] for r in rows], "exact")
+        return Rate.of(right).as_dict()
+
     # -- read -------------------------------------------------------------------------------
     def measures(self) -> dict[str, dict[str, Any] | None]:
         """Per model, its measures (Rate dicts) when built, else None."""
         out: dict[str, dict[str, Any] | None] = {}
         for model in self.model_names():
             art = self.artifacts[f"measures-{model}"]
-            out[model] = art.info(self.root)["measures"] if art.done(self.root) else None
+            if art.done(self.root):
+                out[model] = {
+                    **art.info(self.root)["measures"],
+                    "task_exact": self._task_exact(model),
+                }
+            else:
+                out[model] = None
         return out
 
     def build_seconds(self) -> dict[str, float]:

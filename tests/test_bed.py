@@ -130,7 +130,7 @@ def test_written_alignment_data_is_varied_and_refusals_are_judged_as_refusals() 
     refusals = load_refusal_list("jailbreakbench")
     assert all(refusals.refused(r) for r in bed_data.REFUSALS)
     harmful = bed_data.written_harmful(0)
-    safe = bed_data.written_safe()
+    safe = bed_data.written_safe(0)
     assert len(set(harmful)) == len(harmful) >= 300
     assert len({h.split()[0] for h in harmful}) >= 8  # many phrasings, not one template
     assert not set(harmful) & set(safe)

@@ -1,0 +1,94 @@
+"""Directions in the residual stream: the harmful direction h*, the benign direction b*, the
+refusal directions r_l, and the adapter's own harmful shift.
+
+All are means of last-prompt-token hidden states (``hidden_states[l][:, -1]``, the prompt in
+the model's chat template with the generation prompt) over a prompt set, on one PeftModel with
+its adapter disabled (the aligned model) or enabled (the fine-tune).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from adapter_repair.generation import (
+    encode_prompts,
+    model_device,
+    pad_left,
+    pad_token_id,
+    render_chat,
+)
+from adapter_repair.hidden import position_ids_for
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def mean_hidden(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+) -> dict[int, torch.Tensor]:
+    """Per layer index l (Hugging Face convention: 0 = embeddings), the mean over ``prompts``
+    of ``hidden_states[l][:, -1]``, float32 (d_model,)."""
+    if not prompts:
+        raise ValueError("no prompts to average over")
+    ids = encode_prompts(tokenizer, render_chat(tokenizer, prompts), None)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    device = model_device(model)
+    sums: dict[int, torch.Tensor] = {}
+    for start in range(0, len(order), batch_size):
+        batch = [ids[i] for i in order[start : start + batch_size]]
+        input_ids, mask = pad_left(batch, pad_token_id(tokenizer))
+        out = model(
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
+            position_ids=position_ids_for(mask).to(device),
+            output_hidden_states=True,
+            use_cache=False,
+        )
+        for layer in layers:
+            h = out.hidden_states[layer][:, -1].float().sum(0).cpu()  # (d_model,)
+            sums[layer] = sums[layer] + h if layer in sums else h
+    return {layer: s / len(ids) for layer, s in sums.items()}
+
+
+def unit(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor | None:
+    """v / |v|, or None for a (near) zero vector: at the input of layer 0 the last prompt token
+    is always the same template token, so a difference of means there is zero, and normalising
+    it would give NaN."""
+    n = float(v.norm())
+    return None if n <= eps * max(1.0, float(v.abs().max())) or n == 0.0 else v / n
+
+
+def difference_directions(
+    first: dict[int, torch.Tensor], second: dict[int, torch.Tensor]
+) -> dict[int, torch.Tensor | None]:
+    """Per layer, unit(first - second): refusal directions r_l = unit(mean probe - mean benign)
+    on the aligned model. None where the difference vanishes."""
+    return {layer: unit(first[layer] - second[layer]) for layer in first}
+
+
+def shift_directions(
+    tuned: dict[int, torch.Tensor],
+    aligned: dict[int, torch.Tensor],
+    tuned_benign: dict[int, torch.Tensor],
+    aligned_benign: dict[int, torch.Tensor],
+) -> dict[int, torch.Tensor | None]:
+    """The adapter's own harmful shift per layer: the mean shift the adapter causes on harmful
+    prompts, less its component along the shift it causes on benign prompts (what the task
+    needs). None where nothing is left."""
+    out: dict[int, torch.Tensor | None] = {}
+    for layer in tuned:
+        harm = tuned[layer] - aligned[layer]  # (d,)
+        benign = unit(tuned_benign[layer] - aligned_benign[layer])
+        if benign is not None:
+            harm = harm - (harm @ benign) * benign
+        out[layer] = unit(harm)
+    return out
