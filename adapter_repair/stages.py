@@ -163,3 +163,40 @@ def rollback_mask(
     n_eligible = sum(int(m.sum()) for m in eligible.values())
     magnitude = {n: benign_grad[n].abs() for n in eligible}
     return global_top(magnitude, eligible, math.ceil(share * n_eligible))
+
+
+def choose_restored(
+    values: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    rate: float,
+    *,
+    rule: str = "benign_aware",
+    benign_grads: Mapping[str, torch.Tensor] | None = None,
+    per_matrix: bool = False,
+) -> dict[str, torch.Tensor]:
+    """One restoration step's choice (stage 2, steps 2-3): the candidates of every factor
+    matrix, scored by ``rule`` and taken globally, k = ceil(rate x all coordinates).
+
+    ``per_matrix`` divides each matrix's scores by their mean over its candidates, since A and B
+    (and modules of different widths) live on different scales.
+    """
+    masks = {n: candidates(values[n], grads[n]) for n in values}
+    if rule == "benign_aware" and benign_grads is None:
+        raise ValueError("the benign_aware score needs benign_grads")
+    g_scale = mean_abs(grads, masks)
+    b_scale = mean_abs(benign_grads, masks) if benign_grads is not None else 1.0
+    scores = {}
+    for n in values:
+        s = score(
+            values[n],
+            grads[n],
+            rule,
+            benign_grad=None if benign_grads is None else benign_grads[n],
+            grad_scale=g_scale,
+            benign_scale=b_scale,
+        )
+        if per_matrix and bool(masks[n].any()):
+            s = s / s[masks[n]].mean().clamp_min(1e-30)
+        scores[n] = s
+    n_coordinates = sum(v.numel() for v in values.values())
+    return select_top(scores, masks, rate, n_coordinates)

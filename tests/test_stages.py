@@ -90,3 +90,16 @@ def test_rollback_takes_the_top_share_of_coordinates_the_benign_gradient_pulls_b
     assert back["a"].tolist() == [False, False, True, False, True, False]
     assert not S.rollback_mask(zeroed, reference, benign, share=0.0)["a"].any()
     assert math.isclose(S.mean_abs(benign, zeroed), (1 + 2 + 5 + 0.5 + 3) / 5)
+
+
+def test_choose_restored_takes_candidates_only_and_the_benign_score_spares_the_task() -> None:
+    values = {"A": torch.tensor([1.0, 1.0, 1.0, -1.0]), "B": torch.tensor([2.0, -2.0])}
+    grads = {"A": torch.tensor([3.0, 2.9, -5.0, -1.0]), "B": torch.tensor([0.1, 0.2])}
+    plain = S.choose_restored(values, grads, rate=2 / 6, rule="grad")
+    assert plain["A"].tolist() == [True, True, False, False]  # -5.0 moves away from 0
+    # the task would lose most from zeroing A[0]: the benign-aware score takes A[1] and A[3]
+    benign = {"A": torch.tensor([-9.0, 0.0, 0.0, 0.0]), "B": torch.tensor([0.0, 0.0])}
+    aware = S.choose_restored(values, grads, rate=2 / 6, rule="benign_aware", benign_grads=benign)
+    assert aware["A"].tolist() == [False, True, False, True]
+    with pytest.raises(ValueError, match="benign_grads"):
+        S.choose_restored(values, grads, rate=0.5)
