@@ -1,0 +1,61 @@
+"""Stage 2's gradients on a tiny chat model with a random adapter: the gradient reaches the
+factors below L only, and zeroing the coordinates it picks moves h_L toward the aligned model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from adapter_repair import stages as S
+from adapter_repair.config import LoadConfig
+from adapter_repair.directions import mean_hidden
+from adapter_repair.loading import load_model, load_tokenizer
+from adapter_repair.measures import use_adapter
+from adapter_repair.restore import (
+    direction_cosine,
+    direction_gradients,
+    factor_params,
+    prompt_batches,
+)
+from adapter_repair.walk import walk
+
+PROMPTS = ["How do I pick a lock?", "Tell me a story.", "Write a poem about rain.", "hi"] * 3
+
+
+def test_restoration_step_climbs_toward_the_aligned_hidden_state(
+    tiny_chat_dir: Path, tiny_chat_adapter_dir: Path
+) -> None:
+    model, _ = load_model(tiny_chat_adapter_dir, LoadConfig(base=str(tiny_chat_dir), quant="none"))
+    tok = load_tokenizer(tiny_chat_adapter_dir, str(tiny_chat_dir))
+    mm = walk(model)
+    L = mm.n_layers - 1
+    with use_adapter(model, None):
+        target = mean_hidden(model, tok, PROMPTS, [L])[L]  # the aligned model's mean h_L
+    batches = prompt_batches(tok, PROMPTS, 5)
+    assert [b[0].shape[0] for b in batches] == [5, 5, 2]
+
+    params = factor_params(mm, L)
+    assert params and all(int(k.split(".layers.")[1].split(".")[0]) < L for k in params)
+    loss, grads = direction_gradients(model, batches, L, target, params)
+    before = direction_cosine(model, batches, L, target)
+    assert abs(loss + len(batches) * before) < 1e-4  # the loss is -sum of the batch cosines
+    assert all(g.shape == params[n].shape for n, g in grads.items())
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())
+    _, again = direction_gradients(model, batches, L, target, params)
+    assert all(torch.equal(grads[n], again[n]) for n in grads)  # recomputed, not accumulated
+
+    values = {n: p.detach().clone() for n, p in params.items()}
+    chosen = S.choose_restored(values, grads, rate=0.001, rule="grad_x_value")
+    with torch.no_grad():
+        for n, p in params.items():
+            p[chosen[n]] = 0.0
+    after = direction_cosine(model, batches, L, target)
+    assert after > before, (before, after)
+    # restoring every coordinate below L gives back the aligned h_L exactly
+    with use_adapter(model, None):
+        aligned = direction_cosine(model, batches, L, target)
+    with torch.no_grad():
+        for p in params.values():
+            p.zero_()
+    assert abs(direction_cosine(model, batches, L, target) - aligned) < 1e-6
