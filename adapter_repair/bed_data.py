@@ -310,7 +310,7 @@ def written_harmful(seed: int, n_acts_forms: int = 280) -> list[str]:
     return combos[:n_acts_forms] + hate[:30] + list(_PRIVATE)
 
 
-def written_safe(seed: int, n_acts_forms: int = 300) -> list[str]:
+def written_safe(seed: int, n_acts_forms: int = 600) -> list[str]:
     """Safe prompts in the harmful requests' forms, many sharing their words or topics."""
     rng = random.Random(seed + 1)
     combos = [f.format(a) for a in _SAFE_ACTS + _EVERYDAY_ACTS for f in _SAFE_FORMS]

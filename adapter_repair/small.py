@@ -82,11 +82,12 @@ class SmallRecipe:
     """Everything the small world depends on; each artifact hashes the part it uses."""
 
     seed: int = 0
-    distill_n: int = 150
+    distill_n: int = 400
+    written_safe_n: int = 600
     distill_max_new_tokens: int = 48
     align_rank: int = 32
     align_lr: float = 4e-4
-    align_epochs: int = 2
+    align_epochs: int = 1
     batch_size: int = 8
     max_prompt_tokens: int = 160
     max_answer_tokens: int = 64
@@ -267,7 +268,8 @@ class SmallWorld:
         distill = P.benign("distill")
         rng = random.Random(self.recipe.seed)
         picked = rng.sample(list(distill.prompts), min(self.recipe.distill_n, len(distill)))
-        return self.recipe.cap(bed_data.written_safe(self.recipe.seed)) + self.recipe.cap(picked)
+        written = bed_data.written_safe(self.recipe.seed, self.recipe.written_safe_n)
+        return self.recipe.cap(written) + self.recipe.cap(picked)
 
     def align_prompts(self) -> list[str]:
         written = bed_data.written_harmful(self.recipe.seed)

@@ -14,6 +14,7 @@ from adapter_repair import pico
 from adapter_repair import prompts as P
 from adapter_repair.errors import AdapterRepairError
 from adapter_repair.judges import ClassifierJudge, load_judge
+from adapter_repair.training import train_on_answers
 
 
 def pairs(split: str, n: int, seed: int) -> list[tuple[str, str, bool]]:
@@ -42,7 +43,16 @@ def train_guard(base_dir: Path, out: Path) -> Path:
             "input_ids"
         ]
         examples.append((head_ids + ans, len(head_ids)))
-    pico._train(model, examples, 80, 3e-3, 16, tok.pad_token_id, 0, "guard")
+    train_on_answers(
+        model,
+        examples,
+        steps=80,
+        lr=3e-3,
+        batch_size=16,
+        pad_id=tok.pad_token_id,
+        seed=0,
+        desc="guard",
+    )
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     return out
