@@ -12,8 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,21 +70,19 @@ class Artifact:
         if self.done(root) and not rebuild:
             logger.info("reusing %s", final.name)
             return final
-        root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
+        from adapter_repair.adapter import write_folder_atomically
+
         t0 = time.perf_counter()
-        try:
+        record: dict[str, Any] = {}
+
+        def write(tmp: Path) -> None:
             logger.info("building %s", final.name)
             facts = make(tmp) or {}
-            seconds = time.perf_counter() - t0
-            record = {"name": self.name, "key": self.key, "seconds": seconds, **facts}
-            record["recipe"] = self.payload
+            record.update(name=self.name, key=self.key, seconds=time.perf_counter() - t0)
+            record.update(facts, recipe=self.payload)
             (tmp / DONE).write_text(json.dumps(record, indent=2, default=str))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
+
+        write_folder_atomically(final, write, overwrite=True)
+        seconds = record["seconds"]
         logger.info("built %s in %.1f s", final.name, seconds)
         return final
