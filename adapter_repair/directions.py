@@ -27,7 +27,7 @@ logger = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def mean_hidden(
+def prompt_states(
     model: Any,
     tokenizer: Any,
     prompts: Sequence[str],
@@ -35,14 +35,15 @@ def mean_hidden(
     *,
     batch_size: int = 16,
 ) -> dict[int, torch.Tensor]:
-    """Per layer index l (Hugging Face convention: 0 = embeddings), the mean over ``prompts``
-    of ``hidden_states[l][:, -1]``, float32 (d_model,)."""
+    """Per layer index l (Hugging Face convention: 0 = embeddings), ``hidden_states[l][:, -1]``
+    of every prompt, in the order given, float32 (n, d_model). Prompts run sorted by length so
+    that batches carry little padding."""
     if not prompts:
-        raise ValueError("no prompts to average over")
+        raise ValueError("no prompts to read hidden states of")
     ids = encode_prompts(tokenizer, render_chat(tokenizer, prompts), None)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     device = model_device(model)
-    sums: dict[int, torch.Tensor] = {}
+    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(order), batch_size):
         batch = [ids[i] for i in order[start : start + batch_size]]
         input_ids, mask = pad_left(batch, pad_token_id(tokenizer))
@@ -54,9 +55,23 @@ def mean_hidden(
             use_cache=False,
         )
         for layer in layers:
-            h = out.hidden_states[layer][:, -1].float().sum(0).cpu()  # (d_model,)
-            sums[layer] = sums[layer] + h if layer in sums else h
-    return {layer: s / len(ids) for layer, s in sums.items()}
+            rows[layer].append(out.hidden_states[layer][:, -1].float().cpu())  # (b, d_model)
+    back = torch.tensor(order).argsort()  # position of prompt i in the sorted run
+    return {layer: torch.cat(r)[back] for layer, r in rows.items()}
+
+
+def mean_hidden(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+) -> dict[int, torch.Tensor]:
+    """Per layer index l, the mean over ``prompts`` of ``hidden_states[l][:, -1]``, float32
+    (d_model,)."""
+    states = prompt_states(model, tokenizer, prompts, layers, batch_size=batch_size)
+    return {layer: h.mean(0) for layer, h in states.items()}
 
 
 def unit(v: torch.Tensor, eps: float = 1e-8) -> torch.Tensor | None:

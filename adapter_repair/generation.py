@@ -12,6 +12,7 @@ prompt) is what the answer depends on most.
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -128,6 +129,38 @@ def generate_ids(
     return ids, answers
 
 
+#: Shortest common prompt prefix worth encoding once (the chat template's system prompt is
+#: 20-40 tokens; below this the extra forward pass costs more than it saves).
+MIN_SHARED_PREFIX = 16
+
+
+def _cache_field() -> str:
+    """Where a forward pass returns its key/value cache and ``generate`` takes one back:
+    ``cache`` since transformers 5.2x, ``past_key_values`` before (now deprecated)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    fields = getattr(CausalLMOutputWithPast, "__dataclass_fields__", {})
+    return "cache" if "cache" in fields else "past_key_values"
+
+
+_CACHE_FIELD = _cache_field()
+
+
+def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix common to every prompt, leaving each at least one token of
+    its own (generation needs a last token to run on)."""
+    if not ids:
+        return 0
+    n = min(len(x) for x in ids) - 1
+    first = ids[0]
+    for x in ids[1:]:
+        k = 0
+        while k < n and x[k] == first[k]:
+            k += 1
+        n = k
+    return max(n, 0)
+
+
 def greedy_decode(
     model: Any,
     ids: Sequence[Sequence[int]],
@@ -138,19 +171,44 @@ def greedy_decode(
     eos: int | list[int] | None,
     progress: bool = False,
     desc: str = "generate",
+    share_prefix: bool = True,
 ) -> list[list[int]]:
     """Greedy continuations of already-encoded prompts, in input order: batches of similar
-    length (longest first), left padded, each cut after its first end token."""
+    length (longest first), each cut after its first end token.
+
+    Prompts rendered with one chat template share its system prompt (and a task's instruction),
+    often half of every prompt. With ``share_prefix`` that common prefix is encoded once and its
+    key/value cache copied into every batch, whose own tokens follow it after padding
+    (``prefix | pad | prompt``, masked, with positions counted over real tokens only), so
+    prefilling costs what the prompts' own tokens cost. Each answer equals the one decoded from
+    the left-padded full prompt, up to floating-point rounding.
+    """
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     device = model_device(model)
     answers: list[list[int]] = [[] for _ in ids]
     was_training = model.training
     model.eval()
+    shared = shared_prefix_length(ids) if share_prefix else 0
+    if shared < MIN_SHARED_PREFIX:
+        shared = 0
     bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, leave=False)
     try:
+        prefix_cache = None
+        prefix = torch.tensor([list(ids[0][:shared])], dtype=torch.long)  # (1, shared)
+        if shared:
+            with torch.no_grad():
+                out = model(input_ids=prefix.to(device), use_cache=True)
+                prefix_cache = getattr(out, _CACHE_FIELD)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
-            input_ids, mask = pad_left([ids[i] for i in chunk], pad)
+            input_ids, mask = pad_left([ids[i][shared:] for i in chunk], pad)
+            extra: dict[str, Any] = {}
+            if prefix_cache is not None:
+                input_ids = torch.cat([prefix.expand(len(chunk), -1), input_ids], dim=1)
+                mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype), mask], dim=1)
+                cache = copy.deepcopy(prefix_cache)
+                cache.batch_repeat_interleave(len(chunk))
+                extra[_CACHE_FIELD] = cache
             with torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids.to(device),
@@ -163,6 +221,7 @@ def greedy_decode(
                     top_k=None,
                     pad_token_id=pad,
                     eos_token_id=eos,
+                    **extra,
                 )
             new = out[:, input_ids.shape[1] :].cpu().tolist()
             for row, i in enumerate(chunk):

@@ -106,7 +106,7 @@ class SmallRecipe:
     zoo: tuple[ZooEntry, ...] = DEFAULT_ZOO
     eval_max_new_tokens: int = 32
     task_max_new_tokens: int = 16
-    gen_batch_size: int = 32
+    gen_batch_size: int = 64
     #: cap every prompt list at this many (tests build a shrunken world with it)
     shrink: int | None = None
 
@@ -248,16 +248,16 @@ class SmallWorld:
             )
         sets = self.eval_sets()
         for model in self.model_names():
-            a[f"measures-{model}"] = Artifact(
-                f"measures-{model}",
-                {
-                    "model": a[model if model in a else f"adapter-{model}"].key,
-                    "sets": {k: v.digest() for k, v in sets.items()},
-                    "generation": [r.eval_max_new_tokens, r.task_max_new_tokens],
-                    "judge": "substring:jailbreakbench",
-                    "match": "choice",
-                },
-            )
+            how: dict[str, Any] = {
+                "model": a[model if model in a else f"adapter-{model}"].key,
+                "sets": {k: v.digest() for k, v in sets.items()},
+                "generation": [r.eval_max_new_tokens, r.task_max_new_tokens],
+                "judge": "substring:jailbreakbench",
+                "match": "choice",
+            }
+            if model not in a:
+                how["merged"] = True  # measured merged into the bf16 aligned base
+            a[f"measures-{model}"] = Artifact(f"measures-{model}", how)
 
     def model_names(self) -> list[str]:
         return ["unaligned", "aligned", *(e.name for e in self.recipe.zoo)]
@@ -360,6 +360,19 @@ class SmallWorld:
 
         model = load_base(LoadConfig(base=str(folder), quant="none", dtype="bfloat16"))
         return model, load_tokenizer(None, str(folder))
+
+    def _load_merged(self, adapter: str) -> tuple[Any, Any]:
+        """A zoo adapter merged into the aligned base in float32, then cast to bfloat16: the
+        same function as the unmerged PeftModel, generated about 1.5x faster on CPU (the LoRA
+        matmuls of every layer cost more than their size at decoding batch shapes)."""
+        import torch
+
+        from adapter_repair.config import LoadConfig
+        from adapter_repair.loading import attach_adapter, load_base, load_tokenizer
+
+        base = load_base(LoadConfig(base=str(self.aligned_dir), quant="none", dtype="float32"))
+        merged = attach_adapter(base, self.adapter_dir(adapter)).merge_and_unload()
+        return merged.to(torch.bfloat16), load_tokenizer(None, str(self.aligned_dir))
 
     def _gen(self, max_new_tokens: int) -> Any:
         from adapter_repair.config import GenerationConfig
@@ -489,13 +502,11 @@ class SmallWorld:
 
     def _make_measures(self, model_name: str, out: Path) -> dict[str, Any]:
         from adapter_repair.evaluate import EvalSets, evaluate_model
-        from adapter_repair.loading import attach_adapter
 
         if model_name in ("unaligned", "aligned"):
             model, tok = self._load_dense(self.path(model_name))
         else:
-            base, tok = self._load_dense(self.aligned_dir)
-            model = attach_adapter(base, self.adapter_dir(model_name))
+            model, tok = self._load_merged(model_name)
         sets = self.eval_sets()
         report = evaluate_model(
             model,

@@ -1,5 +1,6 @@
-"""Batched greedy generation: same answers as one prompt at a time, in order, deterministic;
-left truncation of over-long prompts; a clear error without a chat template."""
+"""Batched greedy generation: same answers as one prompt at a time, in order, deterministic, and
+with a shared prompt prefix encoded once; left truncation of over-long prompts; a clear error
+without a chat template."""
 
 from __future__ import annotations
 
@@ -12,7 +13,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adapter_repair import prompts as P
 from adapter_repair.config import GenerationConfig
 from adapter_repair.errors import AdapterRepairError
-from adapter_repair.generation import generate, generate_ids, render_chat
+from adapter_repair.generation import (
+    MIN_SHARED_PREFIX,
+    encode_prompts,
+    generate,
+    generate_ids,
+    greedy_decode,
+    render_chat,
+    shared_prefix_length,
+)
 
 
 @pytest.fixture(scope="module")
@@ -70,3 +79,33 @@ def test_a_tokenizer_without_chat_template_is_a_clear_error(chat) -> None:
     tok.chat_template = None
     with pytest.raises(AdapterRepairError, match="no chat template"):
         generate(model, tok, ["hi"])
+
+
+def test_shared_prefix_length() -> None:
+    assert shared_prefix_length([]) == 0
+    assert shared_prefix_length([[1, 2, 3, 4], [1, 2, 3, 5]]) == 3
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3, 4]]) == 2  # each keeps a token of its own
+    assert shared_prefix_length([[1, 2, 3], [1, 2, 3]]) == 2
+    assert shared_prefix_length([[7, 1], [8, 1]]) == 0
+
+
+@pytest.mark.parametrize("with_adapter", [False, True])
+def test_a_shared_prefix_encoded_once_gives_the_same_answers(
+    chat, tiny_chat_adapter_dir: Path, with_adapter: bool
+) -> None:
+    """Prompts with one long instruction in common (middle padding after the cached prefix,
+    prompts of different lengths in one batch), on the model and on a PeftModel."""
+    from peft import PeftModel
+
+    model, tok = chat
+    if with_adapter:
+        model = PeftModel.from_pretrained(model, str(tiny_chat_adapter_dir)).eval()
+    instruction = "Is the sentiment of this movie review positive or negative? Review: "
+    reviews = ["a gem", "dull, long and far too pleased with itself", "fine", "the best film of"]
+    ids = encode_prompts(tok, render_chat(tok, [instruction + r for r in reviews]), None)
+    assert shared_prefix_length(ids) >= MIN_SHARED_PREFIX
+    kw = {"max_new_tokens": 6, "batch_size": 3, "pad": tok.pad_token_id, "eos": tok.eos_token_id}
+    shared = greedy_decode(model, ids, share_prefix=True, **kw)
+    full = greedy_decode(model, ids, share_prefix=False, **kw)
+    assert shared == full
+    assert all(len(a) > 0 for a in shared)
