@@ -143,7 +143,7 @@ def _cache_field() -> str:
     return "cache" if "cache" in fields else "past_key_values"
 
 
-_CACHE_FIELD = _cache_field()
+CACHE_FIELD = _cache_field()
 
 
 def shared_prefix_length(ids: Sequence[Sequence[int]]) -> int:
@@ -198,7 +198,7 @@ def greedy_decode(
         if shared:
             with torch.no_grad():
                 out = model(input_ids=prefix.to(device), use_cache=True)
-                prefix_cache = getattr(out, _CACHE_FIELD)
+                prefix_cache = getattr(out, CACHE_FIELD)
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, mask = pad_left([ids[i][shared:] for i in chunk], pad)
@@ -208,7 +208,7 @@ def greedy_decode(
                 mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype), mask], dim=1)
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(chunk))
-                extra[_CACHE_FIELD] = cache
+                extra[CACHE_FIELD] = cache
             with torch.no_grad():
                 out = model.generate(
                     input_ids=input_ids.to(device),

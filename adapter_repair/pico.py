@@ -24,8 +24,6 @@ import json
 import logging
 import os
 import random
-import shutil
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,6 +33,7 @@ from typing import Any
 import torch
 
 from adapter_repair import prompts as P
+from adapter_repair.adapter import write_folder_atomically
 from adapter_repair.training import Example, encode_pairs, train_on_answers
 
 logger = logging.getLogger(__name__)
@@ -425,20 +424,16 @@ def build_pico_world(
     if (final / "manifest.json").is_file() and not rebuild:
         logger.info("reusing pico world %s", final)
         return PicoWorld(final)
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
-        logger.info("building pico world %s", final)
-        manifest = _build(recipe, tmp)
+    logger.info("building pico world %s", final)
+    manifest: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        manifest.update(_build(recipe, tmp))
         # The world's base path is baked into the adapter config: point it at the final place.
         _retarget(tmp / "adapter" / "adapter_config.json", str(tmp / "base"), str(final / "base"))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder_atomically(final, write, overwrite=True)
     logger.info("pico world built in %.1f s", manifest["build_seconds"])
     return PicoWorld(final)
 

@@ -243,6 +243,7 @@ class SmallWorld:
                     "task": self.task_train().digest(),
                     "attack": P.harmful("attack").digest(),
                     "settings": [r.seed, r.adapter_lr, r.adapter_epochs, r.batch_size],
+                    "share_prefix": True,
                     "versions": versions,
                 },
             )
@@ -488,6 +489,7 @@ class SmallWorld:
             seed=seed,
             desc=f"adapter {entry.name}",
             bf16=True,
+            share_prefix=True,
         )
         peft_model.peft_config["default"].base_model_name_or_path = str(self.aligned_dir)
         peft_model.save_pretrained(str(out))

@@ -15,7 +15,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapter_repair.generation import render_chat
+from adapter_repair.generation import (
+    CACHE_FIELD,
+    MIN_SHARED_PREFIX,
+    render_chat,
+    shared_prefix_length,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,10 +82,55 @@ def answer_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
     hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, t, d)
+    return _head_loss(head, hidden, labels)
+
+
+def _head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor) -> Any:
     target = labels[:, 1:]  # (b, t-1)
     keep = target != -100
     logits = head(hidden[:, :-1][keep])  # (n, vocab)
     return F.cross_entropy(logits.float(), target[keep])
+
+
+def prefix_answer_loss(
+    model: Any, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> Any:
+    """:func:`answer_loss` of ``prefix + ids[i]`` for every row, with the prefix (common to
+    every row, unlabelled) run once at batch 1 and its key/value cache repeated over the batch;
+    gradients flow through it. ``ids``, ``mask`` and ``labels`` (b, t) are right padded; the
+    first token of ``ids`` must carry no label (its prediction would come from the prefix)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    pre = decoder(input_ids=prefix, use_cache=True)  # prefix (1, p)
+    cache = getattr(pre, CACHE_FIELD)
+    cache.batch_repeat_interleave(ids.shape[0])
+    full_mask = torch.cat([torch.ones_like(mask[:, :1]).expand(-1, prefix.shape[1]), mask], 1)
+    out = decoder(input_ids=ids, attention_mask=full_mask, **{CACHE_FIELD: cache})
+    return _head_loss(head, out.last_hidden_state, labels)  # hidden (b, t, d)
+
+
+def _shared_unlabelled(batch: Sequence[Example]) -> int:
+    """Length of the prefix common to ``batch`` that ends before every answer's first
+    prediction; 0 when shorter than worth sharing."""
+    n = min(shared_prefix_length([x for x, _ in batch]), min(start for _, start in batch) - 1)
+    return n if n >= MIN_SHARED_PREFIX else 0
+
+
+def _right_padded(
+    batch: Sequence[Example], pad_id: int, skip: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, attention mask, labels), each (b, t), of every example from token ``skip`` on,
+    padded on the right; labels are -100 on the prompt and the padding."""
+    width = max(len(x) for x, _ in batch) - skip
+    ids = torch.full((len(batch), width), pad_id)
+    labels = torch.full((len(batch), width), -100)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, (x, start) in enumerate(batch):
+        own = x[skip:]
+        ids[row, : len(own)] = torch.tensor(own)
+        labels[row, start - skip : len(own)] = torch.tensor(x[start:])
+        mask[row, : len(own)] = 1
+    return ids, mask, labels
 
 
 def train_on_answers(
@@ -95,12 +145,16 @@ def train_on_answers(
     steps: int | None = None,
     epochs: int | None = None,
     bf16: bool = False,
+    share_prefix: bool = False,
 ) -> list[float]:
     """AdamW (no weight decay, clip 1.0, one-cycle schedule) on the answer tokens.
 
     ``steps``: that many batches drawn at random; ``epochs``: every example once per epoch in
     length-bucketed batches. ``bf16`` runs the forward under CPU/GPU bfloat16 autocast
-    (trainable weights stay float32). Returns the loss of every step.
+    (trainable weights stay float32). ``share_prefix`` runs the prompt prefix common to a
+    batch (the chat template's system prompt, a task's instruction: often half of every example)
+    once, at batch 1 (:func:`prefix_answer_loss`): the same loss and gradients up to rounding,
+    for fewer tokens. Returns the loss of every step.
     """
     from tqdm.auto import tqdm
 
@@ -122,16 +176,16 @@ def train_on_answers(
     bar = tqdm(plan, desc=desc, leave=False)
     for batch_idx in bar:
         batch = [examples[i] for i in batch_idx]
-        width = max(len(x) for x, _ in batch)
-        ids = torch.full((len(batch), width), pad_id)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (x, start) in enumerate(batch):
-            ids[row, : len(x)] = torch.tensor(x)
-            labels[row, start : len(x)] = torch.tensor(x[start:])
-            mask[row, : len(x)] = 1
+        shared = _shared_unlabelled(batch) if share_prefix else 0
+        ids, mask, labels = _right_padded(batch, pad_id, shared)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            loss = answer_loss(model, ids.to(device), mask.to(device), labels.to(device))
+            if shared:
+                prefix = torch.tensor([batch[0][0][:shared]], device=device)
+                loss = prefix_answer_loss(
+                    model, prefix, ids.to(device), mask.to(device), labels.to(device)
+                )
+            else:
+                loss = answer_loss(model, ids.to(device), mask.to(device), labels.to(device))
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
