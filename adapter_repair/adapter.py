@@ -412,12 +412,18 @@ def write_folder_atomically(
 
 
 def save_adapter(
-    adapter: LoraAdapter, out: str | os.PathLike[str], *, overwrite: bool = False
+    adapter: LoraAdapter,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    also: Callable[[Path], None] | None = None,
 ) -> Path:
     """Save ``adapter`` as a PEFT folder at ``out``, atomically; never over its own source.
 
     The config is written as loaded (so a round trip gives an equal config), the tensors
-    contiguous in their original dtypes, and the folder's other files carried over.
+    contiguous in their original dtypes, and the folder's other files carried over. ``also``
+    writes more files into the same folder before it appears (a report), so that the adapter
+    and its report land together or not at all.
     """
     out_path = Path(out)
     if adapter.source is not None and _same_path(out_path, adapter.source):
@@ -435,6 +441,8 @@ def save_adapter(
         tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.state_dict().items()}
         metadata = dict(adapter.metadata) or {"format": "pt"}
         save_file(tensors, str(tmp / WEIGHTS_NAME), metadata=metadata)
+        if also is not None:
+            also(tmp)
 
     path = write_folder_atomically(out_path, write, overwrite=overwrite)
     logger.info("saved adapter to %s", path)

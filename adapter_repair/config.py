@@ -186,3 +186,134 @@ class BedConfig:
 
     def __post_init__(self) -> None:
         check_choices(self)
+
+
+REPAIR_METHODS = ("project", "restore", "both")
+DIRECTION_KINDS = ("shift", "refusal")
+PROJECTION_SIDES = ("write", "read", "both")
+RESTORE_SCORES = ("grad", "grad_x_value", "benign_aware")
+
+
+@dataclass(frozen=True)
+class ProjectConfig:
+    """Stage 1: project the adapter's factors off a direction per layer (closed form)."""
+
+    direction: str = setting(
+        "shift",
+        "shift: the adapter's own harmful shift (mean hidden state on probe prompts with the "
+        "adapter minus without, less its part shared with benign prompts). refusal: the aligned "
+        "model's refusal direction (mean probe minus mean benign), which a first trial found "
+        "ineffective.",
+        choices=DIRECTION_KINDS,
+    )
+    sides: str = setting(
+        "both",
+        "write: modules that add to the residual stream (o, down) stop writing the direction; "
+        "read: modules that read it (q, k, v, gate, up) stop reacting to it; or both.",
+        choices=PROJECTION_SIDES,
+    )
+    strength: float = setting(1.0, "How much of the direction to remove, in [0, 1].", metavar="A")
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not 0.0 <= self.strength <= 1.0:
+            raise ValueError(f"strength must be in [0, 1]; got {self.strength}")
+
+
+@dataclass(frozen=True)
+class RestoreConfig:
+    """Stage 2: set adapter coordinates back to their aligned value (0), chosen by gradient,
+    with a rollback that protects the task."""
+
+    layer: int = setting(
+        -1,
+        "L, the layer whose input h_L is pulled toward the aligned model's harmful direction; "
+        "negative counts from the end (-1: n_layers - 1). Only adapter factors below L change.",
+        metavar="L",
+    )
+    rate: float = setting(
+        0.01, "Share of the adapter coordinates below L restored per step.", metavar="R"
+    )
+    max_steps: int = setting(20, "Most restoration steps.", metavar="N")
+    eval_every: int = setting(
+        5, "Measure the probe harmful rate and the task guard every N steps.", metavar="N"
+    )
+    score: str = setting(
+        "benign_aware",
+        "How coordinates are ranked: grad (|g|, the published method), grad_x_value (|g x "
+        "value|), or benign_aware (|g| damped where zeroing would hurt the benign/task loss).",
+        choices=RESTORE_SCORES,
+    )
+    per_matrix: bool = setting(
+        False, "Normalise scores per factor matrix (A and B live on different scales)."
+    )
+    rollback: float = setting(
+        0.2,
+        "Share of each step's restored coordinates that the benign gradient would move back "
+        "toward their fine-tuned value, returned to it (0 turns rollback off).",
+        metavar="S",
+    )
+    target: float | None = setting(
+        None,
+        "Stop once the probe harmful rate is at most this. Default: the aligned base's own "
+        "probe harmful rate.",
+        metavar="RATE",
+    )
+    max_drop: float = setting(
+        0.02,
+        "Task guard with task data: the task score may fall at most this much below the "
+        "fine-tuned adapter's, relative.",
+        metavar="D",
+    )
+    max_kl: float = setting(
+        0.1,
+        "Task guard without task data: mean next-token KL (nats) to the fine-tuned adapter on "
+        "its own greedy answers to benign prompts.",
+        metavar="KL",
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if not 0.0 < self.rate <= 1.0:
+            raise ValueError(f"rate must be in (0, 1]; got {self.rate}")
+        if not 0.0 <= self.rollback <= 1.0:
+            raise ValueError(f"rollback must be in [0, 1]; got {self.rollback}")
+        if self.max_steps < 1 or self.eval_every < 1:
+            raise ValueError("max_steps and eval_every must be at least 1")
+
+
+@dataclass(frozen=True)
+class RepairConfig:
+    """What the repair runs, and on how many prompts."""
+
+    method: str = setting(
+        "both",
+        "project (stage 1 only), restore (stage 2 only), or both (projection, then restoration).",
+        choices=REPAIR_METHODS,
+    )
+    probe_prompts: int = setting(
+        64,
+        "Harmful probe prompts for the directions, the gradients and the stop rule (AdvBench "
+        "probe split, disjoint from the eval split the harmful rate is measured on).",
+        metavar="N",
+    )
+    guard_prompts: int = setting(
+        64, "Task (or benign) prompts for the benign direction and the task guard.", metavar="N"
+    )
+    batch_size: int = setting(16, "Prompts per forward/backward batch.", metavar="N")
+    max_new_tokens: int = setting(
+        32,
+        "Tokens generated per answer when measuring (the stop rule, the before/after table).",
+        metavar="N",
+    )
+    project: ProjectConfig = dataclasses.field(
+        default_factory=ProjectConfig, metadata={"help": "stage 1", "cli": False}
+    )
+    restore: RestoreConfig = dataclasses.field(
+        default_factory=RestoreConfig, metadata={"help": "stage 2", "cli": False}
+    )
+
+    def __post_init__(self) -> None:
+        check_choices(self)
+        if min(self.probe_prompts, self.guard_prompts, self.batch_size) < 1:
+            raise ValueError("probe_prompts, guard_prompts and batch_size must be at least 1")

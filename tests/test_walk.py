@@ -165,8 +165,17 @@ def test_h_L_carries_gradients_into_the_adapter(
     assert all(g is None for n, g in grads.items() if "layers.2." in n)
 
 
-@pytest.mark.parametrize("layer", [0, 3, -1])
+@pytest.mark.parametrize("layer", [0, 4, -1])
 def test_h_L_refuses_a_layer_out_of_range(tiny_llama_dir: Path, layer: int) -> None:
     model = tiny_model("llama")
-    with pytest.raises(ValueError, match="1 <= L < n_layers = 3"):
+    with pytest.raises(ValueError, match="1 <= L <= n_layers = 3"):
         last_token_hidden(model, torch.tensor([[1, 2]]), None, layer)
+
+
+def test_h_L_at_n_layers_is_the_final_normed_state() -> None:
+    model = tiny_model("llama").eval()
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, output_hidden_states=True).hidden_states[-1][:, -1]
+        got = last_token_hidden(model, ids, None, 3)
+    assert torch.allclose(got, expected, atol=1e-6)

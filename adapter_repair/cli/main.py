@@ -6,6 +6,7 @@ Bad input ends with ``error: ...`` and ``fix: ...`` on stderr and exit code 2.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -17,7 +18,15 @@ import click
 
 from adapter_repair import __version__
 from adapter_repair.cli.options import config_from, options_from
-from adapter_repair.config import BedConfig, EvalConfig, GenerationConfig, LoadConfig
+from adapter_repair.config import (
+    BedConfig,
+    EvalConfig,
+    GenerationConfig,
+    LoadConfig,
+    ProjectConfig,
+    RepairConfig,
+    RestoreConfig,
+)
 from adapter_repair.errors import AdapterRepairError
 
 if TYPE_CHECKING:  # the library is imported inside commands: --help stays instant
@@ -272,6 +281,118 @@ def eval_command(
     click.echo(f"model  {what}")
     click.echo(f"judge  {report.info['judge']}; refusals: {report.info['refusal_list']}")
     click.echo(_table(report.rows(), ["measure", "value", "95% CI", "n"]))
+
+
+def _repair_config(params: dict[str, Any]) -> RepairConfig:
+    return dataclasses.replace(
+        config_from(RepairConfig, params),
+        project=config_from(ProjectConfig, params),
+        restore=config_from(RestoreConfig, params),
+    )
+
+
+def _render_repair(outcome: Any, as_json: bool) -> None:
+    from adapter_repair.report import COLUMNS, measures_table
+
+    report = outcome.report
+    if as_json:
+        click.echo(json.dumps({"out": str(outcome.out), **report}, indent=2))
+        return
+    res = report["repair"]
+    click.echo(f"repaired  {report['source']} -> {outcome.out}")
+    click.echo(
+        f"method {report['method']}; stopped: {res['stopped']}; "
+        f"{100 * res['changed']:.2f}% of coordinates changed; {res['seconds']['total']:.1f} s"
+    )
+    rows = measures_table(report["measures"])
+    if rows:
+        click.echo(_table(rows, ["measure", *(name for _, name in COLUMNS)]))
+    click.echo(f"report    {outcome.out / 'repair_report.md'}")
+
+
+@cli.command(
+    "fix",
+    context_settings=CONTEXT,
+    epilog="\b\nExamples:\n"
+    "  adapter-repair fix ./my-lora --out ./my-lora-repaired\n"
+    "  adapter-repair fix ./my-lora --out ./fixed --task sst2.jsonl --match choice --quant 4bit\n"
+    "  adapter-repair fix ./my-lora --out ./fixed --method project --no-measure --json",
+)
+@click.argument("source", type=click.Path(path_type=Path))
+@click.option(
+    "--out",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for the repaired adapter and its report (must not exist, unless --overwrite).",
+)
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option(
+    "--task",
+    type=click.Path(path_type=Path),
+    help="Your task rows (prompt and answer; csv/jsonl): they guard the task during the "
+    "repair and are scored before and after. Without them the guard is fidelity to the "
+    "fine-tuned adapter on benign prompts.",
+)
+@click.option("--prompt-column", help="Prompt column of the task file (default: prompt, ...).")
+@click.option("--answer-column", help="Answer column of the task file (default: answer, ...).")
+@click.option(
+    "--measure/--no-measure",
+    default=True,
+    show_default=True,
+    help="Measure the aligned base, the fine-tuned and the repaired adapter.",
+)
+@options_from(RepairConfig)
+@options_from(ProjectConfig)
+@options_from(RestoreConfig)
+@options_from(EvalConfig, exclude=("fidelity_prompts",))
+@options_from(LoadConfig)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def fix(
+    source: Path,
+    out: Path,
+    overwrite: bool,
+    task: Path | None,
+    prompt_column: str | None,
+    answer_column: str | None,
+    measure: bool,
+    as_json: bool,
+    **params: Any,
+) -> None:
+    """Repair a LoRA adapter folder: it refuses harmful requests again and keeps its task.
+
+    Stage 1 projects the adapter's factors off the direction its fine-tune moved harmful
+    prompts along (closed form); stage 2 sets a few adapter coordinates back to their aligned
+    value (0), chosen by gradient, with a rollback and a guard that protect the task. The output
+    is a PEFT adapter of the same format and rank, loadable with PeftModel.from_pretrained over
+    the same base, with repair_report.{json,md,png} beside it. SOURCE is only read.
+    """
+    from adapter_repair import prompts as P
+    from adapter_repair.repair import repair_folder
+
+    task_set = None
+    if task is not None:
+        task_set = P.load_prompt_file(
+            task,
+            column=prompt_column,
+            answer_column=answer_column,
+            require_answers=True,
+            name="task",
+        )
+    try:
+        config = _repair_config(params)
+    except ValueError as e:
+        raise click.BadParameter(str(e)) from e
+    outcome = repair_folder(
+        source,
+        out,
+        load=config_from(LoadConfig, params),
+        config=config,
+        evaluation=config_from(EvalConfig, params),
+        task=task_set,
+        measure=measure,
+        overwrite=overwrite,
+    )
+    _render_repair(outcome, as_json)
 
 
 @cli.group(

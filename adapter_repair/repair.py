@@ -1,0 +1,622 @@
+"""The repair pipeline: stage 1 (projection) and stage 2 (restoration with rollback) on one
+PeftModel, whose adapter, disabled, is the aligned model.
+
+The stages' decisions are the pure tensor functions of :mod:`adapter_repair.stages`; this module
+computes what they need (directions, gradients), applies their choices to the live adapter
+factors, measures the stop rule and the task guard, and returns the repaired adapter with every
+step's record. It never writes files: :func:`adapter_repair.report.write_repair` does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from adapter_repair import prompts as P
+from adapter_repair.adapter import LoraAdapter
+from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig, RepairConfig
+from adapter_repair.directions import difference_directions, mean_hidden, shift_directions, unit
+from adapter_repair.errors import AdapterFormatError
+from adapter_repair.generation import generate
+from adapter_repair.judges import Judge
+from adapter_repair.measures import Rate, fidelity, task_matches, use_adapter
+from adapter_repair.restore import (
+    direction_cosine,
+    direction_gradients,
+    factor_params,
+    prompt_batches,
+)
+from adapter_repair.stages import (
+    choose_restored,
+    orthonormal_basis,
+    project_read,
+    project_write,
+    rollback_mask,
+)
+from adapter_repair.walk import ModelMap, norm_gain, walk
+
+logger = logging.getLogger(__name__)
+
+ADAPTER = "default"  #: the adapter being repaired, as PeftModel names it
+REFERENCE = "reference"  #: the fine-tuned adapter as it came in (the fidelity guard only)
+
+
+@dataclass
+class Guard:
+    """What the task guard compares: task rows (prompt, answer) scored by a match rule, or,
+    without task data, benign prompts and fidelity to the fine-tuned adapter."""
+
+    task: P.PromptSet | None
+    benign: P.PromptSet
+    match: str = "contains"
+
+    @property
+    def kind(self) -> str:
+        return "task" if self.task is not None else "fidelity"
+
+    def prompts(self) -> tuple[str, ...]:
+        return self.task.prompts if self.task is not None else self.benign.prompts
+
+
+@dataclass
+class Step:
+    """One restoration step (or the start, step 0)."""
+
+    step: int
+    restored: int = 0  #: coordinates set to 0 this step
+    rolled_back: int = 0  #: of those, returned to their reference value
+    changed: float = 0.0  #: share of all adapter coordinates that differ from the input
+    cosine: float | None = None  #: mean cos(mean h_L, h*) on the probe batches
+    probe_harmful: float | None = None  #: measured every eval_every steps
+    guard: float | None = None  #: task score, or KL to the fine-tuned adapter
+    guard_ok: bool | None = None
+    seconds: float = 0.0
+
+
+@dataclass
+class RepairResult:
+    """The repaired adapter and how it got there."""
+
+    adapter: LoraAdapter
+    history: list[Step]
+    stopped: str  #: why stage 2 ended (or "projection only")
+    settings: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+    kept_step: int | None = None  #: the step whose state was kept
+    target: float | None = None  #: the probe harmful rate stage 2 aimed for
+    guard_reference: float | None = None  #: the fine-tuned adapter's guard value
+    changed: float = 0.0  #: share of adapter coordinates that differ from the input
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "stopped": self.stopped,
+            "kept_step": self.kept_step,
+            "target": self.target,
+            "guard_reference": self.guard_reference,
+            "changed": self.changed,
+            "seconds": self.seconds,
+            "settings": self.settings,
+            "history": [dataclasses.asdict(s) for s in self.history],
+        }
+
+
+# -- helpers over the live adapter ----------------------------------------------------------
+def _factors(model_map: ModelMap) -> dict[str, torch.nn.Parameter]:
+    return factor_params(model_map, model_map.n_layers, ADAPTER)
+
+
+def _snapshot(params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def _load_state(params: dict[str, torch.nn.Parameter], state: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for n, p in params.items():
+            p.copy_(state[n])
+
+
+def _changed_share(
+    params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]
+) -> float:
+    diff = sum(int((p.detach() != reference[n]).sum()) for n, p in params.items())
+    total = sum(p.numel() for p in params.values())
+    return diff / total if total else 0.0
+
+
+def _to_adapter(
+    adapter: LoraAdapter, params: dict[str, torch.nn.Parameter], model_map: ModelMap
+) -> LoraAdapter:
+    """A copy of ``adapter`` holding the live factors, in the adapter file's dtypes."""
+    out = adapter.clone()
+    for m in out:
+        a = params.get(f"{m.key}.lora_A")
+        b = params.get(f"{m.key}.lora_B")
+        if a is None or b is None:
+            continue
+        m.A = a.detach().to(device="cpu", dtype=m.A.dtype).clone()
+        m.B = b.detach().to(device="cpu", dtype=m.B.dtype).clone()
+    return model_map.annotate(out)
+
+
+def resolve_layer(layer: int, n_layers: int) -> int:
+    """L from the config's value (negative counts from the end: -1 is n_layers - 1), checked:
+    1 <= L <= n_layers (n_layers: the final normed hidden state, every layer restorable)."""
+    resolved = layer + n_layers if layer < 0 else layer
+    if not 1 <= resolved <= n_layers:
+        raise ValueError(
+            f"layer {layer} resolves to {resolved}; it must satisfy 1 <= L <= n_layers = {n_layers}"
+        )
+    return resolved
+
+
+# -- measuring inside the loop --------------------------------------------------------------
+def probe_harmful_rate(
+    model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge, gen: GenerationConfig
+) -> Rate:
+    answers = generate(model, tokenizer, prompts, gen, desc="probe")
+    return Rate.of(judge.harmful(prompts, answers))
+
+
+def guard_value(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfig) -> float:
+    """Task score (higher is better) or KL to the fine-tuned adapter (lower is better)."""
+    if guard.task is not None:
+        answers = generate(model, tokenizer, guard.task.prompts, gen, desc="guard")
+        return Rate.of(task_matches(answers, guard.task.answers or (), guard.match)).rate
+    fid = fidelity(
+        model, tokenizer, guard.benign.prompts, reference=REFERENCE, candidate=ADAPTER, config=gen
+    )
+    return fid.kl
+
+
+def guard_holds(value: float, reference: float, guard: Guard, config: RepairConfig) -> bool:
+    if guard.kind == "task":
+        return value >= reference * (1.0 - config.restore.max_drop) - 1e-12
+    return value <= config.restore.max_kl
+
+
+# -- stage 1 --------------------------------------------------------------------------------
+def projection_directions(
+    model: Any,
+    tokenizer: Any,
+    probe: Sequence[str],
+    benign: Sequence[str],
+    layers: Sequence[int],
+    kind: str,
+    batch_size: int,
+) -> dict[int, torch.Tensor | None]:
+    """Per ``hidden_states`` index, the unit direction stage 1 projects off (None: nothing)."""
+    with use_adapter(model, None):
+        aligned_probe = mean_hidden(model, tokenizer, probe, layers, batch_size=batch_size)
+        aligned_benign = mean_hidden(model, tokenizer, benign, layers, batch_size=batch_size)
+    if kind == "refusal":
+        return difference_directions(aligned_probe, aligned_benign)
+    with use_adapter(model, ADAPTER):
+        tuned_probe = mean_hidden(model, tokenizer, probe, layers, batch_size=batch_size)
+        tuned_benign = mean_hidden(model, tokenizer, benign, layers, batch_size=batch_size)
+    return shift_directions(tuned_probe, aligned_probe, tuned_benign, aligned_benign)
+
+
+def project_adapter(
+    model_map: ModelMap,
+    directions: dict[int, torch.Tensor | None],
+    sides: str,
+    strength: float,
+) -> int:
+    """Apply stage 1 to the live factors: writers (layer l) lose ``directions[l+1]`` from B,
+    readers lose unit(g * directions[l]) from A (g the input norm's gain; a post-norm writer's
+    direction likewise passes through its norm's gain). Returns how many matrices changed."""
+    changed = 0
+    with torch.no_grad():
+        for site in model_map:
+            if site.layer is None:
+                continue
+            module: Any = site.module
+            if site.writes and sides in ("write", "both"):
+                r = directions.get(site.layer + 1)
+                if r is not None and site.out_norm is not None:
+                    r = unit(norm_gain(site.out_norm).float().cpu() * r)
+                if r is not None:
+                    B = module.lora_B[ADAPTER].weight  # (d_out, r)
+                    U = orthonormal_basis([r]).to(B.device)  # (d_out, 1)
+                    B.copy_(project_write(B.float(), U.float(), strength).to(B.dtype))
+                    changed += 1
+            if site.reads and sides in ("read", "both"):
+                r = directions.get(site.layer)
+                if r is not None and site.in_norm is not None:
+                    r = unit(norm_gain(site.in_norm).float().cpu() * r)
+                if r is not None:
+                    A = module.lora_A[ADAPTER].weight  # (r, d_in)
+                    U = orthonormal_basis([r]).to(A.device)  # (d_in, 1)
+                    A.copy_(project_read(A.float(), U.float(), strength).to(A.dtype))
+                    changed += 1
+    return changed
+
+
+# -- stage 2 --------------------------------------------------------------------------------
+def _add_reference(model: Any) -> None:
+    """Load a copy of the adapter as it came in under the name "reference", for the fidelity
+    guard (PEFT keeps the active adapter "default")."""
+    model.add_adapter(REFERENCE, model.peft_config[ADAPTER])
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if f".{REFERENCE}." in name:
+                src = dict(model.named_parameters())[name.replace(f".{REFERENCE}.", f".{ADAPTER}.")]
+                p.copy_(src)
+                p.requires_grad_(False)
+    model.set_adapter(ADAPTER)
+
+
+Target = tuple[list[Any], torch.Tensor]  #: prompt batches and the direction their mean h_L seeks
+
+
+def _restore_step(
+    model: Any,
+    model_map: ModelMap,
+    below: dict[str, torch.nn.Parameter],
+    reference: dict[str, torch.Tensor],
+    harmful: Target,
+    benign: Target,
+    L: int,
+    config: RepairConfig,
+    step: int,
+) -> Step | None:
+    """Stage 2, steps 1-5, once: gradients toward h*, the benign gradient where the score or
+    the rollback needs it, zero the chosen coordinates, roll back the share the benign gradient
+    wants back. None when there is no candidate left."""
+    rc = config.restore
+    layers = model_map.layers
+    _, g = direction_gradients(model, harmful[0], L, harmful[1], below, layers=layers)
+    g_b = None
+    if rc.score == "benign_aware":
+        _, g_b = direction_gradients(model, benign[0], L, benign[1], below, layers=layers)
+    values = {n: p.detach().float().cpu() for n, p in below.items()}
+    chosen = choose_restored(
+        values, g, rc.rate, rule=rc.score, benign_grads=g_b, per_matrix=rc.per_matrix
+    )
+    n_chosen = sum(int(m.sum()) for m in chosen.values())
+    if n_chosen == 0:
+        return None
+    with torch.no_grad():
+        for n, p in below.items():
+            p[chosen[n].to(p.device)] = 0
+    rolled = 0
+    if rc.rollback > 0:
+        _, g_after = direction_gradients(model, benign[0], L, benign[1], below, layers=layers)
+        ref_cpu = {n: t.float().cpu() for n, t in reference.items()}
+        back = rollback_mask(chosen, ref_cpu, g_after, rc.rollback)
+        with torch.no_grad():
+            for n, p in below.items():
+                m = back[n].to(p.device)
+                p[m] = reference[n][m]
+        rolled = sum(int(m.sum()) for m in back.values())
+    return Step(step, restored=n_chosen, rolled_back=rolled)
+
+
+# -- the pipeline ---------------------------------------------------------------------------
+def repair(
+    model: Any,
+    tokenizer: Any,
+    adapter: LoraAdapter,
+    config: RepairConfig,
+    *,
+    probe: P.PromptSet,
+    guard: Guard,
+    judge: Judge,
+    generation: GenerationConfig | None = None,
+) -> RepairResult:
+    """Repair ``adapter``, attached to ``model`` (a PeftModel, adapter name "default", factors
+    trainable) as the fine-tuned model; the same model with the adapter disabled is the aligned
+    one. The live factors are changed in place; the result holds a copy as a LoraAdapter.
+
+    ``probe``: harmful prompts the repair may use (directions, gradients, stop rule).
+    ``guard``: task rows or benign prompts that protect what the fine-tune learnt.
+    """
+    t_start = time.perf_counter()
+    rc = config.restore
+    gen = generation or GenerationConfig(config.max_new_tokens, config.batch_size, progress=False)
+    model_map = walk(model)
+    model_map.annotate(adapter)
+    n_layers = model_map.n_layers
+    probe_prompts = list(probe.take(config.probe_prompts).prompts)
+    guard = dataclasses.replace(
+        guard,
+        task=guard.task.take(config.guard_prompts) if guard.task is not None else None,
+        benign=guard.benign.take(config.guard_prompts),
+    )
+    guard_prompts = list(guard.prompts())
+    params = _factors(model_map)
+    original = _snapshot(params)
+    settings = {"repair": dataclasses.asdict(config), "n_layers": n_layers, "guard": guard.kind}
+    seconds: dict[str, float] = {}
+    model.eval()  # no LoRA dropout in gradients or answers
+    guard_ref_value = 0.0
+    if config.method != "project":
+        if guard.kind == "fidelity":
+            _add_reference(model)
+        else:  # the fine-tuned adapter's own task score, before any change
+            guard_ref_value = guard_value(model, tokenizer, guard, gen)
+
+    if config.method in ("project", "both"):
+        t0 = time.perf_counter()
+        layers = list(range(n_layers + 1))
+        directions = projection_directions(
+            model,
+            tokenizer,
+            probe_prompts,
+            guard_prompts,
+            layers,
+            config.project.direction,
+            config.batch_size,
+        )
+        n = project_adapter(model_map, directions, config.project.sides, config.project.strength)
+        seconds["project"] = time.perf_counter() - t0
+        logger.info(
+            "stage 1: projected %d factor matrices off the %s direction in %.1f s",
+            n,
+            config.project.direction,
+            seconds["project"],
+        )
+    if config.method == "project":
+        seconds["total"] = time.perf_counter() - t_start
+        changed = _changed_share(params, original)
+        return RepairResult(
+            _to_adapter(adapter, params, model_map),
+            [Step(0, changed=changed)],
+            "projection only",
+            settings,
+            seconds,
+            changed=changed,
+        )
+
+    t0 = time.perf_counter()
+    L = resolve_layer(rc.layer, n_layers)
+    settings["L"] = L
+    below = factor_params(model_map, L, ADAPTER)
+    if not below:
+        raise ValueError(f"the adapter has no LoRA module below layer {L}; nothing to restore")
+    probe_batches = prompt_batches(tokenizer, probe_prompts, config.batch_size)
+    guard_batches = prompt_batches(tokenizer, guard_prompts, config.batch_size)
+    with use_adapter(model, None):
+        h_star = mean_hidden(model, tokenizer, probe_prompts, [L], batch_size=config.batch_size)[L]
+        aligned_rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
+    with use_adapter(model, ADAPTER):
+        b_star = mean_hidden(model, tokenizer, guard_prompts, [L], batch_size=config.batch_size)[L]
+    target = rc.target if rc.target is not None else aligned_rate.rate
+    reference = _snapshot(below)  # rollback returns coordinates to the state entering stage 2
+    start = Step(
+        0,
+        changed=_changed_share(params, original),
+        cosine=direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers),
+        probe_harmful=probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate,
+        guard=guard_value(model, tokenizer, guard, gen),
+    )
+    start.guard_ok = guard_holds(start.guard or 0.0, guard_ref_value, guard, config)
+    start.seconds = time.perf_counter() - t0
+    history = [start]
+    logger.info(
+        "stage 2 at L=%d: aligned probe harmful rate %.1f%% (target %.1f%%), adapter %.1f%%, "
+        "guard (%s) %.3f",
+        L,
+        100 * aligned_rate.rate,
+        100 * target,
+        100 * (start.probe_harmful or 0.0),
+        guard.kind,
+        start.guard or 0.0,
+    )
+    kept_state, kept_step, stopped = _snapshot(params), 0, "max_steps"
+    if (start.probe_harmful or 0.0) <= target:
+        stopped = "already at target"
+    else:
+        for step in range(1, rc.max_steps + 1):
+            t_step = time.perf_counter()
+            rec = _restore_step(
+                model,
+                model_map,
+                below,
+                reference,
+                (probe_batches, h_star),
+                (guard_batches, b_star),
+                L,
+                config,
+                step,
+            )
+            if rec is None:
+                stopped = "no candidates"
+                break
+            rec.changed = _changed_share(params, original)
+            rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
+            measure = step % rc.eval_every == 0 or step == rc.max_steps
+            if measure:
+                rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
+                rec.probe_harmful = rate.rate
+                rec.guard = guard_value(model, tokenizer, guard, gen)
+                rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
+            rec.seconds = time.perf_counter() - t_step
+            history.append(rec)
+            logger.info(
+                "step %d: restored %d, rolled back %d, changed %.2f%%, cos %.4f%s",
+                step,
+                rec.restored,
+                rec.rolled_back,
+                100 * rec.changed,
+                rec.cosine,
+                ""
+                if not measure
+                else f", probe harmful {100 * (rec.probe_harmful or 0):.1f}%, guard {rec.guard:.3f}"
+                f" ({'holds' if rec.guard_ok else 'fails'})",
+            )
+            if measure:
+                if not rec.guard_ok:
+                    stopped = "guard"
+                    break
+                kept_state, kept_step = _snapshot(params), step
+                if (rec.probe_harmful or 0.0) <= target:
+                    stopped = "target"
+                    break
+        _load_state(params, kept_state)
+    seconds["restore"] = time.perf_counter() - t0
+    seconds["total"] = time.perf_counter() - t_start
+    changed = _changed_share(params, original)
+    if guard.kind == "fidelity":
+        model.delete_adapter(REFERENCE)
+    logger.info(
+        "stage 2 stopped (%s); kept step %d; %.2f%% of coordinates changed; %.1f s",
+        stopped,
+        kept_step,
+        100 * changed,
+        seconds["restore"],
+    )
+    return RepairResult(
+        _to_adapter(adapter, params, model_map),
+        history,
+        stopped,
+        settings,
+        seconds,
+        kept_step=kept_step,
+        target=target,
+        guard_reference=guard_ref_value,
+        changed=changed,
+    )
+
+
+# -- folder in, folder out --------------------------------------------------------------------
+@dataclass
+class RepairOutcome:
+    """What :func:`repair_folder` did: the result, the report written beside the adapter, and
+    where."""
+
+    result: RepairResult
+    report: dict[str, Any]
+    out: Path
+
+
+def repair_folder(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    load: LoadConfig | None = None,
+    config: RepairConfig | None = None,
+    evaluation: EvalConfig | None = None,
+    generation: GenerationConfig | None = None,
+    task: P.PromptSet | None = None,
+    measure: bool = True,
+    overwrite: bool = False,
+) -> RepairOutcome:
+    """Repair the adapter folder ``source`` into a new folder ``out`` (same format and rank,
+    with ``repair_report.{json,md,png}``), measuring the aligned base, the fine-tuned and the
+    repaired adapter before and after unless ``measure`` is False. ``source`` is only read.
+
+    ``task``: the user's task rows (prompt, answer); they guard the task during the repair and
+    are scored before and after. Without them the guard is fidelity to the fine-tuned adapter
+    on the shipped benign prompts.
+    """
+    from adapter_repair import __version__
+    from adapter_repair.adapter import save_adapter
+    from adapter_repair.evaluate import EvalSets, evaluate_model
+    from adapter_repair.judges import load_judge, load_refusal_list
+    from adapter_repair.loading import load_model, load_tokenizer
+
+    load = load or LoadConfig()
+    config = config or RepairConfig()
+    evaluation = evaluation or EvalConfig()
+    out_path = Path(out)
+    if out_path.exists() and not overwrite:
+        raise AdapterFormatError(
+            f"output folder {out_path} already exists.",
+            "Choose a new --out folder, or pass --overwrite to replace it.",
+        )
+    if out_path.exists() and _same_folder(out_path, Path(source)):
+        raise AdapterFormatError(
+            f"refusing to write over the input adapter {source}.",
+            "Choose a different --out folder; the input is never modified.",
+        )
+    gen = generation or GenerationConfig(config.max_new_tokens, config.batch_size)
+    judge = load_judge(evaluation.judge)
+    refusals = load_refusal_list(evaluation.refusal_list)
+    model, adapter = load_model(source, load)
+    tokenizer = load_tokenizer(source, load.base or adapter.base_model_name_or_path)
+    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), task).limited(evaluation.limit)
+    warnings = []
+    if adapter.extra_tensors:
+        warnings.append(
+            f"the adapter carries {len(adapter.extra_tensors)} modules_to_save tensor(s); they "
+            "are copied unchanged and may still carry the fine-tune's behaviour."
+        )
+        logger.warning(warnings[-1])
+
+    def measure_now(label: str) -> dict[str, Any]:
+        report = evaluate_model(
+            model,
+            tokenizer,
+            sets,
+            generation=gen,
+            judge=judge,
+            refusals=refusals,
+            match=evaluation.match,
+            label=label,
+        )
+        return {k: v.as_dict() for k, v in report.measures.items()}
+
+    t0 = time.perf_counter()
+    measures: dict[str, Any] = {}
+    if measure:
+        with use_adapter(model, None):
+            measures["aligned"] = measure_now("aligned")
+        measures["before"] = measure_now("fine-tuned")
+    measure_seconds = time.perf_counter() - t0
+    result = repair(
+        model,
+        tokenizer,
+        adapter,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(task, P.benign("benign"), evaluation.match),
+        judge=judge,
+        generation=dataclasses.replace(gen, progress=False),
+    )
+    t0 = time.perf_counter()
+    if measure:
+        measures["after"] = measure_now("repaired")
+    measure_seconds += time.perf_counter() - t0
+    report: dict[str, Any] = {
+        "tool_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": str(source),
+        "base": load.base or adapter.base_model_name_or_path,
+        "quant": load.resolved_quant(),
+        "method": config.method,
+        "measures": measures,
+        "measure_seconds": measure_seconds,
+        "sets": sets.record(),
+        "splits": P.split_record(),
+        "judge": judge.name,
+        "generation": dataclasses.asdict(gen),
+        "repair": result.as_dict(),
+        "warnings": warnings,
+    }
+    path = save_adapter(
+        result.adapter, out_path, overwrite=overwrite, also=lambda d: _write_report(d, report)
+    )
+    return RepairOutcome(result, report, path)
+
+
+def _write_report(folder: Path, report: dict[str, Any]) -> None:
+    from adapter_repair.report import write_report
+
+    write_report(folder, report)
+
+
+def _same_folder(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False

@@ -1,0 +1,151 @@
+"""The report written beside a repaired adapter: JSON (everything), Markdown (the before/after
+table, the settings, the splits, each step) and a PNG plot of each step's cosine to h*, probe
+harmful rate and task guard.
+
+The files live in the output adapter folder (``repair_report.json``, ``.md``, ``.png``): PEFT
+ignores them, and they travel with the adapter wherever it is copied or pushed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+JSON_NAME = "repair_report.json"
+MARKDOWN_NAME = "repair_report.md"
+PLOT_NAME = "repair_report.png"
+
+#: measure key -> (row label, lower is better)
+ROWS = {
+    "harmful_rate": ("harmful rate (AdvBench eval)", True),
+    "over_refusal": ("over-refusal (XSTest safe)", True),
+    "task_score": ("task score", False),
+}
+COLUMNS = (("aligned", "aligned base"), ("before", "fine-tuned"), ("after", "repaired"))
+
+
+def _pct(m: Mapping[str, Any] | None) -> str:
+    if not m:
+        return "-"
+    lo, hi = m["ci95"]
+    return f"{100 * m['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] (n={m['n']})"
+
+
+def measures_table(measures: Mapping[str, Mapping[str, Any] | None]) -> list[list[str]]:
+    """Rows of (measure, aligned, fine-tuned, repaired) as display strings."""
+    rows = []
+    for key, (label, _) in ROWS.items():
+        cells = [_pct((measures.get(col) or {}).get(key)) for col, _ in COLUMNS]
+        if any(c != "-" for c in cells):
+            rows.append([label, *cells])
+    return rows
+
+
+def markdown(report: Mapping[str, Any]) -> str:
+    res = report["repair"]
+    lines = [
+        "# adapter-repair report",
+        "",
+        f"- source: `{report['source']}`",
+        f"- base: `{report['base']}` (quantization: {report['quant']})",
+        f"- method: {report['method']}; stopped: {res['stopped']}"
+        + (f" (kept step {res['kept_step']})" if res.get("kept_step") is not None else ""),
+        f"- coordinates changed: {100 * res['changed']:.2f}% of the adapter's",
+        f"- time: {res['seconds'].get('total', 0.0):.1f} s for the repair, "
+        f"{report.get('measure_seconds', 0.0):.1f} s measuring",
+        f"- adapter-repair {report['tool_version']}, {report['date']}",
+        "",
+        "| measure | " + " | ".join(name for _, name in COLUMNS) + " |",
+        "|---|---|---|---|",
+    ]
+    lines += ["| " + " | ".join(r) + " |" for r in measures_table(report["measures"])]
+    lines += ["", "Rates with 95% Wilson intervals.", ""]
+    history = res.get("history") or []
+    if len(history) > 1:
+        lines += [
+            "## Steps",
+            "",
+            "| step | restored | rolled back | changed | cos(h_L, h*) | probe harmful | guard |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in history:
+            probe = "" if s["probe_harmful"] is None else f"{100 * s['probe_harmful']:.1f}%"
+            guard = "" if s["guard"] is None else f"{s['guard']:.3f}"
+            if s["guard_ok"] is False:
+                guard += " (fails)"
+            cos = "" if s["cosine"] is None else f"{s['cosine']:.4f}"
+            lines.append(
+                f"| {s['step']} | {s['restored']} | {s['rolled_back']} | "
+                f"{100 * s['changed']:.2f}% | {cos} | {probe} | {guard} |"
+            )
+        lines.append("")
+    lines += [
+        "## Settings",
+        "",
+        "```json",
+        json.dumps(res["settings"], indent=2, sort_keys=True),
+        "```",
+        "",
+        "## Prompt sets",
+        "",
+        "```json",
+        json.dumps({"sets": report.get("sets"), "splits": report.get("splits")}, indent=2),
+        "```",
+        "",
+    ]
+    for w in report.get("warnings") or []:
+        lines.append(f"> warning: {w}")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: Mapping[str, Any], path: Path) -> bool:
+    """Each step's cosine to h*, probe harmful rate and guard value; False when there is no
+    stage 2 history to plot (projection only)."""
+    history = report["repair"].get("history") or []
+    if len(history) < 2:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), constrained_layout=True)
+    steps = [s["step"] for s in history]
+    series = [
+        ("cos(mean h_L, h*)", [s["cosine"] for s in history]),
+        ("probe harmful rate", [s["probe_harmful"] for s in history]),
+        (f"guard ({report['repair']['settings'].get('guard', '')})", [s["guard"] for s in history]),
+    ]
+    for ax, (title, ys) in zip(axes, series, strict=True):
+        pts = [(x, y) for x, y in zip(steps, ys, strict=True) if y is not None]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
+        ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    target = report["repair"].get("target")
+    if target is not None:
+        axes[1].axhline(target, color="gray", linestyle="--", label="target")
+        axes[1].legend()
+    kept = report["repair"].get("kept_step")
+    if kept is not None:
+        for ax in axes:
+            ax.axvline(kept, color="green", alpha=0.4)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def write_report(folder: Path, report: Mapping[str, Any]) -> list[str]:
+    """Write the report files into ``folder``; returns their names."""
+    (folder / JSON_NAME).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    (folder / MARKDOWN_NAME).write_text(markdown(report), encoding="utf-8")
+    names = [JSON_NAME, MARKDOWN_NAME]
+    if plot(report, folder / PLOT_NAME):
+        names.append(PLOT_NAME)
+    return names
