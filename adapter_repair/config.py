@@ -244,6 +244,14 @@ class RestoreConfig:
         "value|), or benign_aware (|g| damped where zeroing would hurt the benign/task loss).",
         choices=RESTORE_SCORES,
     )
+    match: str = setting(
+        "mean",
+        "What h_L is pulled toward. mean: the published loss, -cos(mean h_L over a batch, h*) "
+        "for harmful prompts and -cos(mean h_L, b*) for the guard's; prompt: each harmful "
+        "prompt's h_L toward its own aligned state, each guard prompt's toward its own "
+        "fine-tuned state (a mean keeps what prompts share and loses what the task answers).",
+        choices=("mean", "prompt"),
+    )
     per_matrix: bool = setting(
         False, "Normalise scores per factor matrix (A and B live on different scales)."
     )

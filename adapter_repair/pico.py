@@ -443,3 +443,40 @@ def _retarget(config_path: Path, old: str, new: str) -> None:
     if cfg.get("base_model_name_or_path") == old:
         cfg["base_model_name_or_path"] = new
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
+
+
+def demo_config(world: PicoWorld) -> Any:
+    """The repair settings of ``adapter-repair demo`` on the pico world: restoration at
+    L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
+    adapter's break sits in its top layer) with per-prompt targets. Chosen on the pico world;
+    the ablation on the small world chooses the product defaults."""
+    from adapter_repair.config import RepairConfig, RestoreConfig
+
+    n_layers = int(world.manifest["recipe"]["num_layers"])
+    return RepairConfig(
+        method="restore",
+        max_new_tokens=16,
+        guard_prompts=256,
+        restore=RestoreConfig(layer=n_layers, match="prompt", max_steps=20, eval_every=2),
+    )
+
+
+def demo_repair(world: PicoWorld, out: str | os.PathLike[str] | None = None) -> Any:
+    """Repair the pico world's adapter into ``out`` (default: beside the world in the cache,
+    replaced on each run) with :func:`demo_config`; the task's held-out rows are scored before
+    and after, its training rows guard it."""
+    from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig
+    from adapter_repair.repair import repair_folder
+
+    target = Path(out) if out is not None else world.root.parent / f"{world.root.name}-repaired"
+    return repair_folder(
+        world.adapter_dir,
+        target,
+        load=LoadConfig(quant="none", dtype="float32"),
+        config=demo_config(world),
+        evaluation=EvalConfig(match="exact"),
+        generation=GenerationConfig(max_new_tokens=16, batch_size=64),
+        task=world.task("eval"),
+        guard_task=world.task("train"),
+        overwrite=True,
+    )

@@ -30,10 +30,12 @@ from adapter_repair.generation import generate
 from adapter_repair.judges import Judge
 from adapter_repair.measures import Rate, fidelity, task_matches, use_adapter
 from adapter_repair.restore import (
+    Targets,
     direction_cosine,
     direction_gradients,
     factor_params,
     prompt_batches,
+    prompt_targets,
 )
 from adapter_repair.stages import (
     choose_restored,
@@ -255,7 +257,7 @@ def _add_reference(model: Any) -> None:
     model.set_adapter(ADAPTER)
 
 
-Target = tuple[list[Any], torch.Tensor]  #: prompt batches and the direction their mean h_L seeks
+Target = tuple[list[Any], Targets]  #: prompt batches and what their h_L is pulled toward
 
 
 def _restore_step(
@@ -385,11 +387,20 @@ def repair(
         raise ValueError(f"the adapter has no LoRA module below layer {L}; nothing to restore")
     probe_batches = prompt_batches(tokenizer, probe_prompts, config.batch_size)
     guard_batches = prompt_batches(tokenizer, guard_prompts, config.batch_size)
+    h_star: Targets
+    b_star: Targets
+    bs = config.batch_size
     with use_adapter(model, None):
-        h_star = mean_hidden(model, tokenizer, probe_prompts, [L], batch_size=config.batch_size)[L]
+        if rc.match == "prompt":  # each harmful prompt toward its own aligned state
+            h_star = prompt_targets(model, probe_batches, L, layers=model_map.layers)
+        else:
+            h_star = mean_hidden(model, tokenizer, probe_prompts, [L], batch_size=bs)[L]
         aligned_rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
-    with use_adapter(model, ADAPTER):
-        b_star = mean_hidden(model, tokenizer, guard_prompts, [L], batch_size=config.batch_size)[L]
+    with use_adapter(model, ADAPTER):  # the guard's prompts keep their fine-tuned states
+        if rc.match == "prompt":
+            b_star = prompt_targets(model, guard_batches, L, layers=model_map.layers)
+        else:
+            b_star = mean_hidden(model, tokenizer, guard_prompts, [L], batch_size=bs)[L]
     target = rc.target if rc.target is not None else aligned_rate.rate
     reference = _snapshot(below)  # rollback returns coordinates to the state entering stage 2
     start = Step(
@@ -508,6 +519,7 @@ def repair_folder(
     evaluation: EvalConfig | None = None,
     generation: GenerationConfig | None = None,
     task: P.PromptSet | None = None,
+    guard_task: P.PromptSet | None = None,
     measure: bool = True,
     overwrite: bool = False,
 ) -> RepairOutcome:
@@ -516,8 +528,9 @@ def repair_folder(
     repaired adapter before and after unless ``measure`` is False. ``source`` is only read.
 
     ``task``: the user's task rows (prompt, answer); they guard the task during the repair and
-    are scored before and after. Without them the guard is fidelity to the fine-tuned adapter
-    on the shipped benign prompts.
+    are scored before and after (``guard_task``, when given, guards instead, so that the rows
+    scored are held out from the repair). Without task rows the guard is fidelity to the
+    fine-tuned adapter on the shipped benign prompts.
     """
     from adapter_repair import __version__
     from adapter_repair.adapter import save_adapter
@@ -579,7 +592,7 @@ def repair_folder(
         adapter,
         config,
         probe=P.harmful("probe"),
-        guard=Guard(task, P.benign("benign"), evaluation.match),
+        guard=Guard(guard_task or task, P.benign("benign"), evaluation.match),
         judge=judge,
         generation=dataclasses.replace(gen, progress=False),
     )

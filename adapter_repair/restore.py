@@ -53,20 +53,57 @@ def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int) -> l
     return [pad_left(ids[i : i + batch_size], pad) for i in range(0, len(ids), batch_size)]
 
 
+#: What a batch's states are pulled toward: one direction (d,) for every batch, or, per batch,
+#: one state per prompt (b, d).
+Targets = torch.Tensor | Sequence[torch.Tensor]
+
+
+def _batch_loss(h: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """-cos(mean h, target) for a direction (d,); -mean_i cos(h_i, target_i) for per-prompt
+    states (b, d)."""
+    if target.dim() == 1:
+        return -F.cosine_similarity(h.float().mean(0), target, dim=0)
+    return -F.cosine_similarity(h.float(), target, dim=-1).mean()
+
+
+def _target_of(targets: Targets, i: int, device: torch.device) -> torch.Tensor:
+    t = targets if isinstance(targets, torch.Tensor) else targets[i]
+    return t.to(device=device, dtype=torch.float32)
+
+
+@torch.no_grad()
+def prompt_targets(
+    model: Any,
+    batches: Sequence[Batch],
+    layer: int,
+    *,
+    layers: torch.nn.ModuleList | None = None,
+) -> list[torch.Tensor]:
+    """Each batch's ``h_L`` (b, d) as the model stands now (float32, on CPU): per-prompt
+    targets, e.g. the aligned model's own states for the harmful prompts."""
+    device = model_device(model)
+    return [
+        last_token_hidden(model, ids.to(device), mask.to(device), layer, layers=layers)
+        .float()
+        .cpu()
+        for ids, mask in batches
+    ]
+
+
 def direction_gradients(
     model: Any,
     batches: Sequence[Batch],
     layer: int,
-    target: torch.Tensor,
+    target: Targets,
     params: dict[str, torch.nn.Parameter],
     *,
     layers: torch.nn.ModuleList | None = None,
 ) -> tuple[float, dict[str, torch.Tensor]]:
-    """The loss ``sum over batches of -cos(mean over the batch of h_L(x), target)`` and its
-    gradient with respect to ``params`` (float32, detached). Gradients are computed afresh
-    (nothing accumulates across calls)."""
+    """The loss ``sum over batches of -cos(mean over the batch of h_L(x), target)`` (or, with
+    per-prompt targets, of ``-mean_i cos(h_L(x_i), target_i)``) and its gradient with respect
+    to ``params`` (float32, detached). Gradients are computed afresh (nothing accumulates
+    across calls)."""
     device = model_device(model)
-    target = target.to(device=device, dtype=torch.float32)  # (d,)
     names = list(params)
     tensors = [params[n] for n in names]
     was = [t.requires_grad for t in tensors]
@@ -75,9 +112,9 @@ def direction_gradients(
     total = 0.0
     grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
     try:
-        for ids, mask in batches:
+        for i, (ids, mask) in enumerate(batches):
             h = last_token_hidden(model, ids.to(device), mask.to(device), layer, layers=layers)
-            loss = -F.cosine_similarity(h.float().mean(0), target, dim=0)
+            loss = _batch_loss(h, _target_of(target, i, device))
             parts = torch.autograd.grad(loss, tensors, allow_unused=True)
             for acc, g in zip(grads, parts, strict=True):
                 if g is not None:
@@ -94,16 +131,15 @@ def direction_cosine(
     model: Any,
     batches: Sequence[Batch],
     layer: int,
-    target: torch.Tensor,
+    target: Targets,
     *,
     layers: torch.nn.ModuleList | None = None,
 ) -> float:
-    """Mean over batches of cos(mean h_L, target): the signal stage 2 climbs."""
+    """Mean over batches of cos(mean h_L, target) (or of the per-prompt mean cosine): the
+    signal stage 2 climbs."""
     device = model_device(model)
     values = []
-    for ids, mask in batches:
+    for i, (ids, mask) in enumerate(batches):
         h = last_token_hidden(model, ids.to(device), mask.to(device), layer, layers=layers)
-        values.append(
-            float(F.cosine_similarity(h.float().mean(0), target.to(h.device).float(), dim=0))
-        )
+        values.append(-float(_batch_loss(h, _target_of(target, i, h.device))))
     return sum(values) / len(values)

@@ -4,7 +4,7 @@ bench/results/bed.md and bench/results/bed.json.
 
     python bench/bed.py [--sst2 bench/data/sst2] [--cache-dir DIR] [--no-build]
 
-Builds what is missing first (about 1.5 hours on 2 CPU cores; resumable: rerun after an
+Builds what is missing first (under 2 hours on 2 CPU cores; resumable: rerun after an
 interruption), then reads everything from the cache (``adapter-repair bed show`` prints the
 same table in seconds).
 """
@@ -139,7 +139,9 @@ def main() -> None:
         f"Measured with greedy decoding in bfloat16, {r.eval_max_new_tokens} new tokens for"
         f" harm and over-refusal, {r.task_max_new_tokens} for SST-2; harm judged by the"
         " JailbreakBench refusal substrings. AdvBench eval n=175, XSTest unsafe n=200, XSTest"
-        " safe n=250, SST-2 dev n=872 (choice match: the first label word named).",
+        " safe n=250, SST-2 dev n=872 (choice match: the first label word named; bare label:"
+        " the answer is the label word alone). Zoo adapters are trained in 4-bit (QLoRA) and"
+        " measured merged (in float32) into the bfloat16 aligned base.",
         "",
         table.markdown(),
         "",
@@ -159,6 +161,11 @@ def main() -> None:
         " harmful (XSTest unsafe) | over-refusal | minutes |",
         "|---|---|---|---|---|---|---|---|",
         *alignment_trials(world.root, world.artifacts["aligned"].key),
+        "",
+        "Why no recipe reaches 10% over-refusal: [separability.md](separability.md) reads the"
+        " refuse/answer decision linearly off SmolLM2-135M's hidden states; even a probe fit on"
+        " XSTest itself (cross-validated) cannot answer <= 10% of the unsafe prompts while"
+        " refusing <= 10% of the safe ones.",
         "",
         "## Build time per artifact",
         "",

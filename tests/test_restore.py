@@ -17,6 +17,7 @@ from adapter_repair.restore import (
     direction_gradients,
     factor_params,
     prompt_batches,
+    prompt_targets,
 )
 from adapter_repair.walk import walk
 
@@ -59,3 +60,29 @@ def test_restoration_step_climbs_toward_the_aligned_hidden_state(
         for p in params.values():
             p.zero_()
     assert abs(direction_cosine(model, batches, L, target) - aligned) < 1e-6
+
+
+def test_per_prompt_targets_pull_each_prompt_toward_its_own_aligned_state(
+    tiny_chat_dir: Path, tiny_chat_adapter_dir: Path
+) -> None:
+    model, _ = load_model(tiny_chat_adapter_dir, LoadConfig(base=str(tiny_chat_dir), quant="none"))
+    tok = load_tokenizer(tiny_chat_adapter_dir, str(tiny_chat_dir))
+    mm = walk(model)
+    L = mm.n_layers  # the final normed state: every layer's factors get gradients
+    batches = prompt_batches(tok, PROMPTS, 5)
+    params = factor_params(mm, L)
+    own = prompt_targets(model, batches, L)  # the fine-tuned states themselves
+    assert [t.shape[0] for t in own] == [5, 5, 2]
+    assert abs(direction_cosine(model, batches, L, own) - 1.0) < 1e-5
+    with use_adapter(model, None):
+        aligned = prompt_targets(model, batches, L)
+    before = direction_cosine(model, batches, L, aligned)
+    loss, grads = direction_gradients(model, batches, L, aligned, params)
+    assert abs(loss + len(batches) * before) < 1e-4
+    assert any(float(g.abs().sum()) > 0 for n, g in grads.items() if ".layers.2." in n)
+    values = {n: p.detach().clone() for n, p in params.items()}
+    chosen = S.choose_restored(values, grads, rate=0.002, rule="grad_x_value")
+    with torch.no_grad():
+        for n, p in params.items():
+            p[chosen[n]] = 0.0
+    assert direction_cosine(model, batches, L, aligned) > before

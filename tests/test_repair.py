@@ -1,0 +1,215 @@
+"""The repair pipeline on a tiny chat model (mechanics: projection removes the direction,
+restoration zeroes what it chose and keeps rank and format, the guard and stop rule act) and
+`adapter-repair fix` through the CLI (output loads, input untouched, clear errors)."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from adapter_repair import prompts as P
+from adapter_repair.adapter import load_adapter
+from adapter_repair.cli.main import cli
+from adapter_repair.config import LoadConfig, RepairConfig, RestoreConfig
+from adapter_repair.directions import unit
+from adapter_repair.judges import load_judge
+from adapter_repair.loading import load_model, load_tokenizer
+from adapter_repair.repair import (
+    ADAPTER,
+    Guard,
+    project_adapter,
+    repair,
+    resolve_layer,
+)
+from adapter_repair.walk import norm_gain, walk
+from tests.test_adapter import folder_digest
+
+LOAD = LoadConfig(quant="none", dtype="float32")
+
+
+@pytest.fixture()
+def loaded(tiny_chat_adapter_dir: Path):
+    model, adapter = load_model(tiny_chat_adapter_dir, LOAD)
+    tok = load_tokenizer(tiny_chat_adapter_dir, adapter.base_model_name_or_path)
+    return model, tok, adapter
+
+
+def test_resolve_layer() -> None:
+    assert resolve_layer(-1, 30) == 29
+    assert resolve_layer(30, 30) == 30
+    assert resolve_layer(5, 30) == 5
+    for bad in (0, 31, -30):
+        with pytest.raises(ValueError, match="1 <= L <= n_layers = 30"):
+            resolve_layer(bad, 30)
+
+
+def test_projection_removes_the_direction_from_writers_and_readers(loaded) -> None:
+    model, _, _ = loaded
+    mm = walk(model)
+    d = model.config.hidden_size
+    torch.manual_seed(0)
+    with torch.no_grad():  # norms with non-trivial gains, as after training
+        for site in mm:
+            if site.in_norm is not None:
+                site.in_norm.weight.uniform_(0.5, 1.5)
+    directions = {i: unit(torch.randn(d)) for i in range(mm.n_layers + 1)}
+    changed = project_adapter(mm, directions, "both", 1.0)
+    assert changed == len(mm.sites)
+    for site in mm:
+        module = site.module
+        if site.writes:
+            B = module.lora_B[ADAPTER].weight.detach()  # (d_out, r)
+            r = directions[site.layer + 1]
+            assert (r @ B).abs().max() < 1e-5
+        if site.reads:
+            A = module.lora_A[ADAPTER].weight.detach()  # (r, d_in)
+            g = norm_gain(site.in_norm).float()
+            r = unit(g * directions[site.layer])
+            assert (A @ r).abs().max() < 1e-5
+            assert (A @ directions[site.layer]).abs().max() > 1e-4  # the gain matters
+
+
+def test_projection_only_keeps_rank_and_leaves_the_input_adapter(loaded) -> None:
+    model, tok, adapter = loaded
+    before = {m.key: (m.A.clone(), m.B.clone()) for m in adapter}
+    result = repair(
+        model,
+        tok,
+        adapter,
+        RepairConfig(method="project", probe_prompts=8, guard_prompts=8),
+        probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")),
+        judge=load_judge(),
+    )
+    assert result.stopped == "projection only"
+    assert 0 < result.changed <= 1
+    for m in result.adapter:
+        A0, B0 = before[m.key]
+        assert m.A.shape == A0.shape and m.B.shape == B0.shape
+        assert m.A.dtype == A0.dtype
+    for m in adapter:  # the caller's adapter object is not touched
+        assert torch.equal(m.A, before[m.key][0]) and torch.equal(m.B, before[m.key][1])
+    assert any(not torch.equal(m.B, before[m.key][1]) for m in result.adapter)
+
+
+def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
+    model, tok, adapter = loaded
+    n_layers = walk(model).n_layers
+    config = RepairConfig(
+        method="restore",
+        probe_prompts=8,
+        guard_prompts=8,
+        max_new_tokens=4,
+        restore=RestoreConfig(
+            layer=2, rate=0.05, max_steps=3, eval_every=1, target=0.0, max_kl=1e9, rollback=0.5
+        ),
+    )
+    result = repair(
+        model,
+        tok,
+        adapter,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")),
+        judge=load_judge(),
+    )
+    assert n_layers == 3
+    assert [s.step for s in result.history] == [0, 1, 2, 3]
+    n_below = sum(m.A.numel() + m.B.numel() for m in adapter if m.layer is not None and m.layer < 2)
+    for s in result.history[1:]:
+        assert s.restored == math.ceil(0.05 * n_below)
+        assert 0 < s.rolled_back <= math.ceil(0.5 * s.restored)
+        assert s.guard is not None and s.guard >= 0  # KL to the reference adapter
+    assert result.kept_step == 3
+    changed_layers = set()
+    for m, m0 in zip(result.adapter, adapter, strict=True):
+        if not (torch.equal(m.A, m0.A) and torch.equal(m.B, m0.B)):
+            changed_layers.add(m.layer)
+            # restored coordinates are exactly 0; every change is a zeroing
+            for new, old in ((m.A, m0.A), (m.B, m0.B)):
+                diff = new != old
+                assert torch.all(new[diff] == 0)
+    assert changed_layers and changed_layers <= {0, 1}
+    assert "reference" not in model.peft_config  # the fidelity reference is removed again
+
+
+def test_a_failing_guard_keeps_the_last_state_that_held(loaded) -> None:
+    model, tok, adapter = loaded
+    config = RepairConfig(
+        method="restore",
+        probe_prompts=8,
+        guard_prompts=8,
+        max_new_tokens=4,
+        restore=RestoreConfig(layer=3, rate=0.2, max_steps=4, eval_every=2, target=0.0, max_kl=0.0),
+    )
+    result = repair(
+        model,
+        tok,
+        adapter,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")),
+        judge=load_judge(),
+    )
+    assert result.stopped == "guard"
+    assert result.kept_step == 0
+    assert result.changed == 0.0
+    for m, m0 in zip(result.adapter, adapter, strict=True):
+        assert torch.equal(m.A, m0.A) and torch.equal(m.B, m0.B)
+
+
+def run(*args: str):
+    return CliRunner().invoke(cli, ["-q", *args])
+
+
+def test_fix_writes_a_loadable_adapter_and_report_and_never_touches_the_input(
+    tiny_chat_adapter_dir: Path, tmp_path: Path
+) -> None:
+    src = tmp_path / "src"
+    shutil.copytree(tiny_chat_adapter_dir, src)
+    digest = folder_digest(src)
+    out = tmp_path / "fixed"
+    result = run(
+        "fix", str(src), "--out", str(out), "--method", "project", "--no-measure",
+        "--probe-prompts", "8", "--guard-prompts", "8", "--quant", "none", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["repair"]["stopped"] == "projection only"
+    assert folder_digest(src) == digest
+    for name in ("adapter_config.json", "adapter_model.safetensors", "repair_report.json"):
+        assert (out / name).is_file(), name
+    assert "# adapter-repair report" in (out / "repair_report.md").read_text()
+    fixed, orig = load_adapter(out), load_adapter(src)
+    assert fixed.config == orig.config
+    assert {m.key: m.rank for m in fixed} == {m.key: m.rank for m in orig}
+    base = AutoModelForCausalLM.from_pretrained(orig.base_model_name_or_path)
+    PeftModel.from_pretrained(base, str(out))  # loads as a normal PEFT adapter
+
+
+def test_fix_refuses_an_existing_output_and_bad_settings(
+    tiny_chat_adapter_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "exists"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    result = run("fix", str(tiny_chat_adapter_dir), "--out", str(out))
+    assert result.exit_code == 2
+    assert "already exists" in result.output and "--overwrite" in result.output
+    assert (out / "keep.txt").read_text() == "mine"
+    result = run("fix", str(tiny_chat_adapter_dir), "--out", str(tmp_path / "n"), "--rate", "2")
+    assert result.exit_code == 2
+    assert "rate must be in (0, 1]" in result.output
+    assert not (tmp_path / "n").exists()
+    result = run("fix", str(tmp_path / "missing"), "--out", str(tmp_path / "m"))
+    assert result.exit_code == 2
+    assert "error:" in result.output
+    assert not (tmp_path / "m").exists()
