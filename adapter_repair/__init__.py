@@ -18,6 +18,12 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "AdapterRepairError": "adapter_repair.errors",
     "LoadConfig": "adapter_repair.config",
+    "ProjectConfig": "adapter_repair.config",
+    "RepairConfig": "adapter_repair.config",
+    "RestoreConfig": "adapter_repair.config",
+    "RepairResult": "adapter_repair.repair",
+    "repair": "adapter_repair.repair",
+    "repair_folder": "adapter_repair.repair",
     "LoraAdapter": "adapter_repair.adapter",
     "LoraModule": "adapter_repair.adapter",
     "load_adapter": "adapter_repair.adapter",
@@ -39,6 +45,10 @@ __all__ = [
     "LoraModule",
     "LoraSite",
     "ModelMap",
+    "ProjectConfig",
+    "RepairConfig",
+    "RepairResult",
+    "RestoreConfig",
     "Role",
     "__version__",
     "attach_adapter",
@@ -46,16 +56,19 @@ __all__ = [
     "load_adapter",
     "load_base",
     "load_model",
+    "repair",
+    "repair_folder",
     "save_adapter",
     "walk",
 ]
 
 if TYPE_CHECKING:
     from adapter_repair.adapter import LoraAdapter, LoraModule, load_adapter, save_adapter
-    from adapter_repair.config import LoadConfig
+    from adapter_repair.config import LoadConfig, ProjectConfig, RepairConfig, RestoreConfig
     from adapter_repair.errors import AdapterRepairError
     from adapter_repair.hidden import last_token_hidden
     from adapter_repair.loading import attach_adapter, load_base, load_model
+    from adapter_repair.repair import RepairResult, repair, repair_folder
     from adapter_repair.walk import LoraSite, ModelMap, Role, walk
 
 
