@@ -227,7 +227,7 @@ def show_bed(
     if len(table.missing) == len(table.models):
         raise AdapterRepairError(
             f"the small world is not built (looked in {table.root}).",
-            "Run: adapter-repair bed build --world small (about 1.5 hours on 2 CPU cores; "
+            "Run: adapter-repair bed build --world small (under 2 hours on 2 CPU cores; "
             "it resumes where it stopped).",
         )
     return table

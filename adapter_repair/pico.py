@@ -457,7 +457,7 @@ def demo_config(world: PicoWorld) -> Any:
         method="restore",
         max_new_tokens=16,
         guard_prompts=256,
-        restore=RestoreConfig(layer=n_layers, match="prompt", max_steps=20, eval_every=2),
+        restore=RestoreConfig(layer=n_layers, targets="prompt", max_steps=20, eval_every=2),
     )
 
 

@@ -391,13 +391,13 @@ def repair(
     b_star: Targets
     bs = config.batch_size
     with use_adapter(model, None):
-        if rc.match == "prompt":  # each harmful prompt toward its own aligned state
+        if rc.targets == "prompt":  # each harmful prompt toward its own aligned state
             h_star = prompt_targets(model, probe_batches, L, layers=model_map.layers)
         else:
             h_star = mean_hidden(model, tokenizer, probe_prompts, [L], batch_size=bs)[L]
         aligned_rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
     with use_adapter(model, ADAPTER):  # the guard's prompts keep their fine-tuned states
-        if rc.match == "prompt":
+        if rc.targets == "prompt":
             b_star = prompt_targets(model, guard_batches, L, layers=model_map.layers)
         else:
             b_star = mean_hidden(model, tokenizer, guard_prompts, [L], batch_size=bs)[L]

@@ -164,8 +164,9 @@ def main() -> None:
         "",
         "Why no recipe reaches 10% over-refusal: [separability.md](separability.md) reads the"
         " refuse/answer decision linearly off SmolLM2-135M's hidden states; even a probe fit on"
-        " XSTest itself (cross-validated) cannot answer <= 10% of the unsafe prompts while"
-        " refusing <= 10% of the safe ones.",
+        " XSTest itself (cross-validated), at the threshold that answers <= 10% of the unsafe"
+        " prompts, still refuses 10.8% (unaligned base) to 12.4% (aligned base) of the safe ones"
+        " at its best layer; a probe fit on the alignment data refuses 44-45% there.",
         "",
         "## Build time per artifact",
         "",

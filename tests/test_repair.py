@@ -8,6 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -58,21 +59,25 @@ def test_projection_removes_the_direction_from_writers_and_readers(loaded) -> No
     torch.manual_seed(0)
     with torch.no_grad():  # norms with non-trivial gains, as after training
         for site in mm:
-            if site.in_norm is not None:
-                site.in_norm.weight.uniform_(0.5, 1.5)
-    directions = {i: unit(torch.randn(d)) for i in range(mm.n_layers + 1)}
+            norm: Any = site.in_norm
+            if norm is not None:
+                norm.weight.uniform_(0.5, 1.5)
+    directions: dict[int, Any] = {i: unit(torch.randn(d)) for i in range(mm.n_layers + 1)}
     changed = project_adapter(mm, directions, "both", 1.0)
     assert changed == len(mm.sites)
     for site in mm:
-        module = site.module
+        module: Any = site.module
+        assert site.layer is not None
         if site.writes:
             B = module.lora_B[ADAPTER].weight.detach()  # (d_out, r)
             r = directions[site.layer + 1]
             assert (r @ B).abs().max() < 1e-5
         if site.reads:
             A = module.lora_A[ADAPTER].weight.detach()  # (r, d_in)
+            assert site.in_norm is not None
             g = norm_gain(site.in_norm).float()
             r = unit(g * directions[site.layer])
+            assert r is not None
             assert (A @ r).abs().max() < 1e-5
             assert (A @ directions[site.layer]).abs().max() > 1e-4  # the gain matters
 
@@ -191,7 +196,7 @@ def test_fix_writes_a_loadable_adapter_and_report_and_never_touches_the_input(
     fixed, orig = load_adapter(out), load_adapter(src)
     assert fixed.config == orig.config
     assert {m.key: m.rank for m in fixed} == {m.key: m.rank for m in orig}
-    base = AutoModelForCausalLM.from_pretrained(orig.base_model_name_or_path)
+    base = AutoModelForCausalLM.from_pretrained(str(orig.base_model_name_or_path))
     PeftModel.from_pretrained(base, str(out))  # loads as a normal PEFT adapter
 
 
