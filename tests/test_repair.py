@@ -218,4 +218,3 @@ def test_fix_refuses_an_existing_output_and_bad_settings(
     assert result.exit_code == 2
     assert "error:" in result.output
     assert not (tmp_path / "m").exists()
-
