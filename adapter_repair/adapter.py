@@ -416,7 +416,7 @@ def save_adapter(
     out: str | os.PathLike[str],
     *,
     overwrite: bool = False,
-    also: Callable[[Path], None] | None = None,
+    also: Callable[[Path], object] | None = None,
 ) -> Path:
     """Save ``adapter`` as a PEFT folder at ``out``, atomically; never over its own source.
 

@@ -533,10 +533,11 @@ def repair_folder(
     fine-tuned adapter on the shipped benign prompts.
     """
     from adapter_repair import __version__
-    from adapter_repair.adapter import save_adapter
+    from adapter_repair.adapter import _same_path, save_adapter
     from adapter_repair.evaluate import EvalSets, evaluate_model
     from adapter_repair.judges import load_judge, load_refusal_list
     from adapter_repair.loading import load_model, load_tokenizer
+    from adapter_repair.report import write_report
 
     load = load or LoadConfig()
     config = config or RepairConfig()
@@ -547,7 +548,7 @@ def repair_folder(
             f"output folder {out_path} already exists.",
             "Choose a new --out folder, or pass --overwrite to replace it.",
         )
-    if out_path.exists() and _same_folder(out_path, Path(source)):
+    if out_path.exists() and _same_path(out_path, Path(source)):
         raise AdapterFormatError(
             f"refusing to write over the input adapter {source}.",
             "Choose a different --out folder; the input is never modified.",
@@ -617,19 +618,6 @@ def repair_folder(
         "warnings": warnings,
     }
     path = save_adapter(
-        result.adapter, out_path, overwrite=overwrite, also=lambda d: _write_report(d, report)
+        result.adapter, out_path, overwrite=overwrite, also=lambda d: write_report(d, report)
     )
     return RepairOutcome(result, report, path)
-
-
-def _write_report(folder: Path, report: dict[str, Any]) -> None:
-    from adapter_repair.report import write_report
-
-    write_report(folder, report)
-
-
-def _same_folder(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve()
-    except OSError:
-        return False
