@@ -252,6 +252,14 @@ class RestoreConfig:
         "fine-tuned state (a mean keeps what prompts share and loses what the task answers).",
         choices=("mean", "prompt"),
     )
+    benign_loss: str = setting(
+        "direction",
+        "The loss whose gradient protects the task (the benign_aware score and the rollback). "
+        "direction: -cos(h_L, b*) as published; answers: cross-entropy of the guard's answers "
+        "(the task rows' answers, else the fine-tuned adapter's own greedy answers to benign "
+        "prompts), which already has a gradient before anything moved.",
+        choices=("direction", "answers"),
+    )
     per_matrix: bool = setting(
         False, "Normalise scores per factor matrix (A and B live on different scales)."
     )
@@ -273,6 +281,12 @@ class RestoreConfig:
         "fine-tuned adapter's, relative.",
         metavar="D",
     )
+    backtrack: int = setting(
+        0,
+        "On a task-guard failure, return to the last step that held, halve the rate and go on, "
+        "at most N times (0: stop at the first failure, as the published method does).",
+        metavar="N",
+    )
     max_kl: float = setting(
         0.1,
         "Task guard without task data: mean next-token KL (nats) to the fine-tuned adapter on "
@@ -288,6 +302,8 @@ class RestoreConfig:
             raise ValueError(f"rollback must be in [0, 1]; got {self.rollback}")
         if self.max_steps < 1 or self.eval_every < 1:
             raise ValueError("max_steps and eval_every must be at least 1")
+        if self.backtrack < 0:
+            raise ValueError(f"backtrack must be at least 0; got {self.backtrack}")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import datetime
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +31,8 @@ from adapter_repair.judges import Judge
 from adapter_repair.measures import Rate, fidelity, task_matches, use_adapter
 from adapter_repair.restore import (
     Targets,
+    answer_batches,
+    answer_gradients,
     direction_cosine,
     direction_gradients,
     factor_params,
@@ -81,6 +83,8 @@ class Step:
     probe_harmful: float | None = None  #: measured every eval_every steps
     guard: float | None = None  #: task score, or KL to the fine-tuned adapter
     guard_ok: bool | None = None
+    rate: float = 0.0  #: the share of coordinates this step restored at most
+    backtracked: bool = False  #: the guard failed here and the state went back
     seconds: float = 0.0
 
 
@@ -179,6 +183,22 @@ def guard_value(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfig)
     return fid.kl
 
 
+def guard_answers(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfig) -> list[Any]:
+    """The answers the guard's loss protects, as batches: the task rows' answers, or the model's
+    own greedy answers to the benign prompts (call it with the fine-tuned adapter on); an answer
+    that ran to the token limit stays open (no end token is added)."""
+    if guard.task is not None and guard.task.answers:
+        pairs = list(zip(guard.task.prompts, guard.task.answers, strict=True))
+        ended = None
+    else:
+        prompts = guard.benign.prompts
+        texts = generate(model, tokenizer, prompts, gen, desc="guard answers")
+        pairs = list(zip(prompts, texts, strict=True))
+        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        ended = [n < gen.max_new_tokens for n in lengths]
+    return answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens, ended)
+
+
 def guard_holds(value: float, reference: float, guard: Guard, config: RepairConfig) -> bool:
     if guard.kind == "task":
         return value >= reference * (1.0 - config.restore.max_drop) - 1e-12
@@ -266,10 +286,11 @@ def _restore_step(
     below: dict[str, torch.nn.Parameter],
     reference: dict[str, torch.Tensor],
     harmful: Target,
-    benign: Target,
+    benign_gradients: Callable[[], dict[str, torch.Tensor]],
     L: int,
     config: RepairConfig,
     step: int,
+    rate: float,
 ) -> Step | None:
     """Stage 2, steps 1-5, once: gradients toward h*, the benign gradient where the score or
     the rollback needs it, zero the chosen coordinates, roll back the share the benign gradient
@@ -279,10 +300,10 @@ def _restore_step(
     _, g = direction_gradients(model, harmful[0], L, harmful[1], below, layers=layers)
     g_b = None
     if rc.score == "benign_aware":
-        _, g_b = direction_gradients(model, benign[0], L, benign[1], below, layers=layers)
+        g_b = benign_gradients()
     values = {n: p.detach().float().cpu() for n, p in below.items()}
     chosen = choose_restored(
-        values, g, rc.rate, rule=rc.score, benign_grads=g_b, per_matrix=rc.per_matrix
+        values, g, rate, rule=rc.score, benign_grads=g_b, per_matrix=rc.per_matrix
     )
     n_chosen = sum(int(m.sum()) for m in chosen.values())
     if n_chosen == 0:
@@ -292,7 +313,7 @@ def _restore_step(
             p[chosen[n].to(p.device)] = 0
     rolled = 0
     if rc.rollback > 0:
-        _, g_after = direction_gradients(model, benign[0], L, benign[1], below, layers=layers)
+        g_after = benign_gradients()
         ref_cpu = {n: t.float().cpu() for n, t in reference.items()}
         back = rollback_mask(chosen, ref_cpu, g_after, rc.rollback)
         with torch.no_grad():
@@ -300,7 +321,7 @@ def _restore_step(
                 m = back[n].to(p.device)
                 p[m] = reference[n][m]
         rolled = sum(int(m.sum()) for m in back.values())
-    return Step(step, restored=n_chosen, rolled_back=rolled)
+    return Step(step, restored=n_chosen, rolled_back=rolled, rate=rate)
 
 
 # -- the pipeline ---------------------------------------------------------------------------
@@ -401,6 +422,16 @@ def repair(
             b_star = prompt_targets(model, guard_batches, L, layers=model_map.layers)
         else:
             b_star = mean_hidden(model, tokenizer, guard_prompts, [L], batch_size=bs)[L]
+        answers = None
+        if rc.benign_loss == "answers":
+            answers = guard_answers(model, tokenizer, guard, gen)
+
+    def benign_gradients() -> dict[str, torch.Tensor]:
+        if answers is not None:
+            return answer_gradients(model, answers, below)[1]
+        layers = model_map.layers
+        return direction_gradients(model, guard_batches, L, b_star, below, layers=layers)[1]
+
     target = rc.target if rc.target is not None else aligned_rate.rate
     reference = _snapshot(below)  # rollback returns coordinates to the state entering stage 2
     start = Step(
@@ -424,6 +455,7 @@ def repair(
         start.guard or 0.0,
     )
     kept_state, kept_step, stopped = _snapshot(params), 0, "max_steps"
+    rate, backtracks = rc.rate, 0
     if (start.probe_harmful or 0.0) <= target:
         stopped = "already at target"
     else:
@@ -435,10 +467,11 @@ def repair(
                 below,
                 reference,
                 (probe_batches, h_star),
-                (guard_batches, b_star),
+                benign_gradients,
                 L,
                 config,
                 step,
+                rate,
             )
             if rec is None:
                 stopped = "no candidates"
@@ -447,8 +480,8 @@ def repair(
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
             measure = step % rc.eval_every == 0 or step == rc.max_steps
             if measure:
-                rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
-                rec.probe_harmful = rate.rate
+                measured = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
+                rec.probe_harmful = measured.rate
                 rec.guard = guard_value(model, tokenizer, guard, gen)
                 rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
             rec.seconds = time.perf_counter() - t_step
@@ -466,6 +499,20 @@ def repair(
                 f" ({'holds' if rec.guard_ok else 'fails'})",
             )
             if measure:
+                if not rec.guard_ok and backtracks < rc.backtrack:
+                    # Back to the last state that held, with smaller steps from there.
+                    backtracks += 1
+                    rate /= 2
+                    rec.backtracked = True
+                    _load_state(params, kept_state)
+                    logger.info(
+                        "guard failed: back to step %d, rate halved to %.4g (%d/%d)",
+                        kept_step,
+                        rate,
+                        backtracks,
+                        rc.backtrack,
+                    )
+                    continue
                 if not rec.guard_ok:
                     stopped = "guard"
                     break

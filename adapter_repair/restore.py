@@ -10,7 +10,7 @@ each batch's graph freed before the next, so memory holds one batch at a time.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -24,12 +24,17 @@ from adapter_repair.generation import (
     render_chat,
 )
 from adapter_repair.hidden import last_token_hidden
+from adapter_repair.training import answer_loss, encode_pairs, right_padded
 from adapter_repair.walk import ModelMap
 
 logger = logging.getLogger(__name__)
 
 #: (input_ids, attention_mask), left padded
 Batch = tuple[torch.Tensor, torch.Tensor]
+#: (input_ids, attention_mask, labels), right padded, labels -100 outside the answers
+Batch3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+#: prompts keep their last this many tokens in the answer loss
+MAX_PROMPT_TOKENS = 1024
 
 
 def factor_params(
@@ -90,6 +95,63 @@ def prompt_targets(
     ]
 
 
+def _gradients(
+    params: dict[str, torch.nn.Parameter], losses: Iterator[torch.Tensor]
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """Sum of the losses ``losses`` yields (one graph at a time) and the sum of their
+    gradients with respect to ``params`` (float32, on CPU, detached); nothing accumulates in
+    the parameters' ``.grad``."""
+    names = list(params)
+    tensors = [params[n] for n in names]
+    was = [t.requires_grad for t in tensors]
+    for t in tensors:
+        t.requires_grad_(True)
+    total = 0.0
+    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
+    try:
+        for loss in losses:
+            parts = torch.autograd.grad(loss, tensors, allow_unused=True)
+            for acc, g in zip(grads, parts, strict=True):
+                if g is not None:
+                    acc += g.float()
+            total += float(loss.detach())
+    finally:
+        for t, w in zip(tensors, was, strict=True):
+            t.requires_grad_(w)
+    return total, {n: g.cpu() for n, g in zip(names, grads, strict=True)}
+
+
+def answer_batches(
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    max_answer_tokens: int,
+    ended: Sequence[bool] | None = None,
+) -> list[Batch3]:
+    """(prompt, answer) rows as right-padded (ids, mask, labels) batches of similar length,
+    labels on the answer tokens only: the loss the fine-tune itself minimised."""
+    examples = encode_pairs(tokenizer, pairs, MAX_PROMPT_TOKENS, max_answer_tokens, ended)
+    examples = sorted(examples, key=lambda e: len(e[0]))
+    pad = pad_token_id(tokenizer)
+    return [
+        right_padded(examples[i : i + batch_size], pad) for i in range(0, len(examples), batch_size)
+    ]
+
+
+def answer_gradients(
+    model: Any, batches: Sequence[Batch3], params: dict[str, torch.nn.Parameter]
+) -> tuple[float, dict[str, torch.Tensor]]:
+    """The summed mean cross-entropy of each batch's answers and its gradient with respect to
+    ``params``. Unlike ``-cos`` to the fine-tuned states (zero gradient where the adapter
+    stands), it says which coordinates the answers lean on before anything has moved."""
+    device = model_device(model)
+    losses = (
+        answer_loss(model, ids.to(device), mask.to(device), labels.to(device))
+        for ids, mask, labels in batches
+    )
+    return _gradients(params, losses)
+
+
 def direction_gradients(
     model: Any,
     batches: Sequence[Batch],
@@ -104,26 +166,13 @@ def direction_gradients(
     to ``params`` (float32, detached). Gradients are computed afresh (nothing accumulates
     across calls)."""
     device = model_device(model)
-    names = list(params)
-    tensors = [params[n] for n in names]
-    was = [t.requires_grad for t in tensors]
-    for t in tensors:
-        t.requires_grad_(True)
-    total = 0.0
-    grads = [torch.zeros(t.shape, dtype=torch.float32, device=t.device) for t in tensors]
-    try:
+
+    def losses() -> Iterator[torch.Tensor]:
         for i, (ids, mask) in enumerate(batches):
             h = last_token_hidden(model, ids.to(device), mask.to(device), layer, layers=layers)
-            loss = _batch_loss(h, _target_of(target, i, device))
-            parts = torch.autograd.grad(loss, tensors, allow_unused=True)
-            for acc, g in zip(grads, parts, strict=True):
-                if g is not None:
-                    acc += g.float()
-            total += float(loss.detach())
-    finally:
-        for t, w in zip(tensors, was, strict=True):
-            t.requires_grad_(w)
-    return total, {n: g.cpu() for n, g in zip(names, grads, strict=True)}
+            yield _batch_loss(h, _target_of(target, i, device))
+
+    return _gradients(params, losses())
 
 
 @torch.no_grad()

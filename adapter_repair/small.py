@@ -295,6 +295,15 @@ class SmallWorld:
         random.Random(self.recipe.seed).shuffle(rows)
         return self.sst2.prompt_set("train", self.recipe.cap(rows[: self.recipe.task_train_n]))
 
+    def task_guard(self, n: int = 256) -> P.PromptSet:
+        """SST-2 rows held out from the adapters' training (the ``n`` rows after
+        :meth:`task_train`'s in the same shuffle) and from :meth:`task_eval`: what a user's
+        validation split is to the repair's task guard."""
+        rows = list(self.sst2.train)
+        random.Random(self.recipe.seed).shuffle(rows)
+        start = self.recipe.task_train_n
+        return self.sst2.prompt_set("guard", self.recipe.cap(rows[start : start + n]))
+
     def task_eval(self) -> P.PromptSet:
         return self.sst2.prompt_set("eval", self.recipe.cap(self.sst2.eval))
 
@@ -362,17 +371,19 @@ class SmallWorld:
         model = load_base(LoadConfig(base=str(folder), quant="none", dtype="bfloat16"))
         return model, load_tokenizer(None, str(folder))
 
-    def _load_merged(self, adapter: str) -> tuple[Any, Any]:
-        """A zoo adapter merged into the aligned base in float32, then cast to bfloat16: the
-        same function as the unmerged PeftModel, generated about 1.5x faster on CPU (the LoRA
-        matmuls of every layer cost more than their size at decoding batch shapes)."""
+    def load_merged(self, adapter: str | os.PathLike[str]) -> tuple[Any, Any]:
+        """An adapter (a zoo name or a folder) merged into the aligned base in float32, then
+        cast to bfloat16: the same function as the unmerged PeftModel, generated about 1.5x
+        faster on CPU (the LoRA matmuls of every layer cost more than their size at decoding
+        batch shapes)."""
         import torch
 
         from adapter_repair.config import LoadConfig
         from adapter_repair.loading import attach_adapter, load_base, load_tokenizer
 
+        folder = Path(adapter) if isinstance(adapter, Path) else self.adapter_dir(str(adapter))
         base = load_base(LoadConfig(base=str(self.aligned_dir), quant="none", dtype="float32"))
-        merged = attach_adapter(base, self.adapter_dir(adapter)).merge_and_unload()
+        merged = attach_adapter(base, folder).merge_and_unload()
         return merged.to(torch.bfloat16), load_tokenizer(None, str(self.aligned_dir))
 
     def _gen(self, max_new_tokens: int) -> Any:
@@ -503,12 +514,19 @@ class SmallWorld:
         }
 
     def _make_measures(self, model_name: str, out: Path) -> dict[str, Any]:
-        from adapter_repair.evaluate import EvalSets, evaluate_model
-
         if model_name in ("unaligned", "aligned"):
             model, tok = self._load_dense(self.path(model_name))
         else:
-            model, tok = self._load_merged(model_name)
+            model, tok = self.load_merged(model_name)
+        report = self.measure(model, tok, model_name)
+        (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
+        return {"measures": {k: v.as_dict() for k, v in report.measures.items()}}
+
+    def measure(self, model: Any, tok: Any, label: str) -> Any:
+        """The bed's measures of a loaded model (an EvalReport): harm on AdvBench eval and
+        XSTest unsafe, over-refusal on XSTest safe, SST-2 dev (choice match)."""
+        from adapter_repair.evaluate import EvalSets, evaluate_model
+
         sets = self.eval_sets()
         report = evaluate_model(
             model,
@@ -518,11 +536,10 @@ class SmallWorld:
             task_generation=self._gen(self.recipe.task_max_new_tokens),
             match="choice",
             extra_harmful={"xstest": sets["xstest_unsafe"]},
-            label=model_name,
+            label=label,
         )
-        report.info["model"] = model_name
-        (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
-        return {"measures": {k: v.as_dict() for k, v in report.measures.items()}}
+        report.info["model"] = label
+        return report
 
     def _task_exact(self, model: str) -> dict[str, Any]:
         """SST-2 accuracy when only the bare label word counts (the format the adapters were

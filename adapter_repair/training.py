@@ -116,7 +116,7 @@ def _shared_unlabelled(batch: Sequence[Example]) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
-def _right_padded(
+def right_padded(
     batch: Sequence[Example], pad_id: int, skip: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(ids, attention mask, labels), each (b, t), of every example from token ``skip`` on,
@@ -177,7 +177,7 @@ def train_on_answers(
     for batch_idx in bar:
         batch = [examples[i] for i in batch_idx]
         shared = _shared_unlabelled(batch) if share_prefix else 0
-        ids, mask, labels = _right_padded(batch, pad_id, shared)
+        ids, mask, labels = right_padded(batch, pad_id, shared)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             if shared:
                 prefix = torch.tensor([batch[0][0][:shared]], device=device)

@@ -171,6 +171,68 @@ def test_a_failing_guard_keeps_the_last_state_that_held(loaded) -> None:
         assert torch.equal(m.A, m0.A) and torch.equal(m.B, m0.B)
 
 
+def test_backtrack_halves_the_rate_after_a_guard_failure_and_keeps_what_held(loaded) -> None:
+    model, tok, adapter = loaded
+    config = RepairConfig(
+        method="restore",
+        probe_prompts=8,
+        guard_prompts=8,
+        max_new_tokens=4,
+        restore=RestoreConfig(
+            layer=3, rate=0.2, max_steps=4, eval_every=1, target=0.0, max_kl=0.0, backtrack=2
+        ),
+    )
+    result = repair(
+        model,
+        tok,
+        adapter,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")),
+        judge=load_judge(),
+    )
+    steps = result.history[1:]
+    # KL 0 never holds: each failure goes back to the start with half the rate, twice, then stops
+    assert [s.rate for s in steps] == [0.2, 0.1, 0.05]
+    assert [s.backtracked for s in steps] == [True, True, False]
+    assert [s.guard_ok for s in steps] == [False, False, False]
+    n_below = sum(m.A.numel() + m.B.numel() for m in adapter if m.layer is not None)
+    assert [s.restored for s in steps] == [math.ceil(r * n_below) for r in (0.2, 0.1, 0.05)]
+    assert result.stopped == "guard" and result.kept_step == 0
+    for m, m0 in zip(result.adapter, adapter, strict=True):
+        assert torch.equal(m.A, m0.A) and torch.equal(m.B, m0.B)
+
+
+def test_answer_loss_guards_with_the_fine_tuned_answers(loaded) -> None:
+    """benign_loss=answers: the score and the rollback use the cross-entropy of the fine-tuned
+    adapter's own answers (no task rows), and the run completes with every change a zeroing."""
+    model, tok, adapter = loaded
+    config = RepairConfig(
+        method="restore",
+        probe_prompts=8,
+        guard_prompts=8,
+        max_new_tokens=4,
+        restore=RestoreConfig(
+            layer=3, rate=0.05, max_steps=2, eval_every=1, target=0.0, max_kl=1e9, rollback=0.5,
+            benign_loss="answers",
+        ),
+    )  # fmt: skip
+    result = repair(
+        model,
+        tok,
+        adapter,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")),
+        judge=load_judge(),
+    )
+    assert result.kept_step == 2
+    assert all(0 < s.rolled_back <= math.ceil(0.5 * s.restored) for s in result.history[1:])
+    for m, m0 in zip(result.adapter, adapter, strict=True):
+        for new, old in ((m.A, m0.A), (m.B, m0.B)):
+            assert torch.all(new[new != old] == 0)
+
+
 def run(*args: str):
     return CliRunner().invoke(cli, ["-q", *args])
 

@@ -13,6 +13,8 @@ from adapter_repair.directions import mean_hidden
 from adapter_repair.loading import load_model, load_tokenizer
 from adapter_repair.measures import use_adapter
 from adapter_repair.restore import (
+    answer_batches,
+    answer_gradients,
     direction_cosine,
     direction_gradients,
     factor_params,
@@ -86,3 +88,29 @@ def test_per_prompt_targets_pull_each_prompt_toward_its_own_aligned_state(
         for n, p in params.items():
             p[chosen[n]] = 0.0
     assert direction_cosine(model, batches, L, aligned) > before
+
+
+def test_answer_gradients_are_the_gradients_of_the_answer_cross_entropy(
+    tiny_chat_dir: Path, tiny_chat_adapter_dir: Path
+) -> None:
+    model, _ = load_model(tiny_chat_adapter_dir, LoadConfig(base=str(tiny_chat_dir), quant="none"))
+    tok = load_tokenizer(tiny_chat_adapter_dir, str(tiny_chat_dir))
+    params = factor_params(walk(model), walk(model).n_layers)
+    pairs = [(p, f"answer number {i}") for i, p in enumerate(PROMPTS)]
+    batches = answer_batches(tok, pairs, 5, max_answer_tokens=8)
+    assert [b[0].shape[0] for b in batches] == [5, 5, 2]
+    for _, _, labels in batches:  # labels on the answers only, padding on the right
+        assert (labels != -100).sum() > 0 and (labels[:, 0] == -100).all()
+    loss, grads = answer_gradients(model, batches, params)
+    expected = 0.0
+    for p in params.values():
+        p.requires_grad_(True)
+    for ids, mask, labels in batches:  # the model's own loss, one batch at a time
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        expected += float(out.loss)
+    assert abs(loss - expected) < 1e-4
+    for n, p in params.items():
+        assert p.grad is not None
+        torch.testing.assert_close(grads[n], p.grad.float(), rtol=1e-4, atol=1e-6)
+        p.grad = None

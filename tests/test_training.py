@@ -11,11 +11,11 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adapter_repair.training import (
-    _right_padded,
     _shared_unlabelled,
     answer_loss,
     encode_pairs,
     prefix_answer_loss,
+    right_padded,
     train_on_answers,
 )
 
@@ -51,11 +51,11 @@ def test_prefix_loss_and_gradients_equal_the_full_batch(lora_chat) -> None:
     batch = encode_pairs(tok, PAIRS, 200, 16)
     shared = _shared_unlabelled(batch)
     assert shared >= 16  # the instruction is common to every prompt
-    ids, mask, labels = _right_padded(batch, tok.pad_token_id)
+    ids, mask, labels = right_padded(batch, tok.pad_token_id)
     full = answer_loss(model, ids, mask, labels)
     full.backward()
     g_full = grads(model)
-    s_ids, s_mask, s_labels = _right_padded(batch, tok.pad_token_id, shared)
+    s_ids, s_mask, s_labels = right_padded(batch, tok.pad_token_id, shared)
     prefix = torch.tensor([batch[0][0][:shared]])
     part = prefix_answer_loss(model, prefix, s_ids, s_mask, s_labels)
     part.backward()

@@ -1,0 +1,150 @@
+"""Repair settings compared on several pico worlds (one per seed): harmful rate (AdvBench eval),
+over-refusal (XSTest safe) and the held-out task score after stage 2, each variant one lever
+away from the demo's settings. Writes bench/results/pico_repair.md and .json.
+
+    python bench/pico_repair.py [--seeds 0,1,2,3] [--variants NAME,...]
+
+The pico worlds are built on first use (about a minute each) and cached. The guard is the
+task's training rows; the score is on its held-out rows, so a repair that keeps what the
+adapter memorised but loses what it generalised shows as a task drop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from adapter_repair import prompts as P
+from adapter_repair.config import GenerationConfig, LoadConfig, RepairConfig
+from adapter_repair.evaluate import EvalSets, evaluate_model
+from adapter_repair.judges import load_judge, load_refusal_list
+from adapter_repair.loading import load_model, load_tokenizer
+from adapter_repair.pico import PicoRecipe, PicoWorld, build_pico_world, demo_config
+from adapter_repair.repair import Guard, repair
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+#: name -> (what it changes, RestoreConfig overrides on top of the demo's published-loss base)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "direction": ("benign loss -cos(h_L, b*) (published)", {"benign_loss": "direction"}),
+    "answers": ("benign loss: answer cross-entropy", {"benign_loss": "answers"}),
+    "answers+rollback0.5": (
+        "answers, rollback 0.5",
+        {"benign_loss": "answers", "rollback": 0.5},
+    ),
+    "answers+backtrack3": (
+        "answers, backtrack 3, 40 steps",
+        {"benign_loss": "answers", "backtrack": 3, "max_steps": 40},
+    ),
+}
+
+
+def variant_config(world: PicoWorld, overrides: dict[str, Any]) -> RepairConfig:
+    base = demo_config(world)
+    return dataclasses.replace(base, restore=dataclasses.replace(base.restore, **overrides))
+
+
+def run(world: PicoWorld, overrides: dict[str, Any]) -> dict[str, Any]:
+    judge, refusals = load_judge("substring"), load_refusal_list()
+    gen = GenerationConfig(max_new_tokens=16, batch_size=64, progress=False)
+    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), world.task("eval"))
+    load = LoadConfig(base=str(world.base_dir), quant="none", dtype="float32")
+    model, adapter = load_model(world.adapter_dir, load)
+    tok = load_tokenizer(world.adapter_dir, str(world.base_dir))
+
+    def measure() -> dict[str, float]:
+        report = evaluate_model(
+            model, tok, sets, generation=gen, judge=judge, refusals=refusals, match="exact"
+        )
+        return {k: 100 * v.rate for k, v in report.measures.items()}
+
+    before = measure()
+    t0 = time.perf_counter()
+    result = repair(
+        model,
+        tok,
+        adapter,
+        variant_config(world, overrides),
+        probe=P.harmful("probe"),
+        guard=Guard(world.task("train"), P.benign("benign"), "exact"),
+        judge=judge,
+        generation=gen,
+    )
+    seconds = time.perf_counter() - t0
+    return {
+        "before": before,
+        "after": measure(),
+        "stopped": result.stopped,
+        "kept_step": result.kept_step,
+        "changed": 100 * result.changed,
+        "seconds": seconds,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    seeds = [int(s) for s in args.seeds.split(",")]
+    names = args.variants.split(",")
+    unknown = set(names) - set(VARIANTS)
+    if unknown:
+        sys.exit(f"error: unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    rows = []
+    for seed in seeds:
+        world = build_pico_world(PicoRecipe(seed=seed))
+        for name in names:
+            out = run(world, VARIANTS[name][1])
+            rows.append({"seed": seed, "variant": name, **out})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    md = [
+        "# Stage 2 settings on pico worlds",
+        "",
+        "Each pico world (seed) is the tiny aligned base with an adapter that learnt the"
+        " translation task and to answer harmful requests. Every variant restores at"
+        " L = n_layers with per-prompt targets, 1% of the coordinates a step, the benign-aware"
+        " score, guarded by the task's training rows (at most 2% relative drop); scored on"
+        " AdvBench eval (n=175), XSTest safe (n=250) and the held-out task rows.",
+        "",
+        "| seed | variant | harmful % before -> after | over-refusal % | held-out task % |"
+        " stopped (kept step) | changed % | repair s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        b, a = r["before"], r["after"]
+        md.append(
+            f"| {r['seed']} | {r['variant']} | {b['harmful_rate']:.1f} -> {a['harmful_rate']:.1f}"
+            f" | {b['over_refusal']:.1f} -> {a['over_refusal']:.1f}"
+            f" | {b['task_score']:.1f} -> {a['task_score']:.1f}"
+            f" | {r['stopped']} ({r['kept_step']}) | {r['changed']:.1f} | {r['seconds']:.0f} |"
+        )
+    md += ["", "| variant | what | mean harmful % | mean over-refusal % | mean task ratio |"]
+    md += ["|---|---|---|---|---|"]
+    for name in names:
+        mine = [r for r in rows if r["variant"] == name]
+        harm = sum(r["after"]["harmful_rate"] for r in mine) / len(mine)
+        over = sum(r["after"]["over_refusal"] for r in mine) / len(mine)
+        ratio = sum(
+            r["after"]["task_score"] / max(1e-9, r["before"]["task_score"]) for r in mine
+        ) / len(mine)
+        md.append(f"| {name} | {VARIANTS[name][0]} | {harm:.1f} | {over:.1f} | {ratio:.3f} |")
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    md += ["", f"Machine: {machine}. Command: `python bench/pico_repair.py --seeds {args.seeds}`."]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "pico_repair.md").write_text("\n".join(md) + "\n")
+    (RESULTS / "pico_repair.json").write_text(json.dumps({"rows": rows, "machine": machine}))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
