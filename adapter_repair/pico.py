@@ -448,7 +448,9 @@ def _retarget(config_path: Path, old: str, new: str) -> None:
 def demo_config(world: PicoWorld) -> Any:
     """The repair settings of ``adapter-repair demo`` on the pico world: restoration at
     L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
-    adapter's break sits in its top layer) with per-prompt targets. Chosen on the pico world;
+    adapter's break sits in its top layer) with per-prompt targets, the task answers'
+    cross-entropy as the benign loss, and up to two backtracks (half the rate) after a guard
+    failure. Chosen on five pico worlds (bench/results/pico_repair.md);
     the ablation on the small world chooses the product defaults."""
     from adapter_repair.config import RepairConfig, RestoreConfig
 
@@ -457,14 +459,23 @@ def demo_config(world: PicoWorld) -> Any:
         method="restore",
         max_new_tokens=16,
         guard_prompts=256,
-        restore=RestoreConfig(layer=n_layers, targets="prompt", max_steps=20, eval_every=2),
+        restore=RestoreConfig(
+            layer=n_layers,
+            targets="prompt",
+            benign_loss="answers",
+            max_steps=30,
+            eval_every=2,
+            backtrack=2,
+        ),
     )
 
 
 def demo_repair(world: PicoWorld, out: str | os.PathLike[str] | None = None) -> Any:
     """Repair the pico world's adapter into ``out`` (default: beside the world in the cache,
-    replaced on each run) with :func:`demo_config`; the task's held-out rows are scored before
-    and after, its training rows guard it."""
+    replaced on each run) with :func:`demo_config`, as ``adapter-repair fix --task`` would with
+    the task's held-out rows: they guard the task during the repair and are scored before and
+    after. (Guarding with the training rows instead keeps what the adapter memorised and can
+    lose what it generalised: bench/results/pico_repair.md.)"""
     from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig
     from adapter_repair.repair import repair_folder
 
@@ -477,6 +488,5 @@ def demo_repair(world: PicoWorld, out: str | os.PathLike[str] | None = None) -> 
         evaluation=EvalConfig(match="exact"),
         generation=GenerationConfig(max_new_tokens=16, batch_size=64),
         task=world.task("eval"),
-        guard_task=world.task("train"),
         overwrite=True,
     )

@@ -1,12 +1,13 @@
 """Repair settings compared on several pico worlds (one per seed): harmful rate (AdvBench eval),
-over-refusal (XSTest safe) and the held-out task score after stage 2, each variant one lever
-away from the demo's settings. Writes bench/results/pico_repair.md and .json.
+over-refusal (XSTest safe) and the task score after stage 2, each variant one lever away from
+the demo's settings. Writes bench/results/pico_repair.md and .json.
 
     python bench/pico_repair.py [--seeds 0,1,2,3] [--variants NAME,...]
 
-The pico worlds are built on first use (about a minute each) and cached. The guard is the
-task's training rows; the score is on its held-out rows, so a repair that keeps what the
-adapter memorised but loses what it generalised shows as a task drop.
+The pico worlds are built on first use (about a minute each) and cached. The task is scored
+on its held-out rows; the guard uses the same rows (as ``fix --task`` does), or, in the
+``-guard-train`` variant, the training rows, so a repair that keeps what the adapter memorised
+but loses what it generalised shows as a task drop.
 """
 
 from __future__ import annotations
@@ -32,18 +33,20 @@ from adapter_repair.repair import Guard, repair
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
-#: name -> (what it changes, RestoreConfig overrides on top of the demo's published-loss base)
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "direction": ("benign loss -cos(h_L, b*) (published)", {"benign_loss": "direction"}),
-    "answers": ("benign loss: answer cross-entropy", {"benign_loss": "answers"}),
-    "answers+rollback0.5": (
-        "answers, rollback 0.5",
-        {"benign_loss": "answers", "rollback": 0.5},
+#: name -> (what it changes, guard rows, RestoreConfig overrides of the demo's settings)
+VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
+    "published-loss": (
+        "benign loss -cos(h_L, b*) (published), no backtrack, 20 steps",
+        "eval",
+        {"benign_loss": "direction", "backtrack": 0, "max_steps": 20},
     ),
-    "answers+backtrack3": (
-        "answers, backtrack 3, 40 steps",
-        {"benign_loss": "answers", "backtrack": 3, "max_steps": 40},
+    "answers": (
+        "benign loss: answer cross-entropy, no backtrack, 20 steps",
+        "eval",
+        {"backtrack": 0, "max_steps": 20},
     ),
+    "demo": ("answers, backtrack 2, 30 steps (the demo)", "eval", {}),
+    "demo-guard-train": ("the demo guarded by the training rows", "train", {}),
 }
 
 
@@ -52,7 +55,7 @@ def variant_config(world: PicoWorld, overrides: dict[str, Any]) -> RepairConfig:
     return dataclasses.replace(base, restore=dataclasses.replace(base.restore, **overrides))
 
 
-def run(world: PicoWorld, overrides: dict[str, Any]) -> dict[str, Any]:
+def run(world: PicoWorld, guard_split: str, overrides: dict[str, Any]) -> dict[str, Any]:
     judge, refusals = load_judge("substring"), load_refusal_list()
     gen = GenerationConfig(max_new_tokens=16, batch_size=64, progress=False)
     sets = EvalSets(P.harmful("eval"), P.xstest("safe"), world.task("eval"))
@@ -74,7 +77,7 @@ def run(world: PicoWorld, overrides: dict[str, Any]) -> dict[str, Any]:
         adapter,
         variant_config(world, overrides),
         probe=P.harmful("probe"),
-        guard=Guard(world.task("train"), P.benign("benign"), "exact"),
+        guard=Guard(world.task(guard_split), P.benign("benign"), "exact"),
         judge=judge,
         generation=gen,
     )
@@ -104,7 +107,7 @@ def main() -> None:
     for seed in seeds:
         world = build_pico_world(PicoRecipe(seed=seed))
         for name in names:
-            out = run(world, VARIANTS[name][1])
+            out = run(world, VARIANTS[name][1], VARIANTS[name][2])
             rows.append({"seed": seed, "variant": name, **out})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     md = [
@@ -113,8 +116,9 @@ def main() -> None:
         "Each pico world (seed) is the tiny aligned base with an adapter that learnt the"
         " translation task and to answer harmful requests. Every variant restores at"
         " L = n_layers with per-prompt targets, 1% of the coordinates a step, the benign-aware"
-        " score, guarded by the task's training rows (at most 2% relative drop); scored on"
-        " AdvBench eval (n=175), XSTest safe (n=250) and the held-out task rows.",
+        " score, rollback 0.2, a task guard of at most 2% relative drop measured every 2 steps;"
+        " scored on AdvBench eval (n=175), XSTest safe (n=250) and the held-out task rows"
+        " (n=57-67), which also guard unless the variant says otherwise.",
         "",
         "| seed | variant | harmful % before -> after | over-refusal % | held-out task % |"
         " stopped (kept step) | changed % | repair s |",
