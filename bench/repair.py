@@ -38,9 +38,13 @@ from adapter_repair.small import SmallWorld, small_world
 RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
 DEFAULT_ADAPTERS = ("k100-r8", "k250-r16", "k25-r16")
-METHODS = ("project", "restore", "both")
-GUARD_ROWS = 64
 N_LAYERS = 30  #: SmolLM2-135M
+METHODS = ("project", "restore", "both")  #: ours
+BASELINES = ("safelora", "dense")  #: for comparison (bench/baselines.py)
+SAFE_LORA_SHARE = 1.0  #: share of modules the Safe LoRA-style baseline projects
+#: the dense reference's settings (the published ones; L as ours)
+DENSE = {"layer": N_LAYERS, "rate": 0.002, "steps": 20, "rollback": 0.2, "eval_every": 5}
+GUARD_ROWS = 64
 
 
 def repair_config(method: str) -> RepairConfig:
@@ -56,15 +60,98 @@ def repair_config(method: str) -> RepairConfig:
 
 
 def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
-    return Artifact(
-        f"repair-{adapter}-{method}",
-        {
-            "adapter": world.artifacts[f"adapter-{adapter}"].key,
-            "aligned": world.artifacts["aligned"].key,
-            "config": dataclasses.asdict(repair_config(method)),
-            "guard_rows": GUARD_ROWS,
-        },
+    payload: dict[str, Any] = {
+        "adapter": world.artifacts[f"adapter-{adapter}"].key,
+        "aligned": world.artifacts["aligned"].key,
+    }
+    if method == "safelora":
+        payload.update(unaligned=world.artifacts["unaligned"].key, share=SAFE_LORA_SHARE)
+    elif method == "dense":
+        payload.update(dense=DENSE, guard_rows=GUARD_ROWS)
+    else:
+        payload.update(config=dataclasses.asdict(repair_config(method)), guard_rows=GUARD_ROWS)
+    return Artifact(f"repair-{adapter}-{method}", payload)
+
+
+def run_dense(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
+    """The dense reference: merge into float32 dense weights, restore single weights from the
+    aligned model. Its output is a dense model, measured in place (bfloat16, like the zoo)."""
+    import torch
+    from baselines import dense_restore
+
+    from adapter_repair import prompts as P
+    from adapter_repair.config import GenerationConfig, LoadConfig
+    from adapter_repair.directions import prompt_states
+    from adapter_repair.generation import generate
+    from adapter_repair.judges import load_judge
+    from adapter_repair.loading import attach_adapter, load_base, load_tokenizer
+    from adapter_repair.measures import Rate
+
+    t0 = time.perf_counter()
+    base = load_base(LoadConfig(base=str(world.aligned_dir), quant="none", dtype="float32"))
+    tok = load_tokenizer(None, str(world.aligned_dir))
+    aligned = {n: p.detach().clone() for n, p in base.named_parameters()}
+    probe = list(P.harmful("probe").take(64).prompts)
+    judge = load_judge("substring")
+    L = int(DENSE["layer"])
+    states = prompt_states(base, tok, probe, [L])[L]  # (n, d)
+    gen = GenerationConfig(max_new_tokens=32, batch_size=64, progress=False)
+    target = Rate.of(judge.harmful(probe, generate(base, tok, probe, gen))).rate
+    model = attach_adapter(base, world.adapter_dir(adapter)).merge_and_unload()
+    record = dense_restore(
+        model,
+        tok,
+        aligned,
+        probe,
+        list(world.task_guard(GUARD_ROWS).prompts),
+        judge,
+        layer=L,
+        rate=float(DENSE["rate"]),
+        steps=int(DENSE["steps"]),
+        rollback=float(DENSE["rollback"]),
+        eval_every=int(DENSE["eval_every"]),
+        aligned_probe_states=states,
+        target_rate=target,
     )
+    seconds = time.perf_counter() - t0
+    rss = peak_rss_gb()
+    del aligned
+    report = world.measure(model.to(torch.bfloat16), tok, f"{adapter} dense")
+    (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
+    return {
+        "measures": {k: v.as_dict() for k, v in report.measures.items()},
+        "repair": {
+            "changed": record["changed_decoder"],
+            "stopped": "target" if len(record["history"]) < int(DENSE["steps"]) else "max_steps",
+            "kept_step": len(record["history"]),
+            "history": record["history"],
+            "target": target,
+        },
+        "repair_seconds": seconds,
+        "peak_rss_gb": rss,
+    }
+
+
+def run_safe_lora(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
+    """The Safe LoRA-style baseline: no model, no prompts, the two base weight files."""
+    from baselines import safe_lora
+    from safetensors.torch import load_file
+
+    from adapter_repair.adapter import load_adapter, save_adapter
+
+    t0 = time.perf_counter()
+    lora = load_adapter(world.adapter_dir(adapter))
+    aligned = load_file(str(world.aligned_dir / "model.safetensors"))
+    unaligned = load_file(str(world.unaligned_dir / "model.safetensors"))
+    fixed, record = safe_lora(lora, aligned, unaligned, SAFE_LORA_SHARE)
+    seconds = time.perf_counter() - t0
+    rss = peak_rss_gb()
+    save_adapter(fixed, out / "adapter")
+    return {
+        "repair": {"changed": record["changed"], "stopped": "-", "kept_step": None, **record},
+        "repair_seconds": seconds,
+        "peak_rss_gb": rss,
+    }
 
 
 def peak_rss_gb() -> float:
@@ -81,7 +168,18 @@ def run_one(world: SmallWorld, adapter: str, method: str) -> None:
     from adapter_repair.loading import load_model, load_tokenizer
     from adapter_repair.repair import Guard, repair
 
+    def measure(out: Path) -> dict[str, Any]:
+        merged, mtok = world.load_merged(out / "adapter")
+        report = world.measure(merged, mtok, f"{adapter} {method}")
+        (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
+        return {k: v.as_dict() for k, v in report.measures.items()}
+
     def make(out: Path) -> dict[str, Any]:
+        if method == "safelora":
+            facts = run_safe_lora(world, adapter, out)
+            return {**facts, "measures": measure(out)}
+        if method == "dense":
+            return run_dense(world, adapter, out)
         load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
         model, lora = load_model(world.adapter_dir(adapter), load)
         tok = load_tokenizer(None, str(world.aligned_dir))
@@ -99,11 +197,8 @@ def run_one(world: SmallWorld, adapter: str, method: str) -> None:
         rss = peak_rss_gb()
         del model
         save_adapter(result.adapter, out / "adapter")
-        merged, mtok = world.load_merged(out / "adapter")
-        report = world.measure(merged, mtok, f"{adapter} {method}")
-        (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
         return {
-            "measures": {k: v.as_dict() for k, v in report.measures.items()},
+            "measures": measure(out),
             "repair": result.as_dict(),
             "repair_seconds": seconds,
             "peak_rss_gb": rss,
@@ -250,8 +345,12 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
             for t in targets
         ],
         "",
-        f"Not run yet: {', '.join(missing) if missing else 'none'}. Not in this table yet: the"
-        " dense reference and the Safe LoRA-style projection.",
+        "safelora: a Safe LoRA-style projection of every module's B onto the column space of"
+        " its aligned-minus-unaligned weight (bench/baselines.py; needs the unaligned weights)."
+        " dense: the published method on dense float32 weights (merge, restore single weights"
+        f" from the aligned model; `{json.dumps(DENSE)}`), its changed share over the decoder's"
+        " parameters; its output is a dense model, not an adapter."
+        f" Not run yet: {', '.join(missing) if missing else 'none'}.",
         "",
         f"Machine: {machine}. Command: `python bench/repair.py` (resumable; `--no-run` rewrites"
         " this table from the cache).",
@@ -291,9 +390,10 @@ def main() -> None:
     for name in adapters:
         if not world.artifacts[f"adapter-{name}"].done(world.root):
             sys.exit(f"error: zoo adapter {name} is not built; run python bench/bed.py first")
-    bad = set(methods) - set(METHODS)
+    bad = set(methods) - set(METHODS + BASELINES)
     if bad:
-        sys.exit(f"error: unknown method(s) {sorted(bad)}; choose from {', '.join(METHODS)}")
+        known = ", ".join(METHODS + BASELINES)
+        sys.exit(f"error: unknown method(s) {sorted(bad)}; choose from {known}")
     if not args.no_run:
         for adapter in adapters:
             for method in methods:
