@@ -260,6 +260,13 @@ class RestoreConfig:
         "prompts), which already has a gradient before anything moved.",
         choices=("direction", "answers"),
     )
+    hold_out: bool = setting(
+        True,
+        "Split the guard's rows: the benign loss (score and rollback) is fit on every other "
+        "row and the guard is checked on the rest, so the guard measures what the gradient "
+        "did not fit (with one set for both, the guard rows held while held-out task "
+        "accuracy fell).",
+    )
     per_matrix: bool = setting(
         False, "Normalise scores per factor matrix (A and B live on different scales)."
     )

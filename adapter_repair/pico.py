@@ -450,8 +450,11 @@ def demo_config(world: PicoWorld) -> Any:
     L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
     adapter's break sits in its top layer) with per-prompt targets, the task answers'
     cross-entropy as the benign loss, and up to two backtracks (half the rate) after a guard
-    failure. Chosen on five pico worlds (bench/results/pico_repair.md);
-    the ablation on the small world chooses the product defaults."""
+    failure. The pico task file is small (57 rows), so the guard is fit and checked on all of
+    them (``hold_out=False``): split in halves, one lost row of 28 already fails a 2% guard,
+    and on this 128-wide model the held-out check shows the task and the harmful answers
+    entangled (bench/results/pico_repair.md). The small world's numbers choose the product
+    defaults (bench/results/repair.md)."""
     from adapter_repair.config import RepairConfig, RestoreConfig
 
     n_layers = int(world.manifest["recipe"]["num_layers"])
@@ -466,6 +469,7 @@ def demo_config(world: PicoWorld) -> Any:
             max_steps=30,
             eval_every=2,
             backtrack=2,
+            hold_out=False,
         ),
     )
 

@@ -67,6 +67,13 @@ class PromptSet:
         answers = self.answers[:n] if self.answers is not None else None
         return PromptSet(f"{self.name}[:{n}]", self.prompts[:n], answers, self.source)
 
+    def every(self, step: int, start: int = 0) -> PromptSet:
+        """Every ``step``-th prompt from ``start`` (``every(2, 1)``: the odd ones)."""
+        answers = self.answers[start::step] if self.answers is not None else None
+        return PromptSet(
+            f"{self.name}[{start}::{step}]", self.prompts[start::step], answers, self.source
+        )
+
     def digest(self) -> str:
         """sha256 over the prompts and answers: what a cache key or a report records."""
         h = hashlib.sha256()

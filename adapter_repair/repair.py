@@ -70,6 +70,15 @@ class Guard:
     def prompts(self) -> tuple[str, ...]:
         return self.task.prompts if self.task is not None else self.benign.prompts
 
+    def halves(self) -> tuple[Guard, Guard]:
+        """(fit, check): every other row for the benign loss, the rest for the guard."""
+
+        def half(start: int) -> Guard:
+            task = self.task.every(2, start) if self.task is not None else None
+            return Guard(task, self.benign.every(2, start), self.match)
+
+        return half(0), half(1)
+
 
 @dataclass
 class Step:
@@ -355,7 +364,10 @@ def repair(
         task=guard.task.take(config.guard_prompts) if guard.task is not None else None,
         benign=guard.benign.take(config.guard_prompts),
     )
-    guard_prompts = list(guard.prompts())
+    fit = guard  # the rows the benign loss is fit on; ``guard`` checks
+    if rc.hold_out and len(guard.prompts()) >= 2:
+        fit, guard = guard.halves()
+    guard_prompts = list(fit.prompts())
     params = _factors(model_map)
     original = _snapshot(params)
     settings = {"repair": dataclasses.asdict(config), "n_layers": n_layers, "guard": guard.kind}
@@ -424,7 +436,7 @@ def repair(
             b_star = mean_hidden(model, tokenizer, guard_prompts, [L], batch_size=bs)[L]
         answers = None
         if rc.benign_loss == "answers":
-            answers = guard_answers(model, tokenizer, guard, gen)
+            answers = guard_answers(model, tokenizer, fit, gen)
 
     def benign_gradients() -> dict[str, torch.Tensor]:
         if answers is not None:

@@ -44,7 +44,7 @@ BASELINES = ("safelora", "dense")  #: for comparison (bench/baselines.py)
 SAFE_LORA_SHARE = 1.0  #: share of modules the Safe LoRA-style baseline projects
 #: the dense reference's settings (the published ones; L as ours)
 DENSE = {"layer": N_LAYERS, "rate": 0.002, "steps": 20, "rollback": 0.2, "eval_every": 5}
-GUARD_ROWS = 64
+GUARD_ROWS = 128  #: half fit the benign loss, half check the guard
 
 
 def repair_config(method: str) -> RepairConfig:
@@ -53,8 +53,14 @@ def repair_config(method: str) -> RepairConfig:
     bench/results/pico_repair.md); projection of the adapter's own harmful shift."""
     return RepairConfig(
         method=method,
+        guard_prompts=GUARD_ROWS,
         restore=RestoreConfig(
-            layer=N_LAYERS, targets="prompt", benign_loss="answers", max_steps=20, eval_every=5
+            layer=N_LAYERS,
+            targets="prompt",
+            benign_loss="answers",
+            max_steps=20,
+            eval_every=5,
+            backtrack=2,
         ),
     )
 

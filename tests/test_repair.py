@@ -52,6 +52,21 @@ def test_resolve_layer() -> None:
             resolve_layer(bad, 30)
 
 
+def test_guard_halves_fit_and_check_on_disjoint_rows() -> None:
+    task = P.PromptSet("t", tuple(f"q{i}" for i in range(7)), tuple(f"a{i}" for i in range(7)))
+    fit, check = Guard(task, P.benign("benign").take(5), "exact").halves()
+    assert fit.task is not None and check.task is not None
+    assert fit.task.prompts == ("q0", "q2", "q4", "q6") and fit.task.answers == (
+        "a0",
+        "a2",
+        "a4",
+        "a6",
+    )
+    assert check.task.prompts == ("q1", "q3", "q5") and check.task.answers == ("a1", "a3", "a5")
+    assert set(fit.benign.prompts).isdisjoint(check.benign.prompts)
+    assert len(fit.benign) + len(check.benign) == 5 and check.match == "exact"
+
+
 def test_projection_removes_the_direction_from_writers_and_readers(loaded) -> None:
     model, _, _ = loaded
     mm = walk(model)
@@ -320,7 +335,7 @@ def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world: Any, tmp_path: 
         "fix", str(src), "--out", str(out), "--task", str(pico_world.root / "task_eval.jsonl"),
         "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
         "--benign-loss", "answers", "--eval-every", "2", "--max-steps", "30", "--backtrack", "2",
-        "--guard-prompts", "256",
+        "--no-hold-out", "--guard-prompts", "256",
         "--max-new-tokens", "16", "--quant", "none", "--dtype", "float32", "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output

@@ -1,0 +1,290 @@
+"""Cost of one restoration step: ours (at adapter rank, over a 4-bit or a float32 base) against
+the published dense method (float32 dense weights), on the same adapter in one run, at the
+small world's shape (its real aligned model and a zoo adapter) and at a 1B-parameter Llama
+shape with random weights and a random r=16 all-linear adapter. Writes bench/results/cost.md
+and .json.
+
+    python bench/cost.py [--shapes small,1b] [--steps 2] [--prompts 8] [--dense-shapes small]
+
+Each (shape, method) runs in its own process, so its peak RSS is its own. Per step, ours is
+also timed against the bare passes it makes (the same gradient passes, run alone): the rest
+is choosing coordinates, zeroing, rollback bookkeeping. The dense method keeps two copies of
+the decoder weights (aligned and fine-tuned) beside the model and its gradient, which does not
+fit a 1B model in this machine's 24 GB next to anything else: ``--dense-shapes`` says where it
+runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+HERE = Path(__file__).resolve().parent
+#: a Llama of about 1.2B parameters (TinyLlama's body, SmolLM2's vocabulary)
+SHAPE_1B = {
+    "hidden_size": 2048,
+    "intermediate_size": 5632,
+    "num_hidden_layers": 22,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 4,
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
+
+
+def make_shape(shape: str, root: Path, sst2: str) -> tuple[Path, Path]:
+    """(base folder, adapter folder) for a shape: the small world's aligned model and its
+    k100-r8 adapter, or a random 1B Llama with a random r=16 adapter (built once, cached)."""
+    if shape == "small":
+        from adapter_repair.small import small_world
+
+        world = small_world(sst2=sst2)
+        return world.aligned_dir, world.adapter_dir("k100-r8")
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from adapter_repair.small import small_world
+
+    base_dir, adapter_dir = root / "base-1b", root / "adapter-1b"
+    if (adapter_dir / "adapter_config.json").is_file():
+        return base_dir, adapter_dir
+    tok_dir = small_world(sst2=sst2).aligned_dir
+    from adapter_repair.loading import load_tokenizer
+
+    tok = load_tokenizer(None, str(tok_dir))
+    config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **SHAPE_1B)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    model = model.to(dtype=torch.bfloat16)  # type: ignore[call-arg]
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(str(base_dir))
+    tok.save_pretrained(str(base_dir))
+    lora = LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS, init_lora_weights=False)
+    peft_model = get_peft_model(model, lora)
+    peft_model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    peft_model.save_pretrained(str(adapter_dir))
+    return base_dir, adapter_dir
+
+
+def _prompts(n: int) -> tuple[list[str], list[tuple[str, str]]]:
+    from adapter_repair import prompts as P
+
+    probe = list(P.harmful("probe").take(n).prompts)
+    benign = P.benign("benign").take(n).prompts
+    return probe, [(p, "Sure, here is a short answer to that.") for p in benign]
+
+
+def run_ours(base: Path, adapter: Path, quant: str, steps: int, n: int) -> dict[str, Any]:
+    """Stage 2 steps at adapter rank (L = n_layers, per-prompt targets, answers loss, the
+    benign-aware score and rollback), each timed, and the same passes timed alone."""
+    from adapter_repair.config import LoadConfig, RepairConfig, RestoreConfig
+    from adapter_repair.loading import load_model, load_tokenizer
+    from adapter_repair.measures import use_adapter
+    from adapter_repair.repair import ADAPTER, _restore_step
+    from adapter_repair.restore import (
+        answer_batches,
+        answer_gradients,
+        direction_gradients,
+        factor_params,
+        prompt_batches,
+        prompt_targets,
+    )
+    from adapter_repair.walk import walk
+
+    dtype = "bfloat16" if quant == "4bit" else "float32"
+    model, _ = load_model(adapter, LoadConfig(base=str(base), quant=quant, dtype=dtype))
+    tok = load_tokenizer(None, str(base))
+    mm = walk(model)
+    L = mm.n_layers
+    below = factor_params(mm, L, ADAPTER)
+    probe, pairs = _prompts(n)
+    batches = prompt_batches(tok, probe, 8)
+    answers = answer_batches(tok, pairs, 8, 16)
+    with use_adapter(model, None):
+        h_star = prompt_targets(model, batches, L, layers=mm.layers)
+    reference = {k: p.detach().clone() for k, p in below.items()}
+    config = RepairConfig(
+        method="restore",
+        restore=RestoreConfig(layer=L, targets="prompt", benign_loss="answers", rate=0.01),
+    )
+
+    def benign() -> Any:
+        return answer_gradients(model, answers, below)[1]
+
+    step_s, bare_s = [], []
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        _restore_step(model, mm, below, reference, (batches, h_star), benign, L, config, step, 0.01)
+        step_s.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()  # the same three passes, alone
+        direction_gradients(model, batches, L, h_star, below, layers=mm.layers)
+        benign()
+        benign()
+        bare_s.append(time.perf_counter() - t0)
+    n_params = sum(p.numel() for p in model.parameters())
+    return {
+        "step_seconds": step_s,
+        "bare_seconds": bare_s,
+        "peak_rss_gb": peak_rss_gb(),
+        "parameters": n_params,
+        "adapter_coordinates": sum(p.numel() for p in below.values()),
+    }
+
+
+def run_dense(base: Path, adapter: Path, steps: int, n: int) -> dict[str, Any]:
+    """The published method's steps on float32 dense weights (merge, restore single weights
+    from the aligned model, 0.002 of the decoder parameters a step, rollback 0.2)."""
+    from baselines import dense_restore
+
+    from adapter_repair.config import LoadConfig
+    from adapter_repair.directions import prompt_states
+    from adapter_repair.judges import load_judge
+    from adapter_repair.loading import attach_adapter, load_base, load_tokenizer
+    from adapter_repair.walk import decoder_layers
+
+    model = load_base(LoadConfig(base=str(base), quant="none", dtype="float32"))
+    tok = load_tokenizer(None, str(base))
+    L = len(decoder_layers(model))
+    aligned = {k: p.detach().clone() for k, p in model.named_parameters() if ".layers." in k}
+    probe, pairs = _prompts(n)
+    states = prompt_states(model, tok, probe, [L], batch_size=8)[L]
+    model = attach_adapter(model, adapter).merge_and_unload()
+    t0 = time.perf_counter()
+    record = dense_restore(
+        model,
+        tok,
+        aligned,
+        probe,
+        [p for p, _ in pairs],
+        load_judge("substring"),
+        layer=L,
+        steps=steps,
+        eval_every=10**9,  # no generation: steps only
+        batch_size=8,
+        aligned_probe_states=states,
+        target_rate=-1.0,
+    )
+    total = time.perf_counter() - t0
+    return {
+        "step_seconds": [total / len(record["history"])] * len(record["history"]),
+        "peak_rss_gb": peak_rss_gb(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    shape, method = args.one
+    base, adapter = make_shape(shape, Path(args.cache), args.sst2)
+    if method == "dense":
+        out = run_dense(base, adapter, args.steps, args.prompts)
+    else:
+        out = run_ours(
+            base, adapter, "4bit" if method == "ours-4bit" else "none", args.steps, args.prompts
+        )
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shapes", default="small,1b")
+    ap.add_argument("--dense-shapes", default="small")
+    ap.add_argument("--steps", type=int, default=2)
+    ap.add_argument("--prompts", type=int, default=8)
+    ap.add_argument("--sst2", default=str(HERE / "data" / "sst2"))
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapter-repair-cost"))
+    ap.add_argument("--one", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    if args.one:
+        child(args)
+        return
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    rows = []
+    for shape in args.shapes.split(","):
+        methods = ["ours-4bit", "ours-fp32"]
+        if shape in args.dense_shapes.split(","):
+            methods.append("dense")
+        for method in methods:
+            cmd = [sys.executable, __file__, "--one", shape, method, "--steps", str(args.steps)]
+            cmd += ["--prompts", str(args.prompts), "--sst2", args.sst2, "--cache", args.cache]
+            proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
+            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+            rows.append({"shape": shape, "method": method, **json.loads(line[len("RESULT ") :])})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    write(rows, args)
+
+
+def median(xs: list[float]) -> float:
+    s = sorted(xs)
+    return s[len(s) // 2]
+
+
+def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    md = [
+        "# Cost of a restoration step: ours (adapter rank) against the dense published method",
+        "",
+        f"{args.prompts} harmful and {args.prompts} benign prompts, {args.steps} steps, batch 8,"
+        " L = n_layers; time per step is the median over the steps.",
+        "",
+        "| shape | method | parameters | step s | bare passes s | step / bare | peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        step = median(r["step_seconds"])
+        bare = median(r["bare_seconds"]) if "bare_seconds" in r else None
+        ratio = f"{step / bare:.2f}" if bare else "-"
+        md.append(
+            f"| {r['shape']} | {r['method']} | {r['parameters'] / 1e6:.0f}M | {step:.1f} |"
+            f" {f'{bare:.1f}' if bare else '-'} | {ratio} | {r['peak_rss_gb']:.2f} |"
+        )
+    md += ["", "## Targets", "", "| shape | target | measured | ok |", "|---|---|---|---|"]
+    for shape in args.shapes.split(","):
+        by = {r["method"]: r for r in rows if r["shape"] == shape}
+        if "dense" in by:
+            rss = by["dense"]["peak_rss_gb"] / by["ours-4bit"]["peak_rss_gb"]
+            speed = median(by["dense"]["step_seconds"]) / median(by["ours-fp32"]["step_seconds"])
+            md.append(
+                f"| {shape} | peak RSS dense / ours-4bit >= 10 | {rss:.1f}x | {'yes' if rss >= 10 else 'NO'} |"
+            )
+            md.append(
+                f"| {shape} | step time dense / ours (both float32) >= 1.5 | {speed:.2f}x |"
+                f" {'yes' if speed >= 1.5 else 'NO'} |"
+            )
+        for m in ("ours-4bit", "ours-fp32"):
+            if m in by:
+                r = by[m]
+                over = median(r["step_seconds"]) / median(r["bare_seconds"])
+                md.append(
+                    f"| {shape} | {m} step / its bare passes <= 2 | {over:.2f}x |"
+                    f" {'yes' if over <= 2 else 'NO'} |"
+                )
+    md += [
+        "",
+        f"Machine: {machine}. Command: `python bench/cost.py --shapes {args.shapes}"
+        f" --dense-shapes {args.dense_shapes} --steps {args.steps} --prompts {args.prompts}`.",
+        "",
+    ]
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "cost.md").write_text("\n".join(md))
+    (RESULTS / "cost.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=2))
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
