@@ -32,6 +32,7 @@ _EXPORTS = {
     "attach_adapter": "adapter_repair.loading",
     "load_base": "adapter_repair.loading",
     "load_model": "adapter_repair.loading",
+    "load_prompt_file": "adapter_repair.prompts",
     "LoraSite": "adapter_repair.walk",
     "ModelMap": "adapter_repair.walk",
     "Role": "adapter_repair.walk",
@@ -56,6 +57,7 @@ __all__ = [
     "load_adapter",
     "load_base",
     "load_model",
+    "load_prompt_file",
     "repair",
     "repair_folder",
     "save_adapter",
@@ -68,6 +70,7 @@ if TYPE_CHECKING:
     from adapter_repair.errors import AdapterRepairError
     from adapter_repair.hidden import last_token_hidden
     from adapter_repair.loading import attach_adapter, load_base, load_model
+    from adapter_repair.prompts import load_prompt_file
     from adapter_repair.repair import RepairResult, repair, repair_folder
     from adapter_repair.walk import LoraSite, ModelMap, Role, walk
 
