@@ -3,7 +3,8 @@ eval, XSTest unsafe), over-refusal (XSTest safe), SST-2 accuracy, the share of a
 coordinates changed, the repair's wall time and peak RSS; the issue's targets checked. Writes
 bench/results/repair.md and bench/results/repair.json.
 
-    python bench/repair.py [--adapters k100-r8,k250-r16] [--methods project,restore,both]
+    python bench/repair.py [--adapters k100-r8,k250-r16,k25-r16]
+                           [--methods project,restore,both,safelora,dense]
                            [--sst2 bench/data/sst2] [--cache-dir DIR] [--no-run]
 
 Each (adapter, method) runs in its own process (so its peak RSS is its own) and is cached as
@@ -395,7 +396,7 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--adapters", default=",".join(DEFAULT_ADAPTERS))
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS + BASELINES))
     ap.add_argument("--sst2", default=str(HERE / "data" / "sst2"))
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--no-run", action="store_true", help="Only write the table of what is done.")
