@@ -43,6 +43,27 @@ def loaded(tiny_chat_adapter_dir: Path):
     return model, tok, adapter
 
 
+def restore(loaded: Any, **settings: Any) -> Any:
+    """Stage 2 alone on the tiny model: 8 probe and 8 guard prompts, the fidelity guard."""
+    model, tok, adapter = loaded
+    config = RepairConfig(
+        method="restore",
+        probe_prompts=8,
+        guard_prompts=8,
+        max_new_tokens=4,
+        restore=RestoreConfig(**settings),
+    )
+    return repair(
+        model,
+        tok,
+        adapter,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")),
+        judge=load_judge(),
+    )
+
+
 def test_resolve_layer() -> None:
     assert resolve_layer(-1, 30) == 29
     assert resolve_layer(30, 30) == 30
@@ -121,25 +142,10 @@ def test_projection_only_keeps_rank_and_leaves_the_input_adapter(loaded) -> None
 
 
 def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
-    model, tok, adapter = loaded
+    model, _, adapter = loaded
     n_layers = walk(model).n_layers
-    config = RepairConfig(
-        method="restore",
-        probe_prompts=8,
-        guard_prompts=8,
-        max_new_tokens=4,
-        restore=RestoreConfig(
-            layer=2, rate=0.05, max_steps=3, eval_every=1, target=0.0, max_kl=1e9, rollback=0.5
-        ),
-    )
-    result = repair(
-        model,
-        tok,
-        adapter,
-        config,
-        probe=P.harmful("probe"),
-        guard=Guard(None, P.benign("benign")),
-        judge=load_judge(),
+    result = restore(
+        loaded, layer=2, rate=0.05, max_steps=3, eval_every=1, target=0.0, max_kl=1e9, rollback=0.5
     )
     assert n_layers == 3
     assert [s.step for s in result.history] == [0, 1, 2, 3]
@@ -162,23 +168,8 @@ def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
 
 
 def test_a_failing_guard_keeps_the_last_state_that_held(loaded) -> None:
-    model, tok, adapter = loaded
-    config = RepairConfig(
-        method="restore",
-        probe_prompts=8,
-        guard_prompts=8,
-        max_new_tokens=4,
-        restore=RestoreConfig(layer=3, rate=0.2, max_steps=4, eval_every=2, target=0.0, max_kl=0.0),
-    )
-    result = repair(
-        model,
-        tok,
-        adapter,
-        config,
-        probe=P.harmful("probe"),
-        guard=Guard(None, P.benign("benign")),
-        judge=load_judge(),
-    )
+    adapter = loaded[2]
+    result = restore(loaded, layer=3, rate=0.2, max_steps=4, eval_every=2, target=0.0, max_kl=0.0)
     assert result.stopped == "guard"
     assert result.kept_step == 0
     assert result.changed == 0.0
@@ -187,24 +178,9 @@ def test_a_failing_guard_keeps_the_last_state_that_held(loaded) -> None:
 
 
 def test_backtrack_halves_the_rate_after_a_guard_failure_and_keeps_what_held(loaded) -> None:
-    model, tok, adapter = loaded
-    config = RepairConfig(
-        method="restore",
-        probe_prompts=8,
-        guard_prompts=8,
-        max_new_tokens=4,
-        restore=RestoreConfig(
-            layer=3, rate=0.2, max_steps=4, eval_every=1, target=0.0, max_kl=0.0, backtrack=2
-        ),
-    )
-    result = repair(
-        model,
-        tok,
-        adapter,
-        config,
-        probe=P.harmful("probe"),
-        guard=Guard(None, P.benign("benign")),
-        judge=load_judge(),
+    adapter = loaded[2]
+    result = restore(
+        loaded, layer=3, rate=0.2, max_steps=4, eval_every=1, target=0.0, max_kl=0.0, backtrack=2
     )
     steps = result.history[1:]
     # KL 0 never holds: each failure goes back to the start with half the rate, twice, then stops
@@ -221,25 +197,17 @@ def test_backtrack_halves_the_rate_after_a_guard_failure_and_keeps_what_held(loa
 def test_answer_loss_guards_with_the_fine_tuned_answers(loaded) -> None:
     """benign_loss=answers: the score and the rollback use the cross-entropy of the fine-tuned
     adapter's own answers (no task rows), and the run completes with every change a zeroing."""
-    model, tok, adapter = loaded
-    config = RepairConfig(
-        method="restore",
-        probe_prompts=8,
-        guard_prompts=8,
-        max_new_tokens=4,
-        restore=RestoreConfig(
-            layer=3, rate=0.05, max_steps=2, eval_every=1, target=0.0, max_kl=1e9, rollback=0.5,
-            benign_loss="answers",
-        ),
-    )  # fmt: skip
-    result = repair(
-        model,
-        tok,
-        adapter,
-        config,
-        probe=P.harmful("probe"),
-        guard=Guard(None, P.benign("benign")),
-        judge=load_judge(),
+    adapter = loaded[2]
+    result = restore(
+        loaded,
+        layer=3,
+        rate=0.05,
+        max_steps=2,
+        eval_every=1,
+        target=0.0,
+        max_kl=1e9,
+        rollback=0.5,
+        benign_loss="answers",
     )
     assert result.kept_step == 2
     assert all(0 < s.rolled_back <= math.ceil(0.5 * s.restored) for s in result.history[1:])
