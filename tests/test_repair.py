@@ -259,6 +259,12 @@ def test_fix_refuses_an_existing_output_and_bad_settings(
     assert result.exit_code == 2
     assert "rate must be in (0, 1]" in result.output
     assert not (tmp_path / "n").exists()
+    result = run(
+        "fix", str(tiny_chat_adapter_dir), "--out", str(tmp_path / "b"), "--backtrack", "-1"
+    )
+    assert result.exit_code == 2
+    assert "backtrack must be at least 0" in result.output
+    assert not (tmp_path / "b").exists()
     result = run("fix", str(tmp_path / "missing"), "--out", str(tmp_path / "m"))
     assert result.exit_code == 2
     assert "error:" in result.output
