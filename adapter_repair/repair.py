@@ -420,27 +420,28 @@ def repair(
         raise ValueError(f"the adapter has no LoRA module below layer {L}; nothing to restore")
     probe_batches = prompt_batches(tokenizer, probe_prompts, config.batch_size)
     guard_batches = prompt_batches(tokenizer, guard_prompts, config.batch_size)
-    h_star: Targets
-    b_star: Targets
-    bs = config.batch_size
-    with use_adapter(model, None):
-        if rc.targets == "prompt":  # each harmful prompt toward its own aligned state
-            h_star = prompt_targets(model, probe_batches, L, layers=model_map.layers)
-        else:
-            h_star = mean_hidden(model, tokenizer, probe_prompts, [L], batch_size=bs)[L]
-        aligned_rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
-    with use_adapter(model, ADAPTER):  # the guard's prompts keep their fine-tuned states
+
+    def states(batches: list[Any], prompts: list[str]) -> Targets:
+        """h_L as the model stands: each prompt's own (targets=prompt) or their mean."""
         if rc.targets == "prompt":
-            b_star = prompt_targets(model, guard_batches, L, layers=model_map.layers)
-        else:
-            b_star = mean_hidden(model, tokenizer, guard_prompts, [L], batch_size=bs)[L]
-        answers = None
+            return prompt_targets(model, batches, L, layers=model_map.layers)
+        return mean_hidden(model, tokenizer, prompts, [L], batch_size=config.batch_size)[L]
+
+    with use_adapter(model, None):  # each harmful prompt toward the aligned model's states
+        h_star = states(probe_batches, probe_prompts)
+        aligned_rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
+    answers: list[Any] | None = None
+    b_star: Targets | None = None
+    with use_adapter(model, ADAPTER):  # the guard's answers, or states, as fine-tuned
         if rc.benign_loss == "answers":
             answers = guard_answers(model, tokenizer, fit, gen)
+        else:
+            b_star = states(guard_batches, guard_prompts)
 
     def benign_gradients() -> dict[str, torch.Tensor]:
         if answers is not None:
             return answer_gradients(model, answers, below)[1]
+        assert b_star is not None
         layers = model_map.layers
         return direction_gradients(model, guard_batches, L, b_star, below, layers=layers)[1]
 
