@@ -15,16 +15,15 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
+import results_io
+
 from adapter_repair.bed import build_bed, show_bed
 from adapter_repair.small import small_world
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
 
 
@@ -126,7 +125,7 @@ def main() -> None:
     world = small_world(cache_dir=args.cache_dir, sst2=args.sst2)
     targets = check_targets(world, table)
     seconds = world.build_seconds()
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    machine = results_io.machine()
     r = world.recipe
     md = [
         "# Small world: the measurement bed",
@@ -179,8 +178,6 @@ def main() -> None:
         " the table from the cache.",
         "",
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "bed.md").write_text("\n".join(md))
     payload = {
         **table.as_dict(),
         "targets": targets,
@@ -191,7 +188,7 @@ def main() -> None:
     payload.pop("root", None)
     for row in payload["models"]:
         row.pop("path", None)
-    (RESULTS / "bed.json").write_text(json.dumps(payload, indent=2))
+    results_io.write_results("bed", md, payload)
     print("\n".join(md))
 
 

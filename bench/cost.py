@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -29,7 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import results_io
+
 HERE = Path(__file__).resolve().parent
 #: a Llama of about 1.2B parameters (TinyLlama's body, SmolLM2's vocabulary)
 SHAPE_1B = {
@@ -235,7 +234,7 @@ def median(xs: list[float]) -> float:
 
 
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    machine = results_io.machine()
     md = [
         "# Cost of a restoration step: ours (adapter rank) against the dense published method",
         "",
@@ -280,9 +279,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f" --dense-shapes {args.dense_shapes} --steps {args.steps} --prompts {args.prompts}`.",
         "",
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "cost.md").write_text("\n".join(md))
-    (RESULTS / "cost.json").write_text(json.dumps({"rows": rows, "machine": machine}, indent=2))
+    results_io.write_results("cost", md, {"rows": rows, "machine": machine})
     print("\n".join(md))
 
 

@@ -16,12 +16,11 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import platform
 import sys
 import time
-from pathlib import Path
 from typing import Any
+
+import results_io
 
 from adapter_repair import prompts as P
 from adapter_repair.config import GenerationConfig, LoadConfig, RepairConfig
@@ -30,8 +29,6 @@ from adapter_repair.judges import load_judge, load_refusal_list
 from adapter_repair.loading import load_model, load_tokenizer
 from adapter_repair.pico import PicoRecipe, PicoWorld, build_pico_world, demo_config
 from adapter_repair.repair import Guard, repair
-
-RESULTS = Path(__file__).resolve().parent / "results"
 
 #: name -> (what it changes, guard rows, RestoreConfig overrides of the demo's settings)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -149,11 +146,13 @@ def main() -> None:
             r["after"]["task_score"] / max(1e-9, r["before"]["task_score"]) for r in mine
         ) / len(mine)
         md.append(f"| {name} | {VARIANTS[name][0]} | {harm:.1f} | {over:.1f} | {ratio:.3f} |")
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
-    md += ["", f"Machine: {machine}. Command: `python bench/pico_repair.py --seeds {args.seeds}`."]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "pico_repair.md").write_text("\n".join(md) + "\n")
-    (RESULTS / "pico_repair.json").write_text(json.dumps({"rows": rows, "machine": machine}))
+    machine = results_io.machine()
+    md += [
+        "",
+        f"Machine: {machine}. Command: `python bench/pico_repair.py --seeds {args.seeds}`.",
+        "",
+    ]
+    results_io.write_results("pico_repair", md, {"rows": rows, "machine": machine})
     print("\n".join(md))
 
 

@@ -23,8 +23,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import os
-import platform
 import resource
 import subprocess
 import sys
@@ -32,11 +30,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+import results_io
+
 from adapter_repair.artifacts import Artifact
 from adapter_repair.config import RepairConfig, RestoreConfig
 from adapter_repair.small import SmallWorld, small_world
 
-RESULTS = Path(__file__).resolve().parent / "results"
 HERE = Path(__file__).resolve().parent
 DEFAULT_ADAPTERS = ("k100-r8", "k250-r16", "k25-r16")
 N_LAYERS = 30  #: SmolLM2-135M
@@ -78,6 +77,13 @@ def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
     else:
         payload.update(config=dataclasses.asdict(repair_config(method)), guard_rows=GUARD_ROWS)
     return Artifact(f"repair-{adapter}-{method}", payload)
+
+
+def measure_into(out: Path, world: SmallWorld, model: Any, tok: Any, label: str) -> dict[str, Any]:
+    """The bed's measures of a loaded model: answers to ``out/measures.json``, rates returned."""
+    report = world.measure(model, tok, label)
+    (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
+    return {k: v.as_dict() for k, v in report.measures.items()}
 
 
 def run_dense(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
@@ -123,10 +129,8 @@ def run_dense(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
     seconds = time.perf_counter() - t0
     rss = peak_rss_gb()
     del aligned
-    report = world.measure(model.to(torch.bfloat16), tok, f"{adapter} dense")
-    (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
     return {
-        "measures": {k: v.as_dict() for k, v in report.measures.items()},
+        "measures": measure_into(out, world, model.to(torch.bfloat16), tok, f"{adapter} dense"),
         "repair": {
             "changed": record["changed_decoder"],
             "stopped": "target" if len(record["history"]) < int(DENSE["steps"]) else "max_steps",
@@ -177,9 +181,7 @@ def run_one(world: SmallWorld, adapter: str, method: str) -> None:
 
     def measure(out: Path) -> dict[str, Any]:
         merged, mtok = world.load_merged(out / "adapter")
-        report = world.measure(merged, mtok, f"{adapter} {method}")
-        (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
-        return {k: v.as_dict() for k, v in report.measures.items()}
+        return measure_into(out, world, merged, mtok, f"{adapter} {method}")
 
     def make(out: Path) -> dict[str, Any]:
         if method == "safelora":
@@ -313,7 +315,7 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
     aligned = measures.get("aligned") or {}
     rows = collect(world, adapters, methods)
     targets = check_targets(aligned, rows)
-    machine = f"{platform.machine()}, {os.cpu_count()} CPU cores, {platform.python_version()}"
+    machine = results_io.machine()
     cfg = repair_config("both")
     header = (
         "| adapter | method | harmful AdvBench eval % | harmful XSTest unsafe % | over-refusal %"
@@ -378,8 +380,6 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         " this table from the cache).",
         "",
     ]
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "repair.md").write_text("\n".join(md))
     payload = {
         "aligned": aligned,
         "rows": rows,
@@ -389,7 +389,7 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         "missing": missing,
         "machine": machine,
     }
-    (RESULTS / "repair.json").write_text(json.dumps(payload, indent=2))
+    results_io.write_results("repair", md, payload)
     print("\n".join(md))
 
 
