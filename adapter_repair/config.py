@@ -191,7 +191,7 @@ class BedConfig:
 REPAIR_METHODS = ("project", "restore", "both")
 DIRECTION_KINDS = ("shift", "refusal")
 PROJECTION_SIDES = ("write", "read", "both")
-RESTORE_SCORES = ("grad", "grad_x_value", "benign_aware")
+RESTORE_SCORES = ("grad", "grad_x_value", "benign_aware", "ratio")
 
 
 @dataclass(frozen=True)
@@ -241,7 +241,9 @@ class RestoreConfig:
     score: str = setting(
         "benign_aware",
         "How coordinates are ranked: grad (|g|, the published method), grad_x_value (|g x "
-        "value|), or benign_aware (|g| damped where zeroing would hurt the benign/task loss).",
+        "value|), benign_aware (|g| damped where zeroing would hurt the benign/task loss), or "
+        "ratio (|g| / |g_b|, both scaled by their mean: harm removed per unit of task "
+        "sensitivity, whatever the sign).",
         choices=RESTORE_SCORES,
     )
     targets: str = setting(

@@ -40,6 +40,7 @@ from adapter_repair.restore import (
     prompt_targets,
 )
 from adapter_repair.stages import (
+    BENIGN_SCORES,
     choose_restored,
     orthonormal_basis,
     project_read,
@@ -308,7 +309,7 @@ def _restore_step(
     layers = model_map.layers
     _, g = direction_gradients(model, harmful[0], L, harmful[1], below, layers=layers)
     g_b = None
-    if rc.score == "benign_aware":
+    if rc.score in BENIGN_SCORES:
         g_b = benign_gradients()
     values = {n: p.detach().float().cpu() for n, p in below.items()}
     chosen = choose_restored(

@@ -16,7 +16,10 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-SCORES = ("grad", "grad_x_value", "benign_aware")
+SCORES = ("grad", "grad_x_value", "benign_aware", "ratio")
+BENIGN_SCORES = ("benign_aware", "ratio")  #: the scores that need a benign gradient
+#: ratio score: normalised benign magnitudes below this count as this (no division by ~0)
+RATIO_FLOOR = 0.1
 
 
 def orthonormal_basis(vectors: Sequence[torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
@@ -82,7 +85,10 @@ def score(
     ``grad``: |g| (the reference). ``grad_x_value``: |g x value|, the first-order loss change of
     zeroing. ``benign_aware``: |g| / (penalty + 1) with g and g_b divided by their mean magnitude
     over the candidates (``grad_scale``, ``benign_scale``), penalty = |g_b| where zeroing would
-    raise the benign loss (sign(g_b) differs from sign(value)), else 0.
+    raise the benign loss (sign(g_b) differs from sign(value)), else 0. ``ratio``: |g| / max(|g_b|,
+    RATIO_FLOOR), both normalised the same way, whatever the sign: zeroing is a full step, not an
+    infinitesimal one, so a coordinate the benign loss is sensitive to is a risk either way (the
+    first trial's "harmful grad / benign grad", which kept the task whole; DESIGN.md).
     """
     if rule == "grad":
         return grad.abs()
@@ -95,6 +101,11 @@ def score(
         harms_benign = torch.sign(benign_grad) != torch.sign(value)
         penalty = torch.where(harms_benign, benign_grad.abs() / benign_scale, 0.0)
         return g / (penalty + 1.0)
+    if rule == "ratio":
+        if benign_grad is None:
+            raise ValueError("the ratio score needs benign_grad")
+        b = benign_grad.abs() / benign_scale
+        return (grad.abs() / grad_scale) / b.clamp_min(RATIO_FLOOR)
     raise ValueError(f"score must be one of {', '.join(SCORES)}; got {rule!r}")
 
 
@@ -181,8 +192,8 @@ def choose_restored(
     (and modules of different widths) live on different scales.
     """
     masks = {n: candidates(values[n], grads[n]) for n in values}
-    if rule == "benign_aware" and benign_grads is None:
-        raise ValueError("the benign_aware score needs benign_grads")
+    if rule in BENIGN_SCORES and benign_grads is None:
+        raise ValueError(f"the {rule} score needs benign_grads")
     g_scale = mean_abs(grads, masks)
     b_scale = mean_abs(benign_grads, masks) if benign_grads is not None else 1.0
     scores = {}

@@ -49,6 +49,12 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"hold_out": True},
     ),
     "demo-guard-train": ("the demo guarded by the training rows", "train", {}),
+    "ratio": ("the demo with the ratio score (|g| / |g_b|)", "eval", {"score": "ratio"}),
+    "ratio-guard-train": (
+        "the ratio score, guarded by the training rows",
+        "train",
+        {"score": "ratio"},
+    ),
 }
 
 

@@ -4,7 +4,7 @@ coordinates changed, the repair's wall time and peak RSS; the issue's targets ch
 bench/results/repair.md and bench/results/repair.json.
 
     python bench/repair.py [--adapters k100-r8,k250-r16,k25-r16]
-                           [--methods project,restore,both,safelora,dense]
+                           [--methods project,restore,both,safelora,dense,restore-ratio,...]
                            [--sst2 bench/data/sst2] [--cache-dir DIR] [--no-run]
 
 Each (adapter, method) runs in its own process (so its peak RSS is its own) and is cached as
@@ -45,23 +45,36 @@ SAFE_LORA_SHARE = 1.0  #: share of modules the Safe LoRA-style baseline projects
 #: the dense reference's settings (the published ones; L as ours)
 DENSE = {"layer": N_LAYERS, "rate": 0.002, "steps": 20, "rollback": 0.2, "eval_every": 5}
 GUARD_ROWS = 128  #: half fit the benign loss, half check the guard
+#: the ablation: restore with one lever moved from repair_config's settings
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "restore-ratio": ("score ratio (|g| / |g_b|)", {"score": "ratio"}),
+    "restore-grad": ("score grad (|g|, published)", {"score": "grad"}),
+    "restore-no-rollback": ("no rollback", {"rollback": 0.0}),
+    "restore-mean": ("targets mean (published loss)", {"targets": "mean"}),
+    "restore-direction": ("benign loss -cos(h_L, b*) (published)", {"benign_loss": "direction"}),
+    "restore-L29": ("L = n_layers - 1 (DESIGN's default)", {"layer": N_LAYERS - 1}),
+    "restore-no-backtrack": ("no backtrack", {"backtrack": 0}),
+}
 
 
 def repair_config(method: str) -> RepairConfig:
     """The settings the bench runs: restoration at L = n_layers (the final normed state) with
     per-prompt targets and the answers loss guarding the task (chosen on the pico worlds,
-    bench/results/pico_repair.md); projection of the adapter's own harmful shift."""
+    bench/results/pico_repair.md); projection of the adapter's own harmful shift. An ablation
+    variant is restore with its one lever moved."""
+    base, overrides = ("restore", VARIANTS[method][1]) if method in VARIANTS else (method, {})
+    restore = RestoreConfig(
+        layer=N_LAYERS,
+        targets="prompt",
+        benign_loss="answers",
+        max_steps=20,
+        eval_every=5,
+        backtrack=2,
+    )
     return RepairConfig(
-        method=method,
+        method=base,
         guard_prompts=GUARD_ROWS,
-        restore=RestoreConfig(
-            layer=N_LAYERS,
-            targets="prompt",
-            benign_loss="answers",
-            max_steps=20,
-            eval_every=5,
-            backtrack=2,
-        ),
+        restore=dataclasses.replace(restore, **overrides),
     )
 
 
@@ -269,7 +282,7 @@ def check_targets(aligned: dict[str, Any], rows: list[dict[str, Any]]) -> list[d
     base_over = rate(aligned, "over_refusal") or 0.0
     tuned = {r["adapter"]: r["measures"] for r in rows if r["method"] == "none"}
     out = []
-    for method in METHODS:
+    for method in (*METHODS, *VARIANTS):
         mine = [r for r in rows if r["method"] == method]
         if not mine:
             continue
@@ -313,7 +326,8 @@ def check_targets(aligned: dict[str, Any], rows: list[dict[str, Any]]) -> list[d
 def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> None:
     measures = world.measures()
     aligned = measures.get("aligned") or {}
-    rows = collect(world, adapters, methods)
+    shown = [*methods, *(v for v in VARIANTS if v not in methods)]  # variants once run
+    rows = collect(world, adapters, shown)
     targets = check_targets(aligned, rows)
     machine = results_io.machine()
     cfg = repair_config("both")
@@ -376,6 +390,10 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         " parameters; its output is a dense model, not an adapter."
         f" Not run yet: {', '.join(missing) if missing else 'none'}.",
         "",
+        "Ablation (restore with one lever moved): "
+        + "; ".join(f"{name}: {what}" for name, (what, _) in VARIANTS.items())
+        + ".",
+        "",
         f"Machine: {machine}. Command: `python bench/repair.py` (resumable; `--no-run` rewrites"
         " this table from the cache).",
         "",
@@ -412,9 +430,9 @@ def main() -> None:
     for name in adapters:
         if not world.artifacts[f"adapter-{name}"].done(world.root):
             sys.exit(f"error: zoo adapter {name} is not built; run python bench/bed.py first")
-    bad = set(methods) - set(METHODS + BASELINES)
+    bad = set(methods) - {*METHODS, *BASELINES, *VARIANTS}
     if bad:
-        known = ", ".join(METHODS + BASELINES)
+        known = ", ".join((*METHODS, *BASELINES, *VARIANTS))
         sys.exit(f"error: unknown method(s) {sorted(bad)}; choose from {known}")
     if not args.no_run:
         for adapter in adapters:

@@ -61,6 +61,13 @@ def test_scores() -> None:
     assert s.tolist() == pytest.approx([0.5 / 3.0, 1.5 / 1.0, 1.0 / 1.5])
     with pytest.raises(ValueError, match="benign_grad"):
         S.score(value, grad, "benign_aware")
+    # ratio: |g| / max(|g_b|, floor) after scaling, whatever the benign gradient's sign
+    r = S.score(value, grad, "ratio", benign_grad=benign, grad_scale=2.0, benign_scale=4.0)
+    assert r.tolist() == pytest.approx([0.5 / 1.0, 1.5 / 1.0, 1.0 / 0.25])
+    tiny = S.score(value, grad, "ratio", benign_grad=torch.zeros(3), grad_scale=1.0)
+    assert tiny.tolist() == pytest.approx([v / S.RATIO_FLOOR for v in (1.0, 3.0, 2.0)])
+    with pytest.raises(ValueError, match="benign_grad"):
+        S.score(value, grad, "ratio")
     with pytest.raises(ValueError, match="score must be one of"):
         S.score(value, grad, "random")
 
