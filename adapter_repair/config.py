@@ -227,8 +227,10 @@ class RestoreConfig:
 
     layer: int = setting(
         -1,
-        "L, the layer whose input h_L is pulled toward the aligned model's harmful direction; "
-        "negative counts from the end (-1: n_layers - 1). Only adapter factors below L change.",
+        "L, the hidden state h_L (hidden_states[L]) pulled toward the aligned model's; "
+        "negative counts from the end as in Python (-1: n_layers, the final normed state, so "
+        "every layer's adapter can change; -2: n_layers - 1). Only adapter factors below L "
+        "change. Default measured: bench/results/repair.md, pico_repair.md.",
         metavar="L",
     )
     rate: float = setting(
@@ -247,7 +249,7 @@ class RestoreConfig:
         choices=RESTORE_SCORES,
     )
     targets: str = setting(
-        "mean",
+        "prompt",
         "What h_L is pulled toward. mean: the published loss, -cos(mean h_L over a batch, h*) "
         "for harmful prompts and -cos(mean h_L, b*) for the guard's; prompt: each harmful "
         "prompt's h_L toward its own aligned state, each guard prompt's toward its own "
@@ -255,7 +257,7 @@ class RestoreConfig:
         choices=("mean", "prompt"),
     )
     benign_loss: str = setting(
-        "direction",
+        "answers",
         "The loss whose gradient protects the task (the benign_aware score and the rollback). "
         "direction: -cos(h_L, b*) as published; answers: cross-entropy of the guard's answers "
         "(the task rows' answers, else the fine-tuned adapter's own greedy answers to benign "
@@ -291,7 +293,7 @@ class RestoreConfig:
         metavar="D",
     )
     backtrack: int = setting(
-        0,
+        2,
         "On a task-guard failure, return to the last step that held, halve the rate and go on, "
         "at most N times (0: stop at the first failure, as the published method does).",
         metavar="N",
@@ -320,8 +322,10 @@ class RepairConfig:
     """What the repair runs, and on how many prompts."""
 
     method: str = setting(
-        "both",
-        "project (stage 1 only), restore (stage 2 only), or both (projection, then restoration).",
+        "restore",
+        "project (stage 1 only), restore (stage 2 only), or both (projection, then "
+        "restoration). Default restore: projection left the small-world adapters 97-100% "
+        "harmful (bench/results/repair.md).",
         choices=REPAIR_METHODS,
     )
     probe_prompts: int = setting(

@@ -164,9 +164,10 @@ def _to_adapter(
 
 
 def resolve_layer(layer: int, n_layers: int) -> int:
-    """L from the config's value (negative counts from the end: -1 is n_layers - 1), checked:
-    1 <= L <= n_layers (n_layers: the final normed hidden state, every layer restorable)."""
-    resolved = layer + n_layers if layer < 0 else layer
+    """L from the config's value, an index into ``hidden_states`` (n_layers + 1 entries), so
+    negative counts from the end as in Python: -1 is n_layers (the final normed hidden state,
+    every layer restorable), -2 is n_layers - 1. Checked: 1 <= L <= n_layers."""
+    resolved = layer + n_layers + 1 if layer < 0 else layer
     if not 1 <= resolved <= n_layers:
         raise ValueError(
             f"layer {layer} resolves to {resolved}; it must satisfy 1 <= L <= n_layers = {n_layers}"

@@ -50,6 +50,15 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     ),
     "demo-guard-train": ("the demo guarded by the training rows", "train", {}),
     "ratio": ("the demo with the ratio score (|g| / |g_b|)", "eval", {"score": "ratio"}),
+    "grad": ("the demo with the published score (|g|)", "eval", {"score": "grad"}),
+    "no-rollback": ("the demo without rollback", "eval", {"rollback": 0.0}),
+    "rollback-0.5": ("the demo with rollback 0.5", "eval", {"rollback": 0.5}),
+    "mean-targets": (
+        "the demo with the batch-mean targets (published)",
+        "eval",
+        {"targets": "mean"},
+    ),
+    "L-minus-1": ("the demo at L = n_layers - 1 (DESIGN's default)", "eval", {"layer": -2}),
     "ratio-guard-train": (
         "the ratio score, guarded by the training rows",
         "train",

@@ -63,13 +63,15 @@ def repair_config(method: str) -> RepairConfig:
     bench/results/pico_repair.md); projection of the adapter's own harmful shift. An ablation
     variant is restore with its one lever moved."""
     base, overrides = ("restore", VARIANTS[method][1]) if method in VARIANTS else (method, {})
-    restore = RestoreConfig(
+    restore = RestoreConfig(  # every setting named, so a new product default keeps the keys
         layer=N_LAYERS,
+        score="benign_aware",
         targets="prompt",
         benign_loss="answers",
         max_steps=20,
         eval_every=5,
         backtrack=2,
+        hold_out=True,
     )
     return RepairConfig(
         method=base,

@@ -65,10 +65,11 @@ def restore(loaded: Any, **settings: Any) -> Any:
 
 
 def test_resolve_layer() -> None:
-    assert resolve_layer(-1, 30) == 29
+    assert resolve_layer(-1, 30) == 30  # hidden_states[-1]: the final normed state
+    assert resolve_layer(-2, 30) == 29
     assert resolve_layer(30, 30) == 30
     assert resolve_layer(5, 30) == 5
-    for bad in (0, 31, -30):
+    for bad in (0, 31, -31):
         with pytest.raises(ValueError, match="1 <= L <= n_layers = 30"):
             resolve_layer(bad, 30)
 
@@ -169,7 +170,9 @@ def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
 
 def test_a_failing_guard_keeps_the_last_state_that_held(loaded) -> None:
     adapter = loaded[2]
-    result = restore(loaded, layer=3, rate=0.2, max_steps=4, eval_every=2, target=0.0, max_kl=0.0)
+    result = restore(
+        loaded, layer=3, rate=0.2, max_steps=4, eval_every=2, target=0.0, max_kl=0.0, backtrack=0
+    )
     assert result.stopped == "guard"
     assert result.kept_step == 0
     assert result.changed == 0.0
