@@ -53,23 +53,32 @@ def make_shape(shape: str, root: Path, sst2: str) -> tuple[Path, Path]:
 
         world = small_world(sst2=sst2)
         return world.aligned_dir, world.adapter_dir("k100-r8")
+    from adapter_repair.small import small_world
+
+    return random_llama(SHAPE_1B, root / "1b", small_world(sst2=sst2).aligned_dir)
+
+
+def random_llama(
+    shape: dict[str, int], root: Path, tokenizer_dir: Path, device: str = "cpu"
+) -> tuple[Path, Path]:
+    """(base folder, adapter folder): a bfloat16 Llama of ``shape`` with random weights and the
+    tokenizer of ``tokenizer_dir`` (the vocabulary is ``shape``'s if given, else the
+    tokenizer's), and a random r=16 all-linear adapter over it; built once under ``root``."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from adapter_repair.small import small_world
-
-    base_dir, adapter_dir = root / "base-1b", root / "adapter-1b"
-    if (adapter_dir / "adapter_config.json").is_file():
-        return base_dir, adapter_dir
-    tok_dir = small_world(sst2=sst2).aligned_dir
     from adapter_repair.loading import load_tokenizer
 
-    tok = load_tokenizer(None, str(tok_dir))
-    config = LlamaConfig(vocab_size=len(tok), tie_word_embeddings=True, **SHAPE_1B)  # type: ignore[arg-type]
+    base_dir, adapter_dir = root / "base", root / "adapter"
+    if (adapter_dir / "adapter_config.json").is_file():
+        return base_dir, adapter_dir
+    tok = load_tokenizer(None, str(tokenizer_dir))
+    settings = {"vocab_size": len(tok), "tie_word_embeddings": True, **shape}
+    config = LlamaConfig(**settings)  # type: ignore[arg-type]
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    model = model.to(dtype=torch.bfloat16)  # type: ignore[call-arg]
+    with torch.device(device):  # initialising 7B on a GPU takes seconds, on a CPU minutes
+        model = LlamaForCausalLM(config).to(dtype=torch.bfloat16)  # type: ignore[call-arg]
     model.generation_config.pad_token_id = tok.pad_token_id
     model.save_pretrained(str(base_dir))
     tok.save_pretrained(str(base_dir))

@@ -1,0 +1,182 @@
+"""Time and peak memory of our whole repair (``repair()``, the Python API: targets, the guard's
+answers, every stage 2 step and the stop rule's generations) at a real shape: Llama-2-7B's
+config with random weights, loaded 4-bit NF4, under a random r=16 all-linear adapter; and at a
+small shape of the same family on CPU. Writes bench/results/scale.md and .json.
+
+    python bench/scale.py [--shape 7b|small] [--steps 20] [--prompts 64] [--tokenizer DIR]
+
+On a GPU machine: ``python bench/scale.py --shape 7b`` (targets on one H100: under 3 minutes
+and under 10 GB of GPU memory, so a 7B repair fits a 12 GB consumer card). The machine needs
+bitsandbytes (../shared/NOTES.md: bring its wheel) and a tokenizer: the pico world's, built on
+first use in about a minute, or ``--tokenizer DIR``.
+
+Random weights answer nothing a judge calls a refusal, so the stop rule's target is set to 0
+(every step runs) and the fidelity guard to a bound it cannot fail: the run's cost is what is
+measured, not its outcome. The model is built and saved first (not timed), then loaded and
+repaired (timed separately).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import results_io
+from cost import peak_rss_gb, random_llama
+
+SHAPES: dict[str, dict[str, int]] = {
+    "7b": {  # Llama-2-7B
+        "hidden_size": 4096,
+        "intermediate_size": 11008,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 32,
+        "num_key_value_heads": 32,
+        "vocab_size": 32000,
+    },
+    "small": {  # the same family at 1/8 of the width, 4 layers
+        "hidden_size": 512,
+        "intermediate_size": 1376,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "vocab_size": 32000,
+    },
+}
+TARGET_SECONDS = 180.0  #: on one H100
+TARGET_GPU_GB = 10.0
+
+
+def shape_parameters(base: Path) -> int:
+    """The base's parameter count unquantized (a 4-bit weight counts its packed bytes)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(base)))
+    return sum(p.numel() for p in model.parameters())
+
+
+def run(shape: str, steps: int, prompts: int, tokenizer: Path, root: Path) -> dict[str, Any]:
+    import torch
+
+    from adapter_repair import prompts as P
+    from adapter_repair.config import GenerationConfig, LoadConfig, RepairConfig, RestoreConfig
+    from adapter_repair.judges import load_judge
+    from adapter_repair.loading import load_model, load_tokenizer
+    from adapter_repair.repair import Guard, repair
+
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    t0 = time.perf_counter()
+    base, adapter = random_llama(SHAPES[shape], root / shape, tokenizer, device)
+    build_s = time.perf_counter() - t0
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    load = LoadConfig(base=str(base), quant="4bit", dtype="bfloat16", device_map=device)
+    model, lora = load_model(adapter, load)
+    tok = load_tokenizer(None, str(base))
+    load_s = time.perf_counter() - t0
+    config = RepairConfig(
+        method="restore",
+        probe_prompts=prompts,
+        guard_prompts=prompts,
+        max_new_tokens=32,
+        restore=RestoreConfig(max_steps=steps, target=0.0, max_kl=1e9, backtrack=0),
+    )
+    t0 = time.perf_counter()
+    result = repair(
+        model,
+        tok,
+        lora,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")),
+        judge=load_judge("substring"),
+        generation=GenerationConfig(32, 16, progress=False),
+    )
+    repair_s = time.perf_counter() - t0
+    step_s = [s.seconds for s in result.history[1:] if s.probe_harmful is None]
+    return {
+        "shape": shape,
+        "device": torch.cuda.get_device_name() if cuda else "cpu",
+        "parameters": shape_parameters(base),
+        "adapter_coordinates": sum(m.A.numel() + m.B.numel() for m in lora),
+        "steps": len(result.history) - 1,
+        "prompts": prompts,
+        "build_seconds": build_s,
+        "load_seconds": load_s,
+        "repair_seconds": repair_s,
+        "step_seconds_median": statistics.median(step_s) if step_s else None,
+        "gpu_peak_gb": torch.cuda.max_memory_allocated() / 1024**3 if cuda else None,
+        "peak_rss_gb": peak_rss_gb(),
+        "stopped": result.stopped,
+    }
+
+
+def write(r: dict[str, Any], command: str) -> None:
+    gpu = r["gpu_peak_gb"]
+    md = [
+        "# Repair at scale: time and peak memory of repair()",
+        "",
+        f"Shape {r['shape']} ({r['parameters'] / 1e9:.2f}B parameters, loaded 4-bit NF4,"
+        f" random weights), a random r=16 all-linear adapter ({r['adapter_coordinates']:,}"
+        f" coordinates), {r['prompts']} probe and {r['prompts']} benign prompts, {r['steps']}"
+        " stage 2 steps with the probe and guard measured every 5, default settings otherwise.",
+        "",
+        "| device | build s (not timed) | load s | repair s | step s (median) | GPU peak GB"
+        " | peak RSS GB |",
+        "|---|---|---|---|---|---|---|",
+        f"| {r['device']} | {r['build_seconds']:.0f} | {r['load_seconds']:.1f} |"
+        f" {r['repair_seconds']:.1f} | {r['step_seconds_median'] or 0:.2f} |"
+        f" {'-' if gpu is None else f'{gpu:.2f}'} | {r['peak_rss_gb']:.2f} |",
+        "",
+    ]
+    if gpu is not None and r["shape"] == "7b":
+        md += [
+            "| target (one H100) | measured | ok |",
+            "|---|---|---|",
+            f"| repair under {TARGET_SECONDS:.0f} s | {r['repair_seconds']:.0f} s |"
+            f" {'yes' if r['repair_seconds'] < TARGET_SECONDS else 'NO'} |",
+            f"| GPU memory under {TARGET_GPU_GB:.0f} GB | {gpu:.2f} GB |"
+            f" {'yes' if gpu < TARGET_GPU_GB else 'NO'} |",
+            "",
+        ]
+    else:
+        md += ["No GPU in this run: the 7B targets are not measured here.", ""]
+    md += [f"Machine: {results_io.machine()}. Command: `{command}`.", ""]
+    results_io.write_results("scale", md, r)
+    print("\n".join(md))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 7b on a GPU")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--tokenizer", default=None, help="default: the pico world's tokenizer")
+    ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapter-repair-scale"))
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
+    import torch
+
+    shape = args.shape or ("7b" if torch.cuda.is_available() else "small")
+    if args.tokenizer:
+        tokenizer = Path(args.tokenizer)
+    else:
+        from adapter_repair.pico import PicoRecipe, build_pico_world
+
+        tokenizer = build_pico_world(PicoRecipe()).base_dir
+    result = run(shape, args.steps, args.prompts, tokenizer, Path(args.cache))
+    write(result, " ".join(["python bench/scale.py", *sys.argv[1:]]))
+
+
+if __name__ == "__main__":
+    main()
