@@ -111,6 +111,8 @@ class RepairResult:
     target: float | None = None  #: the probe harmful rate stage 2 aimed for
     guard_reference: float | None = None  #: the fine-tuned adapter's guard value
     changed: float = 0.0  #: share of adapter coordinates that differ from the input
+    #: with ``keep_checkpoints``: the adapter at each measured step whose guard held
+    checkpoints: dict[int, LoraAdapter] = field(default_factory=dict)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -346,6 +348,7 @@ def repair(
     guard: Guard,
     judge: Judge,
     generation: GenerationConfig | None = None,
+    keep_checkpoints: bool = False,
 ) -> RepairResult:
     """Repair ``adapter``, attached to ``model`` (a PeftModel, adapter name "default", factors
     trainable) as the fine-tuned model; the same model with the adapter disabled is the aligned
@@ -353,6 +356,8 @@ def repair(
 
     ``probe``: harmful prompts the repair may use (directions, gradients, stop rule).
     ``guard``: task rows or benign prompts that protect what the fine-tune learnt.
+    ``keep_checkpoints``: also return the adapter at every measured step that held (one copy
+    each), so a benchmark can score the whole path, not only where the stop rule ended.
     """
     t_start = time.perf_counter()
     rc = config.restore
@@ -470,6 +475,7 @@ def repair(
         start.guard or 0.0,
     )
     kept_state, kept_step, stopped = _snapshot(params), 0, "max_steps"
+    checkpoints: dict[int, LoraAdapter] = {}
     rate, backtracks = rc.rate, 0
     if (start.probe_harmful or 0.0) <= target:
         stopped = "already at target"
@@ -532,6 +538,8 @@ def repair(
                     stopped = "guard"
                     break
                 kept_state, kept_step = _snapshot(params), step
+                if keep_checkpoints:
+                    checkpoints[step] = _to_adapter(adapter, params, model_map)
                 if (rec.probe_harmful or 0.0) <= target:
                     stopped = "target"
                     break
@@ -558,6 +566,7 @@ def repair(
         target=target,
         guard_reference=guard_ref_value,
         changed=changed,
+        checkpoints=checkpoints,
     )
 
 

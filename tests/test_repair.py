@@ -43,7 +43,7 @@ def loaded(tiny_chat_adapter_dir: Path):
     return model, tok, adapter
 
 
-def restore(loaded: Any, **settings: Any) -> Any:
+def restore(loaded: Any, keep_checkpoints: bool = False, **settings: Any) -> Any:
     """Stage 2 alone on the tiny model: 8 probe and 8 guard prompts, the fidelity guard."""
     model, tok, adapter = loaded
     config = RepairConfig(
@@ -61,6 +61,7 @@ def restore(loaded: Any, **settings: Any) -> Any:
         probe=P.harmful("probe"),
         guard=Guard(None, P.benign("benign")),
         judge=load_judge(),
+        keep_checkpoints=keep_checkpoints,
     )
 
 
@@ -217,6 +218,24 @@ def test_answer_loss_guards_with_the_fine_tuned_answers(loaded) -> None:
     for m, m0 in zip(result.adapter, adapter, strict=True):
         for new, old in ((m.A, m0.A), (m.B, m0.B)):
             assert torch.all(new[new != old] == 0)
+
+
+def test_checkpoints_hold_the_adapter_at_each_measured_step(loaded) -> None:
+    adapter = loaded[2]
+    result = restore(
+        loaded, True, layer=3, rate=0.05, max_steps=4, eval_every=2, target=0.0, max_kl=1e9
+    )
+    assert sorted(result.checkpoints) == [2, 4] and result.kept_step == 4
+
+    def same(x: Any, y: Any) -> bool:
+        return all(
+            torch.equal(m.A, n.A) and torch.equal(m.B, n.B) for m, n in zip(x, y, strict=True)
+        )
+
+    assert same(result.checkpoints[4], result.adapter)
+    assert not same(result.checkpoints[2], result.adapter)
+    assert not same(result.checkpoints[2], adapter)
+    assert not restore(loaded, layer=3, rate=0.05, max_steps=2, target=0.0).checkpoints
 
 
 def run(*args: str):
