@@ -18,6 +18,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import results_io
@@ -30,6 +31,7 @@ from adapter_repair.loading import load_model, load_tokenizer
 from adapter_repair.pico import PicoRecipe, PicoWorld, build_pico_world, demo_config
 from adapter_repair.repair import Guard, repair
 
+LOG = Path(__file__).resolve().parent / "results" / "pico_repair.jsonl"
 #: name -> (what it changes, guard rows, RestoreConfig overrides of the demo's settings)
 VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
     "published-loss": (
@@ -113,6 +115,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", default="0,1,2,3")
     ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--log", default=str(LOG), help="rows done so far (resumes from it)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -120,13 +123,28 @@ def main() -> None:
     unknown = set(names) - set(VARIANTS)
     if unknown:
         sys.exit(f"error: unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    # Each row is appended to a log as it is done, keyed by the world and the settings, so an
+    # interrupted run resumes and a changed variant runs again.
+    log = Path(args.log)
+    done: dict[str, dict[str, Any]] = {}
+    if log.is_file():
+        for line in log.read_text().splitlines():
+            row = json.loads(line)
+            done[row["key"]] = row
     rows = []
     for seed in seeds:
         world = build_pico_world(PicoRecipe(seed=seed))
         for name in names:
-            out = run(world, VARIANTS[name][1], VARIANTS[name][2])
-            rows.append({"seed": seed, "variant": name, **out})
-            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+            config = dataclasses.asdict(variant_config(world, VARIANTS[name][2]))
+            key = json.dumps([world.root.name, VARIANTS[name][1], config], sort_keys=True)
+            if key not in done:
+                out = run(world, VARIANTS[name][1], VARIANTS[name][2])
+                done[key] = {"key": key, "seed": seed, "variant": name, **out}
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with log.open("a") as f:
+                    f.write(json.dumps(done[key]) + "\n")
+            rows.append(done[key])
+            print(json.dumps({k: v for k, v in rows[-1].items() if k != "key"}), file=sys.stderr)
     md = [
         "# Stage 2 settings on pico worlds",
         "",
