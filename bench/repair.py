@@ -392,6 +392,10 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         " parameters; its output is a dense model, not an adapter."
         f" Not run yet: {', '.join(missing) if missing else 'none'}.",
         "",
+        "Wall times are of a shared 2-core machine: k100-r8/restore and"
+        " k250-r16/restore-ratio ran part of their steps beside another benchmark (k250-r16's"
+        " first steps took 5 min each against 52 s alone), so compare step counts, not minutes.",
+        "",
         "Ablation (restore with one lever moved): "
         + "; ".join(f"{name}: {what}" for name, (what, _) in VARIANTS.items())
         + ".",
