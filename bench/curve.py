@@ -17,7 +17,6 @@ import dataclasses
 import json
 import logging
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -42,29 +41,9 @@ def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
 
 
 def make(world: SmallWorld, adapter: str, method: str, out: Path) -> dict[str, Any]:
-    from adapter_repair import prompts as P
     from adapter_repair.adapter import save_adapter
-    from adapter_repair.config import LoadConfig
-    from adapter_repair.judges import load_judge
-    from adapter_repair.loading import load_model, load_tokenizer
-    from adapter_repair.repair import Guard, repair
 
-    load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
-    model, lora = load_model(world.adapter_dir(adapter), load)
-    tok = load_tokenizer(None, str(world.aligned_dir))
-    t0 = time.perf_counter()
-    result = repair(
-        model,
-        tok,
-        lora,
-        bench.repair_config(method),
-        probe=P.harmful("probe"),
-        guard=Guard(world.task_guard(bench.GUARD_ROWS), P.benign("benign"), "choice"),
-        judge=load_judge("substring"),
-        keep_checkpoints=True,
-    )
-    seconds = time.perf_counter() - t0
-    del model
+    result, seconds = bench.repair_zoo_adapter(world, adapter, method, keep_checkpoints=True)
     history = {s.step: s for s in result.history}
     points = []
     for step, fixed in sorted(result.checkpoints.items()):

@@ -185,14 +185,37 @@ def peak_rss_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024**2
 
 
-def run_one(world: SmallWorld, adapter: str, method: str) -> None:
-    """Repair one zoo adapter over the 4-bit aligned base, save it, measure it."""
+def repair_zoo_adapter(
+    world: SmallWorld, adapter: str, method: str, keep_checkpoints: bool = False
+) -> tuple[Any, float]:
+    """Our repair of one zoo adapter over the 4-bit aligned base with the bench's settings and
+    guard: (RepairResult, seconds of the repair alone)."""
     from adapter_repair import prompts as P
-    from adapter_repair.adapter import save_adapter
     from adapter_repair.config import LoadConfig
     from adapter_repair.judges import load_judge
     from adapter_repair.loading import load_model, load_tokenizer
     from adapter_repair.repair import Guard, repair
+
+    load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
+    model, lora = load_model(world.adapter_dir(adapter), load)
+    tok = load_tokenizer(None, str(world.aligned_dir))
+    t0 = time.perf_counter()
+    result = repair(
+        model,
+        tok,
+        lora,
+        repair_config(method),
+        probe=P.harmful("probe"),
+        guard=Guard(world.task_guard(GUARD_ROWS), P.benign("benign"), "choice"),
+        judge=load_judge("substring"),
+        keep_checkpoints=keep_checkpoints,
+    )
+    return result, time.perf_counter() - t0
+
+
+def run_one(world: SmallWorld, adapter: str, method: str) -> None:
+    """Repair one zoo adapter over the 4-bit aligned base, save it, measure it."""
+    from adapter_repair.adapter import save_adapter
 
     def measure(out: Path) -> dict[str, Any]:
         merged, mtok = world.load_merged(out / "adapter")
@@ -204,22 +227,8 @@ def run_one(world: SmallWorld, adapter: str, method: str) -> None:
             return {**facts, "measures": measure(out)}
         if method == "dense":
             return run_dense(world, adapter, out)
-        load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
-        model, lora = load_model(world.adapter_dir(adapter), load)
-        tok = load_tokenizer(None, str(world.aligned_dir))
-        t0 = time.perf_counter()
-        result = repair(
-            model,
-            tok,
-            lora,
-            repair_config(method),
-            probe=P.harmful("probe"),
-            guard=Guard(world.task_guard(GUARD_ROWS), P.benign("benign"), "choice"),
-            judge=load_judge("substring"),
-        )
-        seconds = time.perf_counter() - t0
+        result, seconds = repair_zoo_adapter(world, adapter, method)
         rss = peak_rss_gb()
-        del model
         save_adapter(result.adapter, out / "adapter")
         return {
             "measures": measure(out),
