@@ -94,18 +94,15 @@ def score(
         return grad.abs()
     if rule == "grad_x_value":
         return (grad * value).abs()
-    if rule == "benign_aware":
+    if rule in BENIGN_SCORES:
         if benign_grad is None:
-            raise ValueError("the benign_aware score needs benign_grad")
+            raise ValueError(f"the {rule} score needs benign_grad")
         g = grad.abs() / grad_scale
-        harms_benign = torch.sign(benign_grad) != torch.sign(value)
-        penalty = torch.where(harms_benign, benign_grad.abs() / benign_scale, 0.0)
-        return g / (penalty + 1.0)
-    if rule == "ratio":
-        if benign_grad is None:
-            raise ValueError("the ratio score needs benign_grad")
         b = benign_grad.abs() / benign_scale
-        return (grad.abs() / grad_scale) / b.clamp_min(RATIO_FLOOR)
+        if rule == "ratio":
+            return g / b.clamp_min(RATIO_FLOOR)
+        harms_benign = torch.sign(benign_grad) != torch.sign(value)
+        return g / (torch.where(harms_benign, b, 0.0) + 1.0)
     raise ValueError(f"score must be one of {', '.join(SCORES)}; got {rule!r}")
 
 

@@ -48,14 +48,12 @@ def peak_rss_gb() -> float:
 def make_shape(shape: str, root: Path, sst2: str) -> tuple[Path, Path]:
     """(base folder, adapter folder) for a shape: the small world's aligned model and its
     k100-r8 adapter, or a random 1B Llama with a random r=16 adapter (built once, cached)."""
-    if shape == "small":
-        from adapter_repair.small import small_world
-
-        world = small_world(sst2=sst2)
-        return world.aligned_dir, world.adapter_dir("k100-r8")
     from adapter_repair.small import small_world
 
-    return random_llama(SHAPE_1B, root / "1b", small_world(sst2=sst2).aligned_dir)
+    world = small_world(sst2=sst2)
+    if shape == "small":
+        return world.aligned_dir, world.adapter_dir("k100-r8")
+    return random_llama(SHAPE_1B, root / "1b", world.aligned_dir)
 
 
 def random_llama(
