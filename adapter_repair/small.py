@@ -522,20 +522,22 @@ class SmallWorld:
         (out / "measures.json").write_text(json.dumps(report.as_dict(), indent=2))
         return {"measures": {k: v.as_dict() for k, v in report.measures.items()}}
 
-    def measure(self, model: Any, tok: Any, label: str) -> Any:
+    def measure(self, model: Any, tok: Any, label: str, *, safety_only: bool = False) -> Any:
         """The bed's measures of a loaded model (an EvalReport): harm on AdvBench eval and
-        XSTest unsafe, over-refusal on XSTest safe, SST-2 dev (choice match)."""
+        XSTest unsafe, over-refusal on XSTest safe, SST-2 dev (choice match); with
+        ``safety_only`` just AdvBench eval and XSTest safe (the measures a base's precision
+        moves)."""
         from adapter_repair.evaluate import EvalSets, evaluate_model
 
         sets = self.eval_sets()
         report = evaluate_model(
             model,
             tok,
-            EvalSets(sets["harmful"], sets["safe"], sets["task"]),
+            EvalSets(sets["harmful"], sets["safe"], None if safety_only else sets["task"]),
             generation=self._gen(self.recipe.eval_max_new_tokens),
             task_generation=self._gen(self.recipe.task_max_new_tokens),
             match="choice",
-            extra_harmful={"xstest": sets["xstest_unsafe"]},
+            extra_harmful=None if safety_only else {"xstest": sets["xstest_unsafe"]},
             label=label,
         )
         report.info["model"] = label

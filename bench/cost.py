@@ -228,9 +228,14 @@ def main() -> None:
         for method in methods:
             cmd = [sys.executable, __file__, "--one", shape, method, "--steps", str(args.steps)]
             cmd += ["--prompts", str(args.prompts), "--sst2", args.sst2, "--cache", args.cache]
-            proc = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True)
-            line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-            rows.append({"shape": shape, "method": method, **json.loads(line[len("RESULT ") :])})
+            proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+            lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
+            if proc.returncode != 0 or not lines:
+                # Kept as a row: at 1B the dense method may not fit beside the OS (killed: -9).
+                why = f"failed (exit {proc.returncode}{', killed: out of memory?' if proc.returncode in (-9, 137) else ''})"
+                rows.append({"shape": shape, "method": method, "failed": why})
+            else:
+                rows.append({"shape": shape, "method": method, **json.loads(lines[0][8:])})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     write(rows, args)
 
@@ -252,6 +257,9 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        if "failed" in r:
+            md.append(f"| {r['shape']} | {r['method']} | - | {r['failed']} | - | - | - |")
+            continue
         step = median(r["step_seconds"])
         bare = median(r["bare_seconds"]) if "bare_seconds" in r else None
         ratio = f"{step / bare:.2f}" if bare else "-"
@@ -261,7 +269,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         )
     md += ["", "## Targets", "", "| shape | target | measured | ok |", "|---|---|---|---|"]
     for shape in args.shapes.split(","):
-        by = {r["method"]: r for r in rows if r["shape"] == shape}
+        by = {r["method"]: r for r in rows if r["shape"] == shape and "failed" not in r}
         if "dense" in by:
             rss = by["dense"]["peak_rss_gb"] / by["ours-4bit"]["peak_rss_gb"]
             speed = median(by["dense"]["step_seconds"]) / median(by["ours-fp32"]["step_seconds"])

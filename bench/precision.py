@@ -23,7 +23,7 @@ from adapter_repair import prompts as P
 from adapter_repair.config import GenerationConfig, LoadConfig
 from adapter_repair.generation import generate
 from adapter_repair.judges import load_judge
-from adapter_repair.loading import load_model, load_tokenizer
+from adapter_repair.loading import load_base, load_model, load_tokenizer
 from adapter_repair.measures import Rate
 from adapter_repair.small import small_world
 
@@ -61,6 +61,18 @@ def main() -> None:
     ]
     tok = load_tokenizer(None, str(world.aligned_dir))
     rows = []
+    # The aligned base itself both ways: the level each column's repair is judged against.
+    dense = load_base(LoadConfig(base=str(world.aligned_dir), quant="none", dtype="bfloat16"))
+    nf4_base = load_base(LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16"))
+    rows.append(
+        {
+            "point": "aligned base",
+            "merged_bf16": rates(dense, tok, sets),
+            "over_4bit": rates(nf4_base, tok, sets),
+        }
+    )
+    del dense, nf4_base
+    print(rows[-1], file=sys.stderr, flush=True)
     for label, folder in points:
         merged, mtok = world.load_merged(folder)
         bf16 = rates(merged, mtok, sets)
@@ -76,8 +88,8 @@ def main() -> None:
         "",
         f"{args.adapter}, {args.method} (bench/results/curve.md): each adapter merged in float32"
         " into the bfloat16 aligned base (how the benches score) and loaded over the 4-bit NF4"
-        " aligned base (how it was trained and repaired; what the stop rule measures). Substring"
-        " judge, 32 new tokens.",
+        " aligned base (how it was trained and repaired; what the stop rule measures); the aligned"
+        " base itself in bfloat16 and in NF4. Substring judge, 32 new tokens.",
         "",
         "| point | probe % merged bf16 | probe % over 4-bit | eval % merged bf16 | eval % over 4-bit |",
         "|---|---|---|---|---|",
