@@ -192,6 +192,14 @@ REPAIR_METHODS = ("project", "restore", "both")
 DIRECTION_KINDS = ("shift", "refusal")
 PROJECTION_SIDES = ("write", "read", "both")
 RESTORE_SCORES = ("grad", "grad_x_value", "benign_aware", "ratio")
+#: what RestoreConfig.search varies, tried in this order after the configured settings: the
+#: levers whose best value moved between adapters and worlds (bench/results/repair.md,
+#: pico_repair.md)
+SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
+    "score": ("benign_aware", "ratio"),
+    "rollback": (0.2, 0.5, 0.0),
+    "rate": (0.01, 0.005, 0.02),
+}
 
 
 @dataclass(frozen=True)
@@ -304,9 +312,19 @@ class RestoreConfig:
         "its own greedy answers to benign prompts.",
         metavar="KL",
     )
+    search: int = setting(
+        0,
+        "Per-adapter search: run stage 2 with up to N settings (these, then rate x rollback x "
+        "score from SEARCH_SPACE) and keep the run whose kept step has the lowest probe "
+        "harmful rate, then the best task guard, then the fewest changed coordinates. Costs "
+        "up to N repairs. 0 or 1: these settings only.",
+        metavar="N",
+    )
 
     def __post_init__(self) -> None:
         check_choices(self)
+        if self.search < 0:
+            raise ValueError(f"search must be at least 0; got {self.search}")
         if not 0.0 < self.rate <= 1.0:
             raise ValueError(f"rate must be in (0, 1]; got {self.rate}")
         if not 0.0 <= self.rollback <= 1.0:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import itertools
 import logging
 import os
 import time
@@ -23,7 +24,14 @@ import torch
 
 from adapter_repair import prompts as P
 from adapter_repair.adapter import LoraAdapter
-from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig, RepairConfig
+from adapter_repair.config import (
+    SEARCH_SPACE,
+    EvalConfig,
+    GenerationConfig,
+    LoadConfig,
+    RepairConfig,
+    RestoreConfig,
+)
 from adapter_repair.directions import difference_directions, mean_hidden, shift_directions, unit
 from adapter_repair.errors import AdapterFormatError
 from adapter_repair.generation import generate
@@ -338,6 +346,33 @@ def _restore_step(
 
 
 # -- the pipeline ---------------------------------------------------------------------------
+def search_settings(rc: RestoreConfig, n: int) -> list[RestoreConfig]:
+    """The first ``n`` stage-2 settings a per-adapter search tries: ``rc`` itself, then each
+    lever of SEARCH_SPACE moved alone to each of its other values, then the remaining
+    combinations, so a small budget covers every lever once before mixing them."""
+    base = {k: getattr(rc, k) for k in SEARCH_SPACE}
+    seen = [base]
+    for lever, values in SEARCH_SPACE.items():
+        seen += [{**base, lever: v} for v in values if v != base[lever]]
+    for combo in itertools.product(*SEARCH_SPACE.values()):
+        seen.append(dict(zip(SEARCH_SPACE, combo, strict=True)))
+    unique: list[dict[str, Any]] = []
+    for s in seen:
+        if s not in unique:
+            unique.append(s)
+    return [dataclasses.replace(rc, **s, search=0) for s in unique[: max(1, n)]]
+
+
+def kept_record(result: RepairResult) -> Step:
+    """The history entry of the step a run kept (its last measurement of that state)."""
+    measured = [
+        s
+        for s in result.history
+        if s.step == (result.kept_step or 0) and not s.backtracked and s.probe_harmful is not None
+    ]
+    return measured[-1] if measured else result.history[0]
+
+
 def repair(
     model: Any,
     tokenizer: Any,
@@ -358,7 +393,79 @@ def repair(
     ``guard``: task rows or benign prompts that protect what the fine-tune learnt.
     ``keep_checkpoints``: also return the adapter at every measured step that held (one copy
     each), so a benchmark can score the whole path, not only where the stop rule ended.
+
+    With ``config.restore.search`` > 1, stage 2 runs once per setting of
+    :func:`search_settings`, each from the input adapter, and the best run is kept (lowest
+    probe harmful rate at its kept step, then the best guard, then the fewest coordinates
+    changed): the settings that suit one adapter do not suit every adapter (DESIGN's lesson
+    4), and the probe and guard that steer one run can choose between runs. Every trial is
+    recorded in ``settings["search"]``.
     """
+
+    def once(cfg: RepairConfig) -> RepairResult:
+        return _repair_once(
+            model, tokenizer, adapter, cfg, probe=probe, guard=guard, judge=judge,
+            generation=generation, keep_checkpoints=keep_checkpoints,
+        )  # fmt: skip
+
+    if config.restore.search <= 1 or config.method == "project":
+        return once(config)
+    params = _factors(walk(model))
+    original = _snapshot(params)
+    runs: list[tuple[RepairResult, dict[str, torch.Tensor]]] = []
+    trials = []
+    settings = search_settings(config.restore, config.restore.search)
+    for i, rc in enumerate(settings):
+        _load_state(params, original)
+        logger.info(
+            "search %d/%d: score %s, rollback %g, rate %g", i + 1, len(settings), rc.score,
+            rc.rollback, rc.rate,
+        )  # fmt: skip
+        result = once(dataclasses.replace(config, restore=rc))
+        rec = kept_record(result)
+        trials.append(
+            {
+                **{k: getattr(rc, k) for k in SEARCH_SPACE},
+                "probe_harmful": rec.probe_harmful,
+                "guard": rec.guard,
+                "changed": result.changed,
+                "stopped": result.stopped,
+                "kept_step": result.kept_step,
+                "seconds": result.seconds.get("total"),
+            }
+        )
+        runs.append((result, _snapshot(params)))
+
+    def rank(i: int) -> tuple[float, float, float]:
+        t = trials[i]
+        return (t["probe_harmful"] or 0.0, -(t["guard"] or 0.0), t["changed"])
+
+    best = min(range(len(runs)), key=rank)
+    result, state = runs[best]
+    _load_state(params, state)
+    result.settings["search"] = {"trials": trials, "chosen": best}
+    result.seconds["search"] = sum(t["seconds"] or 0.0 for t in trials)
+    logger.info(
+        "search chose trial %d: score %s, rollback %g, rate %g (probe harmful %.1f%%)",
+        best + 1, trials[best]["score"], trials[best]["rollback"], trials[best]["rate"],
+        100 * (trials[best]["probe_harmful"] or 0.0),
+    )  # fmt: skip
+    return result
+
+
+def _repair_once(
+    model: Any,
+    tokenizer: Any,
+    adapter: LoraAdapter,
+    config: RepairConfig,
+    *,
+    probe: P.PromptSet,
+    guard: Guard,
+    judge: Judge,
+    generation: GenerationConfig | None = None,
+    keep_checkpoints: bool = False,
+) -> RepairResult:
+    """One run of :func:`repair` with ``config``'s settings as they are (no search)."""
     t_start = time.perf_counter()
     rc = config.restore
     gen = generation or GenerationConfig(config.max_new_tokens, config.batch_size, progress=False)

@@ -61,6 +61,11 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"targets": "mean"},
     ),
     "L-minus-1": ("the demo at L = n_layers - 1 (DESIGN's default)", "eval", {"layer": -2}),
+    "search": (
+        "the demo with a per-adapter search over 6 settings (score, rollback, rate)",
+        "eval",
+        {"search": 6},
+    ),
     "ratio-guard-train": (
         "the ratio score, guarded by the training rows",
         "train",

@@ -4,6 +4,7 @@ restoration zeroes what it chose and keeps rank and format, the guard and stop r
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -19,16 +20,18 @@ from transformers import AutoModelForCausalLM
 from adapter_repair import prompts as P
 from adapter_repair.adapter import load_adapter
 from adapter_repair.cli.main import cli
-from adapter_repair.config import LoadConfig, RepairConfig, RestoreConfig
+from adapter_repair.config import SEARCH_SPACE, LoadConfig, RepairConfig, RestoreConfig
 from adapter_repair.directions import unit
 from adapter_repair.judges import load_judge
 from adapter_repair.loading import load_model, load_tokenizer
 from adapter_repair.repair import (
     ADAPTER,
     Guard,
+    kept_record,
     project_adapter,
     repair,
     resolve_layer,
+    search_settings,
 )
 from adapter_repair.walk import norm_gain, walk
 from tests.test_adapter import folder_digest
@@ -236,6 +239,56 @@ def test_checkpoints_hold_the_adapter_at_each_measured_step(loaded) -> None:
     assert not same(result.checkpoints[2], result.adapter)
     assert not same(result.checkpoints[2], adapter)
     assert not restore(loaded, layer=3, rate=0.05, max_steps=2, target=0.0).checkpoints
+
+
+def test_search_settings_move_each_lever_alone_before_mixing() -> None:
+    rc = RestoreConfig(score="benign_aware", rollback=0.2, rate=0.01, search=6)
+    tried = [(c.score, c.rollback, c.rate) for c in search_settings(rc, 6)]
+    assert tried == [
+        ("benign_aware", 0.2, 0.01),
+        ("ratio", 0.2, 0.01),
+        ("benign_aware", 0.5, 0.01),
+        ("benign_aware", 0.0, 0.01),
+        ("benign_aware", 0.2, 0.005),
+        ("benign_aware", 0.2, 0.02),
+    ]
+    everything = search_settings(rc, 1000)
+    n_combos = math.prod(len(v) for v in SEARCH_SPACE.values())
+    assert len(everything) == n_combos  # each combination once, however many are asked for
+    assert len({(c.score, c.rollback, c.rate) for c in everything}) == n_combos
+    assert all(c.search == 0 and c.layer == rc.layer for c in everything)
+    assert search_settings(rc, 0) == search_settings(rc, 1) == [dataclasses.replace(rc, search=0)]
+
+
+def test_search_keeps_the_best_trial_and_leaves_the_model_at_it(loaded) -> None:
+    model = loaded[0]
+    result = restore(
+        loaded, layer=3, rate=0.05, max_steps=2, eval_every=1, target=0.0, max_kl=1e9, search=4
+    )
+    trials = result.settings["search"]["trials"]
+    assert len(trials) == 4
+    assert [t["rate"] for t in trials] == [0.05, 0.05, 0.05, 0.05]
+    assert [t["rollback"] for t in trials] == [0.2, 0.2, 0.5, 0.0]
+    # different settings really ran: the rollback share changes what stays changed
+    assert len({round(t["changed"], 6) for t in trials}) > 1
+
+    def rank(t: dict[str, Any]) -> tuple[float, float, float]:
+        return (t["probe_harmful"], -t["guard"], t["changed"])
+
+    chosen = result.settings["search"]["chosen"]
+    assert rank(trials[chosen]) == min(rank(t) for t in trials)
+    rec = kept_record(result)
+    assert (rec.probe_harmful, rec.guard) == (
+        trials[chosen]["probe_harmful"],
+        trials[chosen]["guard"],
+    )
+    assert result.changed == trials[chosen]["changed"]
+    # the live model holds the chosen trial's factors, which are the result's adapter
+    live = {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
+    for m in result.adapter:
+        for side, t in (("lora_A", m.A), ("lora_B", m.B)):
+            (name,) = [n for n in live if n.endswith(f"{m.key}.{side}.default.weight")]
+            assert torch.equal(live[name].to(t.dtype), t)
 
 
 def run(*args: str):
