@@ -84,6 +84,27 @@ def markdown(report: Mapping[str, Any]) -> str:
                 f"{100 * s['changed']:.2f}% | {cos} | {probe} | {guard} |"
             )
         lines.append("")
+    search = (res.get("settings") or {}).get("search")
+    if search:
+        lines += [
+            "## Search",
+            "",
+            "Stage 2 run from the input adapter once per setting; kept: the lowest probe harmful"
+            " rate at the kept step, then the best guard, then the fewest changes.",
+            "",
+            "| trial | score | rollback | rate | stopped (kept step) | probe harmful | guard"
+            " | changed | chosen |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for i, t in enumerate(search["trials"]):
+            probe = "-" if t["probe_harmful"] is None else f"{100 * t['probe_harmful']:.1f}%"
+            guard = "-" if t["guard"] is None else f"{t['guard']:.3f}"
+            lines.append(
+                f"| {i + 1} | {t['score']} | {t['rollback']} | {t['rate']} |"
+                f" {t['stopped']} ({t['kept_step']}) | {probe} | {guard} |"
+                f" {100 * t['changed']:.2f}% | {'yes' if i == search['chosen'] else ''} |"
+            )
+        lines.append("")
     lines += [
         "## Settings",
         "",

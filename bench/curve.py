@@ -30,7 +30,7 @@ HERE = Path(__file__).resolve().parent
 
 
 def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
-    config = dataclasses.asdict(bench.repair_config(method))
+    config = bench.config_key(bench.repair_config(method))
     payload = {
         "adapter": world.artifacts[f"adapter-{adapter}"].key,
         "aligned": world.artifacts["aligned"].key,

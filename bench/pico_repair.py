@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import results_io
+from repair import config_key
 
 from adapter_repair import prompts as P
 from adapter_repair.config import GenerationConfig, LoadConfig, RepairConfig
@@ -140,7 +141,7 @@ def main() -> None:
     for seed in seeds:
         world = build_pico_world(PicoRecipe(seed=seed))
         for name in names:
-            config = dataclasses.asdict(variant_config(world, VARIANTS[name][2]))
+            config = config_key(variant_config(world, VARIANTS[name][2]))
             key = json.dumps([world.root.name, VARIANTS[name][1], config], sort_keys=True)
             if key not in done:
                 out = run(world, VARIANTS[name][1], VARIANTS[name][2])

@@ -80,6 +80,20 @@ def repair_config(method: str) -> RepairConfig:
     )
 
 
+#: settings added after runs were cached, at the value that changes nothing: left out of cache
+#: keys, so adding a setting does not throw away hours of cached runs
+ADDED_NOOP = {"search": 0}
+
+
+def config_key(config: RepairConfig) -> dict[str, Any]:
+    """``config`` as a cache key: every setting, but those of ADDED_NOOP at their no-op value."""
+    out = dataclasses.asdict(config)
+    for name, noop in ADDED_NOOP.items():
+        if out["restore"].get(name) == noop:
+            del out["restore"][name]
+    return out
+
+
 def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
     payload: dict[str, Any] = {
         "adapter": world.artifacts[f"adapter-{adapter}"].key,
@@ -90,7 +104,7 @@ def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
     elif method == "dense":
         payload.update(dense=DENSE, guard_rows=GUARD_ROWS)
     else:
-        payload.update(config=dataclasses.asdict(repair_config(method)), guard_rows=GUARD_ROWS)
+        payload.update(config=config_key(repair_config(method)), guard_rows=GUARD_ROWS)
     return Artifact(f"repair-{adapter}-{method}", payload)
 
 

@@ -33,6 +33,7 @@ from adapter_repair.repair import (
     resolve_layer,
     search_settings,
 )
+from adapter_repair.report import markdown
 from adapter_repair.walk import norm_gain, walk
 from tests.test_adapter import folder_digest
 
@@ -283,6 +284,17 @@ def test_search_keeps_the_best_trial_and_leaves_the_model_at_it(loaded) -> None:
         trials[chosen]["guard"],
     )
     assert result.changed == trials[chosen]["changed"]
+    # the report shows every trial and marks the chosen one
+    md = markdown(
+        {
+            "source": "in", "base": "b", "quant": "none", "method": "restore",
+            "repair": result.as_dict(), "tool_version": "0", "date": "today", "measures": {},
+        }
+    )  # fmt: skip
+    section = md.split("## Search", 1)[1].split("## ", 1)[0]
+    trial_rows = [r for r in section.splitlines() if r[:3].strip("| ").isdigit()]
+    assert len(trial_rows) == 4
+    assert [r.rstrip(" |").endswith("yes") for r in trial_rows] == [i == chosen for i in range(4)]
     # the live model holds the chosen trial's factors, which are the result's adapter
     live = {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
     for m in result.adapter:
