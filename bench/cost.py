@@ -235,7 +235,8 @@ def main() -> None:
                 why = f"failed (exit {proc.returncode}{', killed: out of memory?' if proc.returncode in (-9, 137) else ''})"
                 rows.append({"shape": shape, "method": method, "failed": why})
             else:
-                rows.append({"shape": shape, "method": method, **json.loads(lines[0][8:])})
+                result = json.loads(lines[0][len("RESULT ") :])
+                rows.append({"shape": shape, "method": method, **result})
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     write(rows, args)
 
@@ -270,7 +271,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     md += ["", "## Targets", "", "| shape | target | measured | ok |", "|---|---|---|---|"]
     for shape in args.shapes.split(","):
         by = {r["method"]: r for r in rows if r["shape"] == shape and "failed" not in r}
-        if "dense" in by:
+        if {"dense", "ours-4bit", "ours-fp32"} <= by.keys():
             rss = by["dense"]["peak_rss_gb"] / by["ours-4bit"]["peak_rss_gb"]
             speed = median(by["dense"]["step_seconds"]) / median(by["ours-fp32"]["step_seconds"])
             md.append(
