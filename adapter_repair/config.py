@@ -314,10 +314,11 @@ class RestoreConfig:
     )
     search: int = setting(
         0,
-        "Per-adapter search: run stage 2 with up to N settings (these, then rate x rollback x "
-        "score from SEARCH_SPACE) and keep the run whose kept step has the lowest probe "
-        "harmful rate, then the best task guard, then the fewest changed coordinates. Costs "
-        "up to N repairs. 0 or 1: these settings only.",
+        "Per-adapter search: run stage 2 from the input adapter with up to N settings (these; "
+        "then score, rollback and rate each moved alone; then their combinations) and keep the "
+        "run whose kept step has the lowest probe harmful rate (down to the target), then the "
+        "best guard, then the fewest changed coordinates. Costs up to N repairs. 0 or 1: these "
+        "settings only; ignored by --method project.",
         metavar="N",
     )
 

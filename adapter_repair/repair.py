@@ -395,9 +395,9 @@ def repair(
     each), so a benchmark can score the whole path, not only where the stop rule ended.
 
     With ``config.restore.search`` > 1, stage 2 runs once per setting of
-    :func:`search_settings`, each from the input adapter, and the best run is kept (lowest
-    probe harmful rate at its kept step, then the best guard, then the fewest coordinates
-    changed): the settings that suit one adapter do not suit every adapter (DESIGN's lesson
+    :func:`search_settings`, each from the input adapter, and the best run by
+    :func:`search_rank` is kept (lowest probe harmful rate at its kept step down to the
+    target, then the best guard, then the fewest coordinates changed): the settings that suit one adapter do not suit every adapter (DESIGN's lesson
     4), and the probe and guard that steer one run can choose between runs. Every trial is
     recorded in ``settings["search"]``.
     """
@@ -412,8 +412,8 @@ def repair(
         return once(config)
     params = _factors(walk(model))
     original = _snapshot(params)
-    runs: list[tuple[RepairResult, dict[str, torch.Tensor]]] = []
-    trials = []
+    trials: list[dict[str, Any]] = []
+    best: tuple[tuple[float, float, float], int, RepairResult] | None = None
     settings = search_settings(config.restore, config.restore.search)
     for i, rc in enumerate(settings):
         _load_state(params, original)
@@ -431,26 +431,44 @@ def repair(
                 "changed": result.changed,
                 "stopped": result.stopped,
                 "kept_step": result.kept_step,
-                "seconds": result.seconds.get("total"),
+                "seconds": result.seconds.get("total", 0.0),
             }
         )
-        runs.append((result, _snapshot(params)))
-
-    def rank(i: int) -> tuple[float, float, float]:
-        t = trials[i]
-        return (t["probe_harmful"] or 0.0, -(t["guard"] or 0.0), t["changed"])
-
-    best = min(range(len(runs)), key=rank)
-    result, state = runs[best]
-    _load_state(params, state)
-    result.settings["search"] = {"trials": trials, "chosen": best}
-    result.seconds["search"] = sum(t["seconds"] or 0.0 for t in trials)
+        key = search_rank(trials[-1], result.target, guard.kind)
+        if best is None or key < best[0]:
+            best = (key, i, result)  # its adapter holds its state: one copy, not one per trial
+        if result.stopped == "already at target":
+            break  # nothing searched changes that: every trial would stop the same way
+    assert best is not None
+    _, chosen, result = best
+    for m in result.adapter:  # the live model back to the chosen run's factors
+        for side, t in (("lora_A", m.A), ("lora_B", m.B)):
+            p = params.get(f"{m.key}.{side}")
+            if p is not None:
+                with torch.no_grad():
+                    p.copy_(t.to(device=p.device, dtype=p.dtype))
+    result.settings["search"] = {"n": config.restore.search, "trials": trials, "chosen": chosen}
+    result.seconds["search"] = sum(t["seconds"] for t in trials)
+    result.seconds["total"] = result.seconds["search"]
     logger.info(
         "search chose trial %d: score %s, rollback %g, rate %g (probe harmful %.1f%%)",
-        best + 1, trials[best]["score"], trials[best]["rollback"], trials[best]["rate"],
-        100 * (trials[best]["probe_harmful"] or 0.0),
+        chosen + 1, trials[chosen]["score"], trials[chosen]["rollback"], trials[chosen]["rate"],
+        100 * (trials[chosen]["probe_harmful"] or 0.0),
     )  # fmt: skip
     return result
+
+
+def search_rank(
+    trial: dict[str, Any], target: float | None, guard_kind: str
+) -> tuple[float, float, float]:
+    """Sort key of a search trial, smaller is better: probe harmful rate at its kept step
+    (anything at or under the target counts as the target: below it, the probe that steered
+    the run should not also pick the run), then the guard (task score: higher is better; KL:
+    lower is better), then the share of coordinates changed."""
+    probe = trial["probe_harmful"] or 0.0
+    harm = max(probe, target or 0.0)
+    g = trial["guard"] or 0.0
+    return (harm, g if guard_kind == "fidelity" else -g, trial["changed"])
 
 
 def _repair_once(

@@ -90,7 +90,8 @@ def markdown(report: Mapping[str, Any]) -> str:
             "## Search",
             "",
             "Stage 2 run from the input adapter once per setting; kept: the lowest probe harmful"
-            " rate at the kept step, then the best guard, then the fewest changes.",
+            " rate at the kept step (down to the target), then the best guard, then the fewest"
+            " changes.",
             "",
             "| trial | score | rollback | rate | stopped (kept step) | probe harmful | guard"
             " | changed | chosen |",

@@ -8,9 +8,10 @@ saw. Writes bench/results/max_kl.md (and .json).
 
     python bench/max_kl.py [--seeds 0,1] [--steps 30]
 
-The default this suggests is the smallest, over seeds, of the largest KL seen while the task
-stayed within 2% (relative) of the fine-tuned adapter's: the guard then stops no later than
-the task guard would have on any seed measured.
+The default this suggests is the smallest, over seeds, of the largest KL seen before the task
+first fell more than 2% (relative) below the fine-tuned adapter's. Stage 2 runs with the
+product's ``hold_out`` (the answers loss fit on half the benign prompts, the KL measured on
+the others).
 """
 
 from __future__ import annotations
@@ -61,8 +62,11 @@ def run_seed(seed: int, steps: int) -> list[dict[str, Any]]:
     gen = GenerationConfig(max_new_tokens=16, batch_size=64, progress=False)
     base = demo_config(world)
     config = dataclasses.replace(
-        base, restore=dataclasses.replace(base.restore, max_kl=1e9, max_steps=steps, target=0.0)
-    )
+        base,
+        restore=dataclasses.replace(
+            base.restore, max_kl=1e9, max_steps=steps, target=0.0, hold_out=True
+        ),
+    )  # without task rows, hold_out splits the benign prompts: answers fit on half, KL on the rest
     load = LoadConfig(base=str(world.base_dir), quant="none", dtype="float32")
     model, adapter = load_model(world.adapter_dir, load)
     tok = load_tokenizer(world.adapter_dir, str(world.base_dir))
@@ -88,20 +92,25 @@ def run_seed(seed: int, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
-def suggest(rows: list[dict[str, Any]]) -> tuple[float, dict[int, float]]:
+def suggest(rows: list[dict[str, Any]]) -> tuple[float, dict[int, float], list[int]]:
     """Per seed, the largest KL among steps before the task first fell more than MAX_DROP
-    below the fine-tuned adapter's; the suggestion is their minimum."""
+    below the fine-tuned adapter's; the suggestion is their minimum. Also the seeds whose task
+    never fell (their value is only a lower bound)."""
     per_seed: dict[int, float] = {}
+    never: list[int] = []
     for seed in sorted({r["seed"] for r in rows}):
         mine = sorted((r for r in rows if r["seed"] == seed), key=lambda r: r["step"])
         ref = mine[0]["task_score"]
-        ok = 0.0
+        ok, fell = 0.0, False
         for r in mine[1:]:
             if r["task_score"] < ref * (1 - MAX_DROP) - 1e-9:
+                fell = True
                 break
             ok = max(ok, r["kl"])
         per_seed[seed] = ok
-    return min(per_seed.values()), per_seed
+        if not fell:
+            never.append(seed)
+    return min(per_seed.values()), per_seed, never
 
 
 def main() -> None:
@@ -111,7 +120,7 @@ def main() -> None:
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     rows = [r for s in args.seeds.split(",") for r in run_seed(int(s), args.steps)]
-    best, per_seed = suggest(rows)
+    best, per_seed, never = suggest(rows)
     md = [
         "# The fidelity guard's max_kl",
         "",
@@ -130,13 +139,19 @@ def main() -> None:
         "",
         "Largest KL while the task stayed within 2% of the fine-tuned adapter's: "
         + ", ".join(f"seed {s}: {v:.4f}" for s, v in per_seed.items())
-        + f"; suggested max_kl: {best:.4f}.",
+        + f"; suggested max_kl: {best:.4f}."
+        + (
+            f" The task never fell on seed(s) {never}: there the value is a lower bound."
+            if never
+            else ""
+        ),
         "",
         f"Machine: {results_io.machine()}. Command: `python bench/max_kl.py --seeds {args.seeds}"
         f" --steps {args.steps}`.",
         "",
     ]
-    results_io.write_results("max_kl", md, {"rows": rows, "per_seed": per_seed, "suggested": best})
+    payload = {"rows": rows, "per_seed": per_seed, "never_fell": never, "suggested": best}
+    results_io.write_results("max_kl", md, payload)
     print("\n".join(md))
 
 

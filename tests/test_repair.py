@@ -31,6 +31,7 @@ from adapter_repair.repair import (
     project_adapter,
     repair,
     resolve_layer,
+    search_rank,
     search_settings,
 )
 from adapter_repair.report import markdown
@@ -261,29 +262,61 @@ def test_search_settings_move_each_lever_alone_before_mixing() -> None:
     assert search_settings(rc, 0) == search_settings(rc, 1) == [dataclasses.replace(rc, search=0)]
 
 
-def test_search_keeps_the_best_trial_and_leaves_the_model_at_it(loaded) -> None:
-    model = loaded[0]
-    result = restore(
-        loaded, layer=3, rate=0.05, max_steps=2, eval_every=1, target=0.0, max_kl=1e9, search=4
+def test_search_rank_prefers_less_harm_down_to_the_target_then_the_better_guard() -> None:
+    def t(probe: float, guard: float, changed: float = 0.1) -> dict[str, Any]:
+        return {"probe_harmful": probe, "guard": guard, "changed": changed}
+
+    # task guard: a higher score is better; KL: a lower one is
+    assert search_rank(t(0.2, 0.9), 0.05, "task") < search_rank(t(0.3, 0.99), 0.05, "task")
+    assert search_rank(t(0.2, 0.9), 0.05, "task") < search_rank(t(0.2, 0.8), 0.05, "task")
+    assert search_rank(t(0.2, 0.01), 0.05, "fidelity") < search_rank(t(0.2, 0.02), 0.05, "fidelity")
+    # under the target, harm no longer decides: the better guard wins
+    assert search_rank(t(0.05, 0.9), 0.05, "task") < search_rank(t(0.0, 0.7), 0.05, "task")
+    assert search_rank(t(0.2, 0.9, 0.1), 0.05, "task") < search_rank(t(0.2, 0.9, 0.2), 0.05, "task")
+
+
+def test_search_runs_each_trial_from_the_input_and_keeps_the_best(loaded) -> None:
+    model, _, adapter = loaded
+    settings: dict[str, Any] = dict(
+        layer=3, rate=0.05, max_steps=2, eval_every=1, target=0.0, max_kl=1e9
     )
+    result = restore(loaded, **settings, search=4)
     trials = result.settings["search"]["trials"]
     assert len(trials) == 4
-    assert [t["rate"] for t in trials] == [0.05, 0.05, 0.05, 0.05]
-    assert [t["rollback"] for t in trials] == [0.2, 0.2, 0.5, 0.0]
-    # different settings really ran: the rollback share changes what stays changed
-    assert len({round(t["changed"], 6) for t in trials}) > 1
-
-    def rank(t: dict[str, Any]) -> tuple[float, float, float]:
-        return (t["probe_harmful"], -t["guard"], t["changed"])
-
+    assert [(t["score"], t["rollback"], t["rate"]) for t in trials] == [
+        ("benign_aware", 0.2, 0.05),
+        ("ratio", 0.2, 0.05),
+        ("benign_aware", 0.5, 0.05),
+        ("benign_aware", 0.0, 0.05),
+    ]
+    assert len({round(t["changed"], 6) for t in trials}) > 1  # different settings really ran
     chosen = result.settings["search"]["chosen"]
-    assert rank(trials[chosen]) == min(rank(t) for t in trials)
+    ranks = [search_rank(t, result.target, "fidelity") for t in trials]
+    assert ranks[chosen] == min(ranks)
     rec = kept_record(result)
     assert (rec.probe_harmful, rec.guard) == (
         trials[chosen]["probe_harmful"],
         trials[chosen]["guard"],
     )
     assert result.changed == trials[chosen]["changed"]
+
+    def factors() -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in model.named_parameters() if ".lora_" in n}
+
+    # the live model holds the chosen trial's factors, which are the result's adapter
+    live = factors()
+    for m in result.adapter:
+        for side, t in (("lora_A", m.A), ("lora_B", m.B)):
+            (name,) = [n for n in live if n.endswith(f"{m.key}.{side}.default.weight")]
+            assert torch.equal(live[name].to(t.dtype), t)
+    # the last trial started from the input, not from what the trials before it left: run
+    # alone from the input, the same settings change exactly as much
+    for m, m0 in zip(result.adapter, adapter, strict=True):  # back to the input adapter
+        for side, t in (("lora_A", m0.A), ("lora_B", m0.B)):
+            (name,) = [n for n in live if n.endswith(f"{m.key}.{side}.default.weight")]
+            dict(model.named_parameters())[name].data.copy_(t.to(live[name].dtype))
+    alone = restore(loaded, **{**settings, "rollback": 0.0})
+    assert alone.changed == trials[3]["changed"]
     # the report shows every trial and marks the chosen one
     md = markdown(
         {
@@ -295,12 +328,6 @@ def test_search_keeps_the_best_trial_and_leaves_the_model_at_it(loaded) -> None:
     trial_rows = [r for r in section.splitlines() if r[:3].strip("| ").isdigit()]
     assert len(trial_rows) == 4
     assert [r.rstrip(" |").endswith("yes") for r in trial_rows] == [i == chosen for i in range(4)]
-    # the live model holds the chosen trial's factors, which are the result's adapter
-    live = {n: p.detach() for n, p in model.named_parameters() if ".lora_" in n}
-    for m in result.adapter:
-        for side, t in (("lora_A", m.A), ("lora_B", m.B)):
-            (name,) = [n for n in live if n.endswith(f"{m.key}.{side}.default.weight")]
-            assert torch.equal(live[name].to(t.dtype), t)
 
 
 def run(*args: str):
