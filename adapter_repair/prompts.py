@@ -74,6 +74,13 @@ class PromptSet:
             f"{self.name}[{start}::{step}]", self.prompts[start::step], answers, self.source
         )
 
+    def subset(self, indices: Sequence[int], label: str) -> PromptSet:
+        """The rows at ``indices``, in that order, named ``name[label]``."""
+        answers = tuple(self.answers[i] for i in indices) if self.answers is not None else None
+        return PromptSet(
+            f"{self.name}[{label}]", tuple(self.prompts[i] for i in indices), answers, self.source
+        )
+
     def digest(self) -> str:
         """sha256 over the prompts and answers: what a cache key or a report records."""
         h = hashlib.sha256()

@@ -79,14 +79,23 @@ class Guard:
     def prompts(self) -> tuple[str, ...]:
         return self.task.prompts if self.task is not None else self.benign.prompts
 
-    def halves(self) -> tuple[Guard, Guard]:
-        """(fit, check): every other row for the benign loss, the rest for the guard."""
+    def halves(self, fit_rows: int = 0) -> tuple[Guard, Guard]:
+        """(fit, check): every other row for the benign loss, the rest for the guard; with
+        ``fit_rows``, only the first ``fit_rows`` of the even rows fit and every other row
+        checks (a bigger check set, the same cost per step)."""
+        n = len(self.prompts())
+        fit_idx = list(range(0, n, 2))
+        if fit_rows:
+            fit_idx = fit_idx[:fit_rows]
+        chosen = set(fit_idx)
+        check_idx = [i for i in range(n) if i not in chosen]
 
-        def half(start: int) -> Guard:
-            task = self.task.every(2, start) if self.task is not None else None
-            return Guard(task, self.benign.every(2, start), self.match)
+        def part(idx: list[int], label: str, start: int) -> Guard:
+            if self.task is None:
+                return Guard(None, self.benign.subset(idx, label), self.match)
+            return Guard(self.task.subset(idx, label), self.benign.every(2, start), self.match)
 
-        return half(0), half(1)
+        return part(fit_idx, "fit", 0), part(check_idx, "check", 1)
 
 
 @dataclass
@@ -498,7 +507,7 @@ def _repair_once(
     )
     fit = guard  # the rows the benign loss is fit on; ``guard`` checks
     if rc.hold_out and len(guard.prompts()) >= 2:
-        fit, guard = guard.halves()
+        fit, guard = guard.halves(rc.fit_rows)
     guard_prompts = list(fit.prompts())
     params = _factors(model_map)
     original = _snapshot(params)

@@ -54,7 +54,18 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "restore-direction": ("benign loss -cos(h_L, b*) (published)", {"benign_loss": "direction"}),
     "restore-L29": ("L = n_layers - 1 (DESIGN's default)", {"layer": N_LAYERS - 1}),
     "restore-no-backtrack": ("no backtrack", {"backtrack": 0}),
+    "restore-ratio-g512": (
+        "score ratio, 512 guard rows: 64 fit the loss as before, 448 check (one row 0.2%)",
+        {"score": "ratio", "fit_rows": 64},
+    ),
 }
+GUARD_ROWS_BIG = 512  #: the guard rows of the -g512 variants
+
+
+def guard_rows(method: str) -> int:
+    """Task rows a method's guard gets: GUARD_ROWS, or GUARD_ROWS_BIG for the -g512 variants
+    (with 64 rows checked, one lost row is already most of the 2% a guard allows)."""
+    return GUARD_ROWS_BIG if method.endswith("-g512") else GUARD_ROWS
 
 
 def repair_config(method: str) -> RepairConfig:
@@ -75,14 +86,14 @@ def repair_config(method: str) -> RepairConfig:
     )
     return RepairConfig(
         method=base,
-        guard_prompts=GUARD_ROWS,
+        guard_prompts=guard_rows(method),
         restore=dataclasses.replace(restore, **overrides),
     )
 
 
 #: settings added after runs were cached, at the value that changes nothing: left out of cache
 #: keys, so adding a setting does not throw away hours of cached runs
-ADDED_NOOP = {"search": 0}
+ADDED_NOOP = {"search": 0, "fit_rows": 0}
 
 
 def config_key(config: RepairConfig) -> dict[str, Any]:
@@ -104,7 +115,7 @@ def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
     elif method == "dense":
         payload.update(dense=DENSE, guard_rows=GUARD_ROWS)
     else:
-        payload.update(config=config_key(repair_config(method)), guard_rows=GUARD_ROWS)
+        payload.update(config=config_key(repair_config(method)), guard_rows=guard_rows(method))
     return Artifact(f"repair-{adapter}-{method}", payload)
 
 
@@ -220,7 +231,7 @@ def repair_zoo_adapter(
         lora,
         repair_config(method),
         probe=P.harmful("probe"),
-        guard=Guard(world.task_guard(GUARD_ROWS), P.benign("benign"), "choice"),
+        guard=Guard(world.task_guard(guard_rows(method)), P.benign("benign"), "choice"),
         judge=load_judge("substring"),
         keep_checkpoints=keep_checkpoints,
     )

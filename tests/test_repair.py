@@ -93,6 +93,17 @@ def test_guard_halves_fit_and_check_on_disjoint_rows() -> None:
     assert check.task.prompts == ("q1", "q3", "q5") and check.task.answers == ("a1", "a3", "a5")
     assert set(fit.benign.prompts).isdisjoint(check.benign.prompts)
     assert len(fit.benign) + len(check.benign) == 5 and check.match == "exact"
+    # fit_rows: at most that many even rows fit, every other row checks
+    fit, check = Guard(task, P.benign("benign").take(5), "exact").halves(fit_rows=2)
+    assert fit.task is not None and check.task is not None
+    assert fit.task.prompts == ("q0", "q2") and fit.task.answers == ("a0", "a2")
+    assert check.task.prompts == ("q1", "q3", "q4", "q5", "q6")
+    assert check.task.answers == ("a1", "a3", "a4", "a5", "a6")
+    # without task rows the benign prompts are what is split
+    benign = P.benign("benign").take(6)
+    fit, check = Guard(None, benign, "exact").halves(fit_rows=1)
+    assert fit.benign.prompts == benign.prompts[:1]
+    assert check.benign.prompts == benign.prompts[1:]
 
 
 def test_projection_removes_the_direction_from_writers_and_readers(loaded) -> None:
