@@ -443,12 +443,50 @@ def _targets(
     return out
 
 
+def previous_results() -> dict[str, Any]:
+    """The last table's data (bench/results/repair.json), or {} when there is none."""
+    path = results_io.RESULTS / "repair.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def carry_previous(
+    rows: list[dict[str, Any]],
+    previous: list[dict[str, Any]],
+    adapters: list[str],
+    shown: list[str],
+) -> list[dict[str, Any]]:
+    """The rows measured now, with what only the last table has filled in: a row whose
+    artifact is gone from the cache (a new machine, a wiped cache) and the fields (the 4-bit
+    measures) the cache lacks. Each row carried is marked ``"carried": true``; a row done now
+    always wins. Ordered by adapter, then "none", then the methods as shown."""
+    order = ["none", *shown]
+    by_key = {(r["adapter"], r["method"]): r for r in rows}
+    for old in previous:
+        key = (old["adapter"], old["method"])
+        if old["adapter"] not in adapters or old["method"] not in order:
+            continue
+        now = by_key.get(key)
+        if now is None:
+            by_key[key] = {**old, "carried": True}
+            continue
+        for field in ("measures", "nf4"):
+            if not now.get(field) and old.get(field):
+                now[field] = old[field]
+                now["carried"] = True
+    return sorted(
+        by_key.values(), key=lambda r: (adapters.index(r["adapter"]), order.index(r["method"]))
+    )
+
+
 def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> None:
     measures = world.measures()
-    aligned = measures.get("aligned") or {}
+    previous = previous_results()
+    aligned = measures.get("aligned") or previous.get("aligned") or {}
     shown = [*methods, *(v for v in VARIANTS if v not in methods)]  # variants once run
-    rows = collect(world, adapters, shown)
-    aligned_nf4 = nf4_measures(world, None, "none")
+    rows = carry_previous(
+        collect(world, adapters, shown), previous.get("rows", []), adapters, shown
+    )
+    aligned_nf4 = nf4_measures(world, None, "none") or previous.get("aligned_nf4")
     targets = check_targets(aligned, rows, aligned_nf4)
     machine = results_io.machine()
     cfg = repair_config("both")
@@ -479,9 +517,9 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
             f" {fmt(r['repair_seconds'] / 60) if repaired else '-'} |"
             f" {fmt(r['peak_rss_gb'], 2) if repaired else '-'} |"
         )
-    missing = [
-        f"{a}/{m}" for a in adapters for m in methods if not artifact(world, a, m).done(world.root)
-    ]
+    have = {(r["adapter"], r["method"]) for r in rows}
+    missing = [f"{a}/{m}" for a in adapters for m in methods if (a, m) not in have]
+    carried = [f"{r['adapter']}/{r['method']}" for r in rows if r.get("carried")]
     md = [
         "# Repair over the small-world zoo",
         "",
@@ -515,6 +553,9 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         f" from the aligned model; `{json.dumps(DENSE)}`), its changed share over the decoder's"
         " parameters; its output is a dense model, not an adapter."
         f" Not run yet: {', '.join(missing) if missing else 'none'}.",
+        "",
+        "Rows carried from the previous table (their cache entry is gone; rerun to refresh):"
+        f" {', '.join(carried) if carried else 'none'}.",
         "",
         "Wall times are of a shared 2-core machine: k100-r8/restore and"
         " k250-r16/restore-ratio ran part of their steps beside another benchmark (k250-r16's"
@@ -563,7 +604,7 @@ def main() -> None:
         return
     adapters = [a for a in args.adapters.split(",") if a]
     methods = [m for m in args.methods.split(",") if m]
-    for name in adapters:
+    for name in adapters if not args.no_run else []:
         if not world.artifacts[f"adapter-{name}"].done(world.root):
             sys.exit(f"error: zoo adapter {name} is not built; run python bench/bed.py first")
     bad = set(methods) - {*METHODS, *BASELINES, *VARIANTS}
