@@ -378,6 +378,18 @@ def _same_path(a: Path, b: Path) -> bool:
         return False
 
 
+def check_output_folder(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that exists (unless ``overwrite``) or is a file: called before
+    long work, so that it fails in a second rather than after the repair."""
+    if out.exists() and not overwrite:
+        raise AdapterFormatError(
+            f"output folder {out} already exists.",
+            "Choose a new --out folder, or pass --overwrite to replace it.",
+        )
+    if out.exists() and not out.is_dir():
+        raise AdapterFormatError(f"output path {out} is a file.", "Choose a folder path for --out.")
+
+
 def write_folder_atomically(
     out: Path, write: Callable[[Path], None], *, overwrite: bool = False
 ) -> Path:
@@ -387,13 +399,7 @@ def write_folder_atomically(
     With ``overwrite``, an existing ``out`` is replaced only once the new one is complete.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise AdapterFormatError(
-            f"output folder {out} already exists.",
-            "Choose a new --out folder, or pass --overwrite to replace it.",
-        )
-    if out.exists() and not out.is_dir():
-        raise AdapterFormatError(f"output path {out} is a file.", "Choose a folder path for --out.")
+    check_output_folder(out, overwrite)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:

@@ -15,7 +15,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -727,10 +727,17 @@ def repair_folder(
     guard_task: P.PromptSet | None = None,
     measure: bool = True,
     overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    also: Callable[[Path, Mapping[str, Any]], object] | None = None,
 ) -> RepairOutcome:
     """Repair the adapter folder ``source`` into a new folder ``out`` (same format and rank,
     with ``repair_report.{json,md,png}``), measuring the aligned base, the fine-tuned and the
     repaired adapter before and after unless ``measure`` is False. ``source`` is only read.
+
+    ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
+    report as given; ``also(folder, report)`` writes more files (a model card) into the output
+    before it appears, so that the adapter, its report and those files land together or not
+    at all.
 
     ``task``: the user's task rows (prompt, answer); they guard the task during the repair and
     are scored before and after (``guard_task``, when given, guards instead, so that the rows
@@ -738,7 +745,7 @@ def repair_folder(
     fine-tuned adapter on the shipped benign prompts.
     """
     from adapter_repair import __version__
-    from adapter_repair.adapter import _same_path, save_adapter
+    from adapter_repair.adapter import _same_path, check_output_folder, save_adapter
     from adapter_repair.evaluate import EvalSets, evaluate_model
     from adapter_repair.judges import load_judge, load_refusal_list
     from adapter_repair.loading import load_model, load_tokenizer
@@ -748,11 +755,7 @@ def repair_folder(
     config = config or RepairConfig()
     evaluation = evaluation or EvalConfig()
     out_path = Path(out)
-    if out_path.exists() and not overwrite:
-        raise AdapterFormatError(
-            f"output folder {out_path} already exists.",
-            "Choose a new --out folder, or pass --overwrite to replace it.",
-        )
+    check_output_folder(out_path, overwrite)
     if out_path.exists() and _same_path(out_path, Path(source)):
         raise AdapterFormatError(
             f"refusing to write over the input adapter {source}.",
@@ -788,9 +791,12 @@ def repair_folder(
     t0 = time.perf_counter()
     measures: dict[str, Any] = {}
     if measure:
+        logger.info("measuring the aligned base (adapter disabled)")
         with use_adapter(model, None):
             measures["aligned"] = measure_now("aligned")
+        logger.info("measuring the fine-tuned adapter")
         measures["before"] = measure_now("fine-tuned")
+    logger.info("repairing (method %s)", config.method)
     measure_seconds = time.perf_counter() - t0
     result = repair(
         model,
@@ -804,6 +810,7 @@ def repair_folder(
     )
     t0 = time.perf_counter()
     if measure:
+        logger.info("measuring the repaired adapter")
         measures["after"] = measure_now("repaired")
     measure_seconds += time.perf_counter() - t0
     report: dict[str, Any] = {
@@ -822,7 +829,13 @@ def repair_folder(
         "repair": result.as_dict(),
         "warnings": warnings,
     }
-    path = save_adapter(
-        result.adapter, out_path, overwrite=overwrite, also=lambda d: write_report(d, report)
-    )
+    if provenance:
+        report["provenance"] = dict(provenance)
+
+    def write_extra(folder: Path) -> None:
+        write_report(folder, report)
+        if also is not None:
+            also(folder, report)
+
+    path = save_adapter(result.adapter, out_path, overwrite=overwrite, also=write_extra)
     return RepairOutcome(result, report, path)

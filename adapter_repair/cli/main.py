@@ -291,12 +291,15 @@ def _repair_config(params: dict[str, Any]) -> RepairConfig:
     )
 
 
-def _render_repair(outcome: Any, as_json: bool) -> None:
+def _render_repair(outcome: Any, as_json: bool, pushed: Any = None) -> None:
     from adapter_repair.report import COLUMNS, measures_table
 
     report = outcome.report
+    push = None
+    if pushed is not None:
+        push = {**pushed.plan.as_dict(), "url": pushed.url, "dry_run": pushed.dry_run}
     if as_json:
-        click.echo(json.dumps({"out": str(outcome.out), **report}, indent=2))
+        click.echo(json.dumps({"out": str(outcome.out), **report, "push": push}, indent=2))
         return
     res = report["repair"]
     click.echo(f"repaired  {report['source']} -> {outcome.out}")
@@ -308,6 +311,14 @@ def _render_repair(outcome: Any, as_json: bool) -> None:
     if rows:
         click.echo(_table(rows, ["measure", *(name for _, name in COLUMNS)]))
     click.echo(f"report    {outcome.out / 'repair_report.md'}")
+    if push is not None:
+        kind = "pull request on" if push["create_pr"] else "commit to"
+        if push["dry_run"]:
+            click.echo(f"dry run: would push one {kind} {push['repo_id']}:")
+            for f in push["files"]:
+                click.echo(f"  {f['path']}  ({f['bytes']:,} bytes)")
+        else:
+            click.echo(f"pushed    {push['url']}")
 
 
 @cli.command(
@@ -316,15 +327,33 @@ def _render_repair(outcome: Any, as_json: bool) -> None:
     epilog="\b\nExamples:\n"
     "  adapter-repair fix ./my-lora --out ./my-lora-repaired\n"
     "  adapter-repair fix ./my-lora --out ./fixed --task sst2.jsonl --match choice --quant 4bit\n"
-    "  adapter-repair fix ./my-lora --out ./fixed --method project --no-measure --json",
+    "  adapter-repair fix ./my-lora --out ./fixed --method project --no-measure --json\n"
+    "  adapter-repair fix user/lora --pr                       # a pull request on the Hub repo\n"
+    "  adapter-repair fix user/lora@v1 --push-to me/lora-safe --dry-run",
 )
-@click.argument("source", type=click.Path(path_type=Path))
+@click.argument("source")
 @click.option(
     "--out",
-    required=True,
     type=click.Path(path_type=Path),
-    help="Folder for the repaired adapter and its report (must not exist, unless --overwrite).",
+    help="Folder for the repaired adapter, its report and model card (must not exist, unless "
+    "--overwrite). Default: NAME-repaired, beside a local SOURCE or in the working folder.",
 )
+@click.option(
+    "--push-to",
+    metavar="OWNER/NAME",
+    help="Push the repaired adapter to this Hub repo (created when missing) as one commit.",
+)
+@click.option(
+    "--pr",
+    is_flag=True,
+    help="Open a pull request with the repaired adapter on the SOURCE repo (Hub SOURCE only).",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Repair, then list what --push-to or --pr would push, without pushing.",
+)
+@click.option("--private", is_flag=True, help="Create the --push-to repo private.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option(
     "--task",
@@ -348,8 +377,12 @@ def _render_repair(outcome: Any, as_json: bool) -> None:
 @options_from(LoadConfig)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 def fix(
-    source: Path,
-    out: Path,
+    source: str,
+    out: Path | None,
+    push_to: str | None,
+    pr: bool,
+    dry_run: bool,
+    private: bool,
     overwrite: bool,
     task: Path | None,
     prompt_column: str | None,
@@ -364,10 +397,15 @@ def fix(
     prompts along (closed form); stage 2 sets a few adapter coordinates back to their aligned
     value (0), chosen by gradient, with a rollback and a guard that protect the task. The output
     is a PEFT adapter of the same format and rank, loadable with PeftModel.from_pretrained over
-    the same base, with repair_report.{json,md,png} beside it. SOURCE is only read.
+    the same base, with repair_report.{json,md,png} and a model card (README.md) beside it.
+
+    SOURCE is a local adapter folder when one exists at that path, else a Hub repo id
+    (owner/name, or owner/name@revision); its base comes from the adapter's config (or
+    --base). SOURCE is only read; nothing is pushed unless --push-to or --pr is given. The
+    Hub token is huggingface_hub's (HF_TOKEN, or `hf auth login`).
     """
     from adapter_repair import prompts as P
-    from adapter_repair.repair import repair_folder
+    from adapter_repair.hub.fix import fix as fix_source
 
     task_set = None
     if task is not None:
@@ -382,7 +420,7 @@ def fix(
         config = _repair_config(params)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
-    outcome = repair_folder(
+    done = fix_source(
         source,
         out,
         load=config_from(LoadConfig, params),
@@ -391,8 +429,12 @@ def fix(
         task=task_set,
         measure=measure,
         overwrite=overwrite,
+        push_to=push_to,
+        pr=pr,
+        dry_run=dry_run,
+        private=private,
     )
-    _render_repair(outcome, as_json)
+    _render_repair(done.repair, as_json, done.pushed)
 
 
 @cli.command(

@@ -1,0 +1,203 @@
+"""``adapter-repair fix SOURCE``: a local folder or a Hub repo in, a repaired adapter out, and
+(only when asked) pushed to a repo or opened as a pull request, with a model card.
+
+The library repairs local folders and never talks to the Hub; this module resolves what lives
+on the Hub into the local cache first (pinned by commit sha), hands the library local paths,
+and pushes the output folder as one commit.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import HfApi
+from huggingface_hub import constants as hf_constants
+
+from adapter_repair import __version__
+from adapter_repair.adapter import check_output_folder, load_adapter
+from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig, RepairConfig
+from adapter_repair.errors import AdapterRepairError
+from adapter_repair.hub.card import Provenance, repair_card
+from adapter_repair.hub.pull import HubRef, Pulled, pull_adapter, pull_base
+from adapter_repair.hub.push import PushResult, check_can_push, plan_push, push
+from adapter_repair.prompts import PromptSet
+from adapter_repair.repair import RepairOutcome, repair_folder
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FixOutcome:
+    """What :func:`fix` did: the repair (folder, report), what it pulled, what it pushed."""
+
+    repair: RepairOutcome
+    source: Pulled | None
+    base: Pulled | None
+    pushed: PushResult | None
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().exists()
+
+
+def default_out(source: str) -> Path:
+    """``NAME-repaired`` in the working folder for a Hub repo; beside a local folder."""
+    if _is_local(source):
+        p = Path(source).expanduser().resolve()
+        return p.parent / f"{p.name}-repaired"
+    return Path(f"{HubRef.parse(source).repo_id.split('/')[1]}-repaired")
+
+
+def _base(
+    adapter_base: str | None, load: LoadConfig, api: HfApi
+) -> tuple[LoadConfig, Pulled | None]:
+    """The LoadConfig the library gets (a local base path) and what was pulled for it."""
+    base = load.base or adapter_base
+    if base is None or _is_local(base) or hf_constants.is_offline_mode():
+        return load, None  # a local folder, or offline: transformers reads the HF cache
+    try:
+        ref = HubRef.parse(base)
+    except AdapterRepairError as e:
+        raise AdapterRepairError(
+            f"the base {base!r} is neither a folder on this machine nor a Hub repo id.",
+            "Pass --base with the model the adapter was trained on (a Hub id or a local folder).",
+        ) from e
+    pulled = pull_base(HubRef(ref.repo_id, load.base_revision or ref.revision), api=api)
+    return LoadConfig(
+        base=str(pulled.path),
+        base_revision=None,
+        quant=load.quant,
+        dtype=load.dtype,
+        device_map=load.device_map,
+    ), pulled
+
+
+def commit_message(report: Mapping[str, Any]) -> str:
+    """One line: what the repair did to the harmful rate, when it was measured."""
+    m = report.get("measures") or {}
+    before = (m.get("before") or {}).get("harmful_rate")
+    after = (m.get("after") or {}).get("harmful_rate")
+    if before and after:
+        return (
+            f"adapter-repair: harmful rate {100 * before['rate']:.1f}% -> "
+            f"{100 * after['rate']:.1f}%"
+        )
+    return f"adapter-repair: repaired adapter ({report.get('method')})"
+
+
+def fix(
+    source: str,
+    out: str | Path | None = None,
+    *,
+    load: LoadConfig | None = None,
+    config: RepairConfig | None = None,
+    evaluation: EvalConfig | None = None,
+    generation: GenerationConfig | None = None,
+    task: PromptSet | None = None,
+    measure: bool = True,
+    overwrite: bool = False,
+    push_to: str | None = None,
+    pr: bool = False,
+    dry_run: bool = False,
+    private: bool = False,
+    api: HfApi | None = None,
+) -> FixOutcome:
+    """Repair ``source`` (a local adapter folder, else a Hub repo id ``owner/name[@rev]``)
+    into ``out`` (default :func:`default_out`), write its model card, and push it when asked:
+    ``push_to`` a repo (created when missing), or ``pr`` on the source repo. ``dry_run``
+    repairs and plans the push without sending it. The token comes from huggingface_hub
+    (HF_TOKEN, the login cache) and never appears in logs or errors."""
+    load = load or LoadConfig()
+    if pr and push_to:
+        raise AdapterRepairError(
+            "--pr and --push-to both given.",
+            "Choose one: --pr opens a pull request on the source repo, --push-to writes a repo.",
+        )
+    local = _is_local(source)
+    if pr and local:
+        raise AdapterRepairError(
+            f"--pr opens a pull request on the source repo, but {source} is a local folder.",
+            "Give a Hub repo id as SOURCE, or push to a repo with --push-to owner/name.",
+        )
+    if dry_run and not (pr or push_to):
+        raise AdapterRepairError(
+            "--dry-run shows what a push would send, but nothing is to be pushed.",
+            "Add --push-to owner/name or --pr, or leave --dry-run out.",
+        )
+    ref = None if local else HubRef.parse(source)
+    target = push_to or (ref.repo_id if ref and pr else None)
+    if push_to is not None:
+        HubRef.parse(push_to)  # a clear error for a malformed id, before any work
+    api = api or HfApi()
+    if target and not dry_run:
+        check_can_push(api, target, create_pr=pr)
+    out_path = Path(out) if out is not None else default_out(source)
+    check_output_folder(out_path, overwrite)
+
+    pulled = pull_adapter(ref, api=api) if ref else None
+    folder = pulled.path if pulled else Path(source)
+    adapter_base = load_adapter(folder).base_model_name_or_path
+    lib_load, base = _base(adapter_base, load, api)
+    base_name = load.base or adapter_base or "?"
+
+    existing = (
+        (folder / "README.md").read_text(encoding="utf-8")
+        if (folder / "README.md").is_file()
+        else None
+    )
+    date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    provenance = Provenance(
+        source=pulled.repo_id if pulled else str(source),
+        source_sha=pulled.sha if pulled else None,
+        base=base.repo_id if base else base_name,
+        base_sha=base.sha if base else None,
+        tool_version=__version__,
+        date=date,
+    )
+    model_name = (target or (ref.repo_id if ref else Path(source).name)).split("/")[-1]
+    hub_base = base.repo_id if base else (None if _is_local(base_name) else base_name)
+
+    def write_card(folder_out: Path, report: Mapping[str, Any]) -> None:
+        card = repair_card(existing, report, provenance, model_name=model_name, base_model=hub_base)
+        (folder_out / "README.md").write_text(str(card), encoding="utf-8")
+
+    outcome = repair_folder(
+        folder,
+        out_path,
+        load=lib_load,
+        config=config,
+        evaluation=evaluation,
+        generation=generation,
+        task=task,
+        measure=measure,
+        overwrite=overwrite,
+        provenance=provenance.__dict__,
+        also=write_card,
+    )
+    pushed = None
+    if target:
+        plan = plan_push(
+            outcome.out,
+            target,
+            create_pr=pr,
+            message=commit_message(outcome.report),
+            description="Repaired with adapter-repair: see the model card's repair section "
+            "and repair_report.md.",
+        )
+        if dry_run:
+            pushed = PushResult(plan, None, None, dry_run=True)
+        else:
+            pushed = push(
+                api,
+                outcome.out,
+                plan,
+                private=private,
+                parent_commit=pulled.sha if pr and pulled else None,
+            )
+            logger.info("pushed: %s", pushed.url)
+    return FixOutcome(outcome, pulled, base, pushed)

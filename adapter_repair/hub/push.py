@@ -1,0 +1,148 @@
+"""Push a repaired adapter folder to the Hub as one commit: to a repo (created when missing)
+or as a pull request on the source repo.
+
+One ``create_commit`` carries every file, so a push that fails (a dropped connection, a 403)
+leaves the target as it was; a repo this push created is deleted again when its first commit
+fails. Nothing is pushed unless asked, and ``dry_run`` lists what would be.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from huggingface_hub import CommitOperationAdd, HfApi
+from huggingface_hub import errors as hf_errors
+
+from adapter_repair.errors import AdapterRepairError
+from adapter_repair.hub.errors import HubError, hub_errors, scrub
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PushPlan:
+    """What a push sends: the target repo, as a PR or to its main branch, and the files."""
+
+    repo_id: str
+    create_pr: bool
+    files: list[tuple[str, int]] = field(default_factory=list)  #: (path in repo, bytes)
+    message: str = ""
+    description: str = ""
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "repo_id": self.repo_id,
+            "create_pr": self.create_pr,
+            "files": [{"path": p, "bytes": n} for p, n in self.files],
+            "message": self.message,
+        }
+
+
+@dataclass(frozen=True)
+class PushResult:
+    """What a push made: the URL to show (the PR, or the commit), and the commit sha."""
+
+    plan: PushPlan
+    url: str | None
+    commit_sha: str | None
+    dry_run: bool = False
+
+
+def plan_push(
+    folder: Path, repo_id: str, *, create_pr: bool, message: str, description: str = ""
+) -> PushPlan:
+    """Every file of ``folder`` (not its hidden files), at the same relative path."""
+    files = sorted(
+        (p.relative_to(folder).as_posix(), p.stat().st_size)
+        for p in folder.rglob("*")
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    )
+    return PushPlan(repo_id, create_pr, files, message, description)
+
+
+def check_can_push(api: HfApi, repo_id: str, *, create_pr: bool) -> str:
+    """Fail before a long repair when the push cannot work: no token, a read-only token, or
+    (for a new repo) a namespace the token's user is not in. Returns the user's name."""
+    if not api.token and not _has_default_token():
+        raise HubError(
+            f"pushing to {repo_id} needs a Hugging Face token, and none is set.",
+            "Log in with `hf auth login`, or set HF_TOKEN to a token with write access.",
+        )
+    with hub_errors("check the token", repo_id):
+        me = api.whoami()
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubError(
+            f"the token of {me.get('name')} is read-only: it cannot push to {repo_id}.",
+            "Create a token with write access on the Hub and `hf auth login` with it.",
+        )
+    namespace = repo_id.split("/", 1)[0]
+    orgs = {o.get("name") for o in me.get("orgs") or []}
+    if not create_pr and namespace != me.get("name") and namespace not in orgs:
+        raise HubError(
+            f"the token belongs to {me.get('name')}, who cannot create or write {repo_id}.",
+            f"Push to your own namespace (--push-to {me.get('name')}/NAME) or open a pull "
+            "request on the source repo with --pr.",
+        )
+    return str(me.get("name"))
+
+
+def _has_default_token() -> bool:
+    from huggingface_hub.utils import get_token
+
+    return get_token() is not None
+
+
+def push(
+    api: HfApi,
+    folder: Path,
+    plan: PushPlan,
+    *,
+    private: bool = False,
+    parent_commit: str | None = None,
+) -> PushResult:
+    """Send ``plan`` as one commit. A repo created here is deleted again if the commit fails.
+    ``parent_commit``: for a pull request, the source commit that was repaired (the PR
+    branches from it, whatever the main branch has become since)."""
+    ops = [
+        CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p, _ in plan.files
+    ]
+    created = False
+    if not plan.create_pr:
+        with hub_errors(f"create the repo {plan.repo_id}", plan.repo_id, writing=True):
+            created = not api.repo_exists(plan.repo_id)
+            if created:
+                api.create_repo(plan.repo_id, private=private, exist_ok=True)
+    what = f"open a pull request on {plan.repo_id}" if plan.create_pr else f"push to {plan.repo_id}"
+    logger.info("%s: one commit of %d files", what, len(ops))
+    try:
+        with hub_errors(what, plan.repo_id, writing=True):
+            info = api.create_commit(
+                plan.repo_id,
+                ops,
+                commit_message=plan.message,
+                commit_description=plan.description or None,
+                create_pr=plan.create_pr,
+                parent_commit=parent_commit,
+            )
+    except AdapterRepairError:
+        if created:
+            _delete_quietly(api, plan.repo_id)
+        raise
+    url = info.pr_url if plan.create_pr else str(info.commit_url)
+    return PushResult(plan, url, info.oid)
+
+
+def _delete_quietly(api: HfApi, repo_id: str) -> None:
+    try:
+        api.delete_repo(repo_id)
+        logger.info("deleted %s again: the push into it failed", repo_id)
+    except (hf_errors.HfHubHTTPError, OSError) as e:
+        logger.warning(
+            "the push failed and %s, created for it, could not be deleted (%s); it holds no "
+            "files of this push",
+            repo_id,
+            scrub(str(e)).splitlines()[0],
+        )
