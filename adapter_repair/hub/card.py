@@ -21,6 +21,7 @@ START = "<!-- adapter-repair:start -->"
 END = "<!-- adapter-repair:end -->"
 TAGS = ("adapter-repair", "safety")
 SOURCE_NAME = "adapter-repair"
+SOURCE_URL = "https://pypi.org/project/adapter-repair/"
 #: measure key -> (dataset type, dataset name) of the model-index entry
 DATASETS = {
     "harmful_rate": ("walledai/AdvBench", "AdvBench (eval split)"),
@@ -63,6 +64,7 @@ def _metrics(report: Mapping[str, Any]) -> list[EvalResult]:
                     metric_name=f"{key.replace('_', ' ')} % ({label})",
                     metric_value=round(100 * float(m["rate"]), 2),
                     source_name=SOURCE_NAME,
+                    source_url=SOURCE_URL,
                 )
             )
     return out

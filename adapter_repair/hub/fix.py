@@ -192,12 +192,19 @@ def fix(
         if dry_run:
             pushed = PushResult(plan, None, None, dry_run=True)
         else:
-            pushed = push(
-                api,
-                outcome.out,
-                plan,
-                private=private,
-                parent_commit=pulled.sha if pr and pulled else None,
-            )
+            try:
+                pushed = push(
+                    api,
+                    outcome.out,
+                    plan,
+                    private=private,
+                    parent_commit=pulled.sha if pr and pulled else None,
+                )
+            except AdapterRepairError as e:
+                raise type(e)(
+                    e.problem,
+                    f"{e.fix} The repaired adapter is kept in {outcome.out}: push it with "
+                    f"`hf upload {target} {outcome.out}`, or rerun with --overwrite.",
+                ) from e
             logger.info("pushed: %s", pushed.url)
     return FixOutcome(outcome, pulled, base, pushed)
