@@ -1,12 +1,34 @@
 from __future__ import annotations
 
 import logging
+import os
+import socket
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+# Before huggingface_hub is imported (it reads these once): every Hub call of the test session
+# goes to the local Hub server on a loopback port of its own (tests/hub_server.py; refused
+# when no test started it), the HF cache and login live in a temporary HF_HOME (never the
+# developer's token), and uploads skip Xet, which the local server does not speak.
 
-from tests.models import make_adapter, tiny_chat_model, tiny_model
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+HUB_PORT = _free_port()
+os.environ["HF_ENDPOINT"] = f"http://127.0.0.1:{HUB_PORT}"
+os.environ["HF_HOME"] = tempfile.mkdtemp(prefix="adapter-repair-hf-home-")
+os.environ["HF_HUB_DISABLE_XET"] = "1"
+os.environ.pop("HF_TOKEN", None)
+
+import pytest  # noqa: E402
+
+from tests.models import make_adapter, tiny_chat_model, tiny_model  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +68,33 @@ def pico_world() -> Any:
 @pytest.fixture(autouse=True)
 def _quiet_bnb_cast(caplog: pytest.LogCaptureFixture) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+#: the local Hub's tokens: token -> (user, role)
+HUB_TOKENS = {
+    "hf_alicewrite0000000000": ("alice", "write"),
+    "hf_bobwrite000000000000": ("bob", "write"),
+    "hf_bobread0000000000000": ("bob", "read"),
+}
+
+
+@pytest.fixture(scope="session")
+def local_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """The local Hub server on HF_ENDPOINT's port, for the whole session."""
+    from tests.hub_server import LocalHub
+
+    hub = LocalHub(tmp_path_factory.mktemp("local-hub"), port=HUB_PORT, tokens=dict(HUB_TOKENS))
+    with hub:
+        yield hub
+
+
+@pytest.fixture
+def hub(local_hub: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The local Hub, online (CI exports HF_HUB_OFFLINE=1 for every other test), no token
+    set: a test sets HF_TOKEN to one of HUB_TOKENS."""
+    import huggingface_hub.constants as hf_constants
+
+    monkeypatch.setattr(hf_constants, "HF_HUB_OFFLINE", False)
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    return local_hub

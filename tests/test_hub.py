@@ -1,0 +1,339 @@
+"""`adapter-repair fix owner/name`: pull, repair, push or open a PR, with a model card; against
+the local Hub server (tests/hub_server.py) through the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner, Result
+from huggingface_hub import ModelCard, hf_hub_download
+
+from adapter_repair.cli.main import cli
+from adapter_repair.hub.card import END, START, Provenance, repair_card
+from tests.conftest import HUB_TOKENS
+
+ALICE, BOB, BOB_READ = list(HUB_TOKENS)
+_names = itertools.count()
+
+
+def fresh(prefix: str) -> str:
+    """A repo id no other test of the session uses (the local Hub lives for the session)."""
+    return f"{prefix}-{next(_names)}"
+
+
+#: fast settings: projection only, no measures (the repair itself is tested elsewhere)
+FAST = ["--method", "project", "--no-measure", "--probe-prompts", "8", "--guard-prompts", "8",
+        "--quant", "none"]  # fmt: skip
+
+
+def run(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args))
+
+
+def publish(hub: Any, repo_id: str, folder: Path, tmp: Path, **edits: Any) -> str:
+    """Upload a copy of ``folder`` as ``repo_id`` (created directly on the server); ``edits``
+    set keys of its adapter_config.json. Returns the commit sha."""
+    copy = tmp / repo_id.replace("/", "--")
+    shutil.copytree(folder, copy)
+    cfg_path = copy / "adapter_config.json"
+    if cfg_path.exists() and edits:
+        cfg = json.loads(cfg_path.read_text())
+        cfg.update(edits)
+        cfg_path.write_text(json.dumps(cfg))
+    hub.create_repo(repo_id)
+    return str(hub.upload_folder(repo_id, copy))
+
+
+@pytest.fixture
+def tiny_repos(hub: Any, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path, tmp_path: Path) -> dict:
+    """A tiny chat base and an adapter over it, on the local Hub under fresh names."""
+    base, lora = fresh("alice/tiny-base"), fresh("alice/tiny-lora")
+    base_sha = publish(hub, base, tiny_chat_dir, tmp_path)
+    lora_sha = publish(hub, lora, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+    return {"base": base, "lora": lora, "base_sha": base_sha, "lora_sha": lora_sha}
+
+
+def card_metrics(card: ModelCard) -> dict[str, float]:
+    """The card's model-index metrics by name."""
+    results = card.data.to_dict()["model-index"][0]["results"]
+    return {m["name"]: m["value"] for r in results for m in r["metrics"]}
+
+
+def provenance() -> Provenance:
+    return Provenance("alice/lora", "a" * 40, "org/base", "b" * 40, "0.1", "2026-11-29")
+
+
+def report(before: float, after: float) -> dict:
+    def m(rate: float) -> dict:
+        return {"rate": rate, "ci95": [max(0.0, rate - 0.1), min(1.0, rate + 0.1)], "n": 50, "k": 1}
+
+    return {
+        "method": "restore",
+        "quant": "4bit",
+        "measures": {"before": {"harmful_rate": m(before)}, "after": {"harmful_rate": m(after)}},
+        "repair": {"stopped": "target", "changed": 0.01, "settings": {"rate": 0.01}},
+    }
+
+
+def test_card_keeps_the_existing_card_and_replaces_its_own_section() -> None:
+    existing = "---\nlicense: mit\ntags:\n- sft\n---\n# My LoRA\n\nTrained on my data.\n"
+    card = repair_card(
+        existing, report(0.9, 0.1), provenance(), model_name="lora", base_model="org/base"
+    )
+    data = card.data.to_dict()
+    assert data["license"] == "mit" and data["base_model"] == "org/base"
+    assert data["tags"] == ["sft", "adapter-repair", "safety"]
+    assert card_metrics(card) == {
+        "harmful rate % (fine-tuned, before repair)": 90.0,
+        "harmful rate % (repaired)": 10.0,
+    }
+    assert "Trained on my data." in card.text and "a" * 40 in card.text and "b" * 40 in card.text
+    again = repair_card(str(card), report(0.9, 0.05), provenance(), model_name="x", base_model=None)
+    assert str(again).count(START) == 1 and str(again).count(END) == 1
+    assert "Trained on my data." in again.text
+    values = card_metrics(again)
+    assert values["harmful rate % (repaired)"] == 5.0 and len(values) == 2
+
+
+def test_fix_pushes_a_loadable_adapter_with_its_card_to_a_new_repo(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    target = fresh("bob/safe")
+    out = tmp_path / "fixed"
+    result = run("fix", tiny_repos["lora"], "--out", str(out), "--push-to", target, *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    assert BOB not in result.output
+    printed = json.loads(result.stdout)
+    assert printed["push"]["url"] and target in printed["push"]["url"]
+    prov = printed["provenance"]
+    assert (prov["source"], prov["source_sha"]) == (tiny_repos["lora"], tiny_repos["lora_sha"])
+    assert (prov["base"], prov["base_sha"]) == (tiny_repos["base"], tiny_repos["base_sha"])
+    files = hub.files(target)
+    for name in (
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "README.md",
+        "repair_report.json",
+    ):
+        assert name in files, name
+    assert files["adapter_model.safetensors"] == (out / "adapter_model.safetensors").read_bytes()
+    assert len(hub.commits(target)) == 2  # the repo's creation, then one commit of everything
+    card = ModelCard(files["README.md"].decode())
+    assert card.data.base_model == tiny_repos["base"]
+    assert {"adapter-repair", "safety"} <= set(card.data.tags)
+    assert tiny_repos["lora_sha"] in card.text
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(tiny_repos["base"])
+    model = PeftModel.from_pretrained(base, target)
+    assert model.peft_config["default"].r == json.loads(files["adapter_config.json"])["r"]
+
+
+def test_fix_dry_run_lists_the_files_and_pushes_nothing(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    target = fresh("bob/dry")
+    n = len(hub.requests)
+    result = run("fix", tiny_repos["lora"], "--out", str(tmp_path / "o"), "--push-to", target,
+                 "--dry-run", *FAST)  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "dry run: would push one commit to" in result.output
+    assert "adapter_model.safetensors" in result.output and "README.md" in result.output
+    assert not [r for r in hub.requests[n:] if r[0] != "GET" and r[0] != "HEAD"]
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "has no repo"),
+        ("private", "has no repo"),
+        ("gated", "is gated"),
+        ("not-adapter", "not a PEFT adapter repo"),
+        ("pickle", "adapter_model.bin, a pickle"),
+        ("no-base", "the Hub has no repo alice/no-such-base"),
+        ("bad-revision", "has no such revision"),
+        ("bad-id", "neither a folder on this machine nor a Hub repo id"),
+    ],
+)
+def test_fix_from_the_hub_bad_input_is_a_clear_error(
+    hub: Any,
+    tiny_repos: dict,
+    tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    repo = fresh(f"alice/{case}")
+    source = repo
+    if case == "missing":
+        pass
+    elif case in ("private", "gated"):
+        hub.create_repo(repo, private=case == "private", gated=case == "gated")
+        hub.upload_folder(repo, tiny_chat_adapter_dir)
+    elif case == "not-adapter":
+        folder = tmp_path / "model"
+        folder.mkdir()
+        (folder / "config.json").write_text("{}")
+        hub.create_repo(repo)
+        hub.upload_folder(repo, folder)
+    elif case == "pickle":
+        folder = tmp_path / "bin"
+        shutil.copytree(tiny_chat_adapter_dir, folder)
+        (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+        hub.create_repo(repo)
+        hub.upload_folder(repo, folder)
+    elif case == "no-base":
+        publish(
+            hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path="alice/no-such-base"
+        )
+    elif case == "bad-revision":
+        source = tiny_repos["lora"] + "@no-such-branch"
+    elif case == "bad-id":
+        source = "not a repo!"
+    out = tmp_path / "out"
+    result = run("fix", source, "--out", str(out), *FAST)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "fix:" in result.output
+    assert BOB not in result.output
+    assert not out.exists()
+
+
+def test_fix_refuses_a_push_it_cannot_make_before_any_download(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "o"
+    cases = [
+        (BOB, ["--push-to", "alice/not-bobs"], "cannot create or write alice/not-bobs"),
+        (BOB_READ, ["--push-to", "bob/x"], "read-only"),
+        (None, ["--pr"], "needs a Hugging Face token"),
+        (BOB, ["--pr", "--push-to", "bob/x"], "--pr and --push-to both given"),
+        (BOB, ["--dry-run"], "nothing is to be pushed"),
+        (BOB, ["--push-to", "not/a/repo"], "neither a folder"),
+    ]
+    for token, flags, message in cases:
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        else:
+            monkeypatch.delenv("HF_TOKEN", raising=False)
+        n = len(hub.requests)
+        result = run("fix", tiny_repos["lora"], "--out", str(out), *flags, *FAST)
+        assert result.exit_code == 2, (flags, result.output)
+        assert message in result.output, (flags, result.output)
+        assert not any("/resolve/" in path for _, path in hub.requests[n:]), flags
+        assert not out.exists()
+        for t in HUB_TOKENS:
+            assert t not in result.output
+    local = run("fix", str(tmp_path), "--out", str(out), "--pr", *FAST)
+    assert local.exit_code == 2 and "is a local folder" in local.output
+
+
+def test_fix_resumes_a_download_whose_connection_dropped(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    hub.fail_next("GET", r"/resolve/.*/adapter_model\.safetensors$", mode="drop", after_bytes=100)
+    n = len(hub.requests)
+    out = tmp_path / "o"
+    result = run("fix", tiny_repos["lora"], "--out", str(out), *FAST)
+    assert result.exit_code == 0, result.output
+    gets = [
+        p for m, p in hub.requests[n:] if m == "GET" and p.endswith("adapter_model.safetensors")
+    ]
+    assert len(gets) >= 2  # dropped, then resumed
+    remote = hf_hub_download(
+        tiny_repos["lora"], "adapter_model.safetensors", revision=tiny_repos["lora_sha"]
+    )
+    assert Path(remote).read_bytes() == hub.files(tiny_repos["lora"])["adapter_model.safetensors"]
+
+
+@pytest.mark.parametrize("mode", ["push-to", "pr"])
+def test_a_push_whose_connection_drops_leaves_nothing_behind(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", ALICE if mode == "pr" else BOB)
+    target = fresh("bob/dropped") if mode == "push-to" else tiny_repos["lora"]
+    before = hub.commits(tiny_repos["lora"])
+    hub.fail_next("POST", r"/commit/", mode="drop")
+    flags = ["--push-to", target] if mode == "push-to" else ["--pr"]
+    out = tmp_path / "o"
+    result = run("fix", tiny_repos["lora"], "--out", str(out), *flags, *FAST)
+    assert result.exit_code == 2, result.output
+    assert (
+        "connection to the Hub failed" in result.output
+        and "nothing was half-pushed" in result.output
+    )
+    assert (out / "adapter_model.safetensors").is_file()  # the repair itself is kept
+    if mode == "push-to":
+        from huggingface_hub import HfApi
+
+        assert not HfApi().repo_exists(target)  # created for the push, deleted again
+    else:
+        assert hub.pull_requests(tiny_repos["lora"]) == []
+        assert hub.commits(tiny_repos["lora"]) == before
+
+
+@pytest.mark.slow
+def test_fix_opens_a_pull_request_that_repairs_the_pico_adapter(
+    hub: Any, pico_world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The issue's end-to-end run: a broken pico adapter on the Hub; `fix owner/name --pr`
+    downloads it, repairs it and opens a PR whose files load with
+    PeftModel.from_pretrained(base, "owner/name", revision="refs/pr/N") and whose card carries
+    the before/after metrics; the source's main branch is untouched."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from tests.test_repair import _check_repaired
+
+    base, lora = "alice/pico-base", "alice/pico-lora"
+    hub.create_repo(base)
+    hub.upload_folder(base, pico_world.base_dir)
+    adapter = tmp_path / "adapter"
+    shutil.copytree(pico_world.adapter_dir, adapter)
+    (adapter / "README.md").write_text(
+        "---\nlicense: apache-2.0\n---\n# pico lora\n\nMy adapter.\n"
+    )
+    sha = publish(hub, lora, adapter, tmp_path, base_model_name_or_path=base)
+    main_files = hub.files(lora)
+    monkeypatch.setenv("HF_TOKEN", BOB)  # not the owner: anyone may open a PR on a public repo
+    out = tmp_path / "fixed"
+    result = run(
+        "-q", "fix", lora, "--pr", "--out", str(out),
+        "--task", str(pico_world.root / "task_eval.jsonl"),
+        "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
+        "--benign-loss", "answers", "--eval-every", "2", "--max-steps", "30", "--backtrack", "2",
+        "--no-hold-out", "--guard-prompts", "256",
+        "--max-new-tokens", "16", "--quant", "none", "--dtype", "float32", "--json",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    _check_repaired(pico_world, report, out)
+    assert report["provenance"]["source_sha"] == sha
+    (pr,) = hub.pull_requests(lora)
+    assert report["push"]["url"].endswith(f"/discussions/{pr['num']}")
+    assert hub.files(lora) == main_files  # main untouched
+    revision = f"refs/pr/{pr['num']}"
+    model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(base), lora, revision=revision
+    )
+    assert model.peft_config["default"].base_model_name_or_path == base
+    card = ModelCard.load(hf_hub_download(lora, "README.md", revision=revision))
+    assert "My adapter." in card.text and card.data.license == "apache-2.0"
+    values = card_metrics(card)
+    before = values["harmful rate % (fine-tuned, before repair)"]
+    assert values["harmful rate % (repaired)"] <= before / 2
+    assert (
+        values["task score % (repaired)"]
+        >= 0.95 * values["task score % (fine-tuned, before repair)"]
+    )
