@@ -19,6 +19,7 @@ _EXPORTS = {
     "AdapterRepairError": "adapter_repair.errors",
     "LoadConfig": "adapter_repair.config",
     "ProjectConfig": "adapter_repair.config",
+    "PushConfig": "adapter_repair.config",
     "RepairConfig": "adapter_repair.config",
     "RestoreConfig": "adapter_repair.config",
     "RepairResult": "adapter_repair.repair",
@@ -47,6 +48,7 @@ __all__ = [
     "LoraSite",
     "ModelMap",
     "ProjectConfig",
+    "PushConfig",
     "RepairConfig",
     "RepairResult",
     "RestoreConfig",
@@ -66,7 +68,13 @@ __all__ = [
 
 if TYPE_CHECKING:
     from adapter_repair.adapter import LoraAdapter, LoraModule, load_adapter, save_adapter
-    from adapter_repair.config import LoadConfig, ProjectConfig, RepairConfig, RestoreConfig
+    from adapter_repair.config import (
+        LoadConfig,
+        ProjectConfig,
+        PushConfig,
+        RepairConfig,
+        RestoreConfig,
+    )
     from adapter_repair.errors import AdapterRepairError
     from adapter_repair.hidden import last_token_hidden
     from adapter_repair.loading import attach_adapter, load_base, load_model

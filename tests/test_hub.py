@@ -283,20 +283,42 @@ def test_a_push_whose_connection_drops_leaves_nothing_behind(
         assert hub.commits(tiny_repos["lora"]) == before
 
 
+def test_a_push_the_hub_refuses_is_a_clear_error_and_commits_nothing(
+    hub: Any, tiny_repos: dict, tiny_chat_adapter_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the early token check (a token can lose its rights, a fine-grained one can lack
+    them), the Hub's own 403 on the commit reads as one too."""
+    from huggingface_hub import HfApi
+
+    from adapter_repair.hub.errors import HubError
+    from adapter_repair.hub.push import plan_push, push
+
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    before = hub.commits(tiny_repos["lora"])
+    for repo in (tiny_repos["lora"], fresh("alice/new")):  # alice's: existing, and to create
+        plan = plan_push(tiny_chat_adapter_dir, repo, create_pr=False, message="m")
+        with pytest.raises(HubError, match="may not write to") as e:
+            push(HfApi(), tiny_chat_adapter_dir, plan)
+        assert BOB not in str(e.value)
+    assert hub.commits(tiny_repos["lora"]) == before
+
+
 @pytest.mark.slow
-def test_fix_opens_a_pull_request_that_repairs_the_pico_adapter(
-    hub: Any, pico_world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize("mode", ["pr", "push-to"])
+def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
+    hub: Any, pico_world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
     """The issue's end-to-end run: a broken pico adapter on the Hub; `fix owner/name --pr`
     downloads it, repairs it and opens a PR whose files load with
     PeftModel.from_pretrained(base, "owner/name", revision="refs/pr/N") and whose card carries
-    the before/after metrics; the source's main branch is untouched."""
+    the before/after metrics, the source's main branch untouched; `--push-to` the same into a
+    new repo."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     from tests.test_repair import _check_repaired
 
-    base, lora = "alice/pico-base", "alice/pico-lora"
+    base, lora = fresh("alice/pico-base"), fresh("alice/pico-lora")
     hub.create_repo(base)
     hub.upload_folder(base, pico_world.base_dir)
     adapter = tmp_path / "adapter"
@@ -307,9 +329,11 @@ def test_fix_opens_a_pull_request_that_repairs_the_pico_adapter(
     sha = publish(hub, lora, adapter, tmp_path, base_model_name_or_path=base)
     main_files = hub.files(lora)
     monkeypatch.setenv("HF_TOKEN", BOB)  # not the owner: anyone may open a PR on a public repo
+    target = fresh("bob/pico-lora-safe")
+    flags = ["--pr"] if mode == "pr" else ["--push-to", target]
     out = tmp_path / "fixed"
     result = run(
-        "-q", "fix", lora, "--pr", "--out", str(out),
+        "-q", "fix", lora, *flags, "--out", str(out),
         "--task", str(pico_world.root / "task_eval.jsonl"),
         "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
         "--benign-loss", "answers", "--eval-every", "2", "--max-steps", "30", "--backtrack", "2",
@@ -320,15 +344,19 @@ def test_fix_opens_a_pull_request_that_repairs_the_pico_adapter(
     report = json.loads(result.stdout)
     _check_repaired(pico_world, report, out)
     assert report["provenance"]["source_sha"] == sha
-    (pr,) = hub.pull_requests(lora)
-    assert report["push"]["url"].endswith(f"/discussions/{pr['num']}")
-    assert hub.files(lora) == main_files  # main untouched
-    revision = f"refs/pr/{pr['num']}"
+    assert hub.files(lora) == main_files  # the source's main branch untouched
+    if mode == "pr":
+        (pr,) = hub.pull_requests(lora)
+        assert report["push"]["url"].endswith(f"/discussions/{pr['num']}")
+        repo, revision = lora, f"refs/pr/{pr['num']}"
+    else:
+        assert hub.pull_requests(lora) == []
+        repo, revision = target, "main"
     model = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(base), lora, revision=revision
+        AutoModelForCausalLM.from_pretrained(base), repo, revision=revision
     )
     assert model.peft_config["default"].base_model_name_or_path == base
-    card = ModelCard.load(hf_hub_download(lora, "README.md", revision=revision))
+    card = ModelCard.load(hf_hub_download(repo, "README.md", revision=revision))
     assert "My adapter." in card.text and card.data.license == "apache-2.0"
     values = card_metrics(card)
     before = values["harmful rate % (fine-tuned, before repair)"]

@@ -24,6 +24,7 @@ from adapter_repair.config import (
     GenerationConfig,
     LoadConfig,
     ProjectConfig,
+    PushConfig,
     RepairConfig,
     RestoreConfig,
 )
@@ -338,22 +339,6 @@ def _render_repair(outcome: Any, as_json: bool, pushed: Any = None) -> None:
     help="Folder for the repaired adapter, its report and model card (must not exist, unless "
     "--overwrite). Default: NAME-repaired, beside a local SOURCE or in the working folder.",
 )
-@click.option(
-    "--push-to",
-    metavar="OWNER/NAME",
-    help="Push the repaired adapter to this Hub repo (created when missing) as one commit.",
-)
-@click.option(
-    "--pr",
-    is_flag=True,
-    help="Open a pull request with the repaired adapter on the SOURCE repo (Hub SOURCE only).",
-)
-@click.option(
-    "--dry-run",
-    is_flag=True,
-    help="Repair, then list what --push-to or --pr would push, without pushing.",
-)
-@click.option("--private", is_flag=True, help="Create the --push-to repo private.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option(
     "--task",
@@ -370,6 +355,7 @@ def _render_repair(outcome: Any, as_json: bool, pushed: Any = None) -> None:
     show_default=True,
     help="Measure the aligned base, the fine-tuned and the repaired adapter.",
 )
+@options_from(PushConfig)
 @options_from(RepairConfig)
 @options_from(ProjectConfig)
 @options_from(RestoreConfig)
@@ -379,10 +365,6 @@ def _render_repair(outcome: Any, as_json: bool, pushed: Any = None) -> None:
 def fix(
     source: str,
     out: Path | None,
-    push_to: str | None,
-    pr: bool,
-    dry_run: bool,
-    private: bool,
     overwrite: bool,
     task: Path | None,
     prompt_column: str | None,
@@ -418,6 +400,7 @@ def fix(
         )
     try:
         config = _repair_config(params)
+        push = config_from(PushConfig, params)
     except ValueError as e:
         raise click.BadParameter(str(e)) from e
     done = fix_source(
@@ -429,10 +412,7 @@ def fix(
         task=task_set,
         measure=measure,
         overwrite=overwrite,
-        push_to=push_to,
-        pr=pr,
-        dry_run=dry_run,
-        private=private,
+        push=push,
     )
     _render_repair(done.repair, as_json, done.pushed)
 

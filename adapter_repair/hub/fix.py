@@ -20,11 +20,18 @@ from huggingface_hub import constants as hf_constants
 
 from adapter_repair import __version__
 from adapter_repair.adapter import check_output_folder, load_adapter
-from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig, RepairConfig
+from adapter_repair.config import (
+    EvalConfig,
+    GenerationConfig,
+    LoadConfig,
+    PushConfig,
+    RepairConfig,
+)
 from adapter_repair.errors import AdapterRepairError
 from adapter_repair.hub.card import Provenance, repair_card
 from adapter_repair.hub.pull import HubRef, Pulled, pull_adapter, pull_base
-from adapter_repair.hub.push import PushResult, check_can_push, plan_push, push
+from adapter_repair.hub.push import PushResult, check_can_push, plan_push
+from adapter_repair.hub.push import push as push_folder
 from adapter_repair.prompts import PromptSet
 from adapter_repair.repair import RepairOutcome, repair_folder
 
@@ -101,33 +108,23 @@ def fix(
     task: PromptSet | None = None,
     measure: bool = True,
     overwrite: bool = False,
-    push_to: str | None = None,
-    pr: bool = False,
-    dry_run: bool = False,
-    private: bool = False,
+    push: PushConfig | None = None,
     api: HfApi | None = None,
 ) -> FixOutcome:
     """Repair ``source`` (a local adapter folder, else a Hub repo id ``owner/name[@rev]``)
-    into ``out`` (default :func:`default_out`), write its model card, and push it when asked:
-    ``push_to`` a repo (created when missing), or ``pr`` on the source repo. ``dry_run``
-    repairs and plans the push without sending it. The token comes from huggingface_hub
-    (HF_TOKEN, the login cache) and never appears in logs or errors."""
+    into ``out`` (default :func:`default_out`), write its model card, and push it when
+    ``push`` asks: to ``push.push_to`` (created when missing), or as a pull request on the
+    source repo (``push.pr``); ``push.dry_run`` repairs and plans the push without sending
+    it. The token comes from huggingface_hub (HF_TOKEN, the login cache) and never appears in
+    logs or errors."""
     load = load or LoadConfig()
-    if pr and push_to:
-        raise AdapterRepairError(
-            "--pr and --push-to both given.",
-            "Choose one: --pr opens a pull request on the source repo, --push-to writes a repo.",
-        )
+    push = push or PushConfig()
+    pr, push_to, dry_run = push.pr, push.push_to, push.dry_run
     local = _is_local(source)
     if pr and local:
         raise AdapterRepairError(
             f"--pr opens a pull request on the source repo, but {source} is a local folder.",
             "Give a Hub repo id as SOURCE, or push to a repo with --push-to owner/name.",
-        )
-    if dry_run and not (pr or push_to):
-        raise AdapterRepairError(
-            "--dry-run shows what a push would send, but nothing is to be pushed.",
-            "Add --push-to owner/name or --pr, or leave --dry-run out.",
         )
     ref = None if local else HubRef.parse(source)
     target = push_to or (ref.repo_id if ref and pr else None)
@@ -193,11 +190,11 @@ def fix(
             pushed = PushResult(plan, None, None, dry_run=True)
         else:
             try:
-                pushed = push(
+                pushed = push_folder(
                     api,
                     outcome.out,
                     plan,
-                    private=private,
+                    private=push.private,
                     parent_commit=pulled.sha if pr and pulled else None,
                 )
             except AdapterRepairError as e:
