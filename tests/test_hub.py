@@ -316,7 +316,7 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.test_repair import _check_repaired
+    from tests.test_repair import _check_repaired, pico_fix_args
 
     base, lora = fresh("alice/pico-base"), fresh("alice/pico-lora")
     hub.create_repo(base)
@@ -332,14 +332,7 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     target = fresh("bob/pico-lora-safe")
     flags = ["--pr"] if mode == "pr" else ["--push-to", target]
     out = tmp_path / "fixed"
-    result = run(
-        "-q", "fix", lora, *flags, "--out", str(out),
-        "--task", str(pico_world.root / "task_eval.jsonl"),
-        "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
-        "--benign-loss", "answers", "--eval-every", "2", "--max-steps", "30", "--backtrack", "2",
-        "--no-hold-out", "--guard-prompts", "256",
-        "--max-new-tokens", "16", "--quant", "none", "--dtype", "float32", "--json",
-    )  # fmt: skip
+    result = run("-q", "fix", lora, *flags, "--out", str(out), *pico_fix_args(pico_world))
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     _check_repaired(pico_world, report, out)

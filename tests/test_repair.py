@@ -422,6 +422,18 @@ def test_demo_repairs_the_pico_adapter(pico_world: Any, tmp_path: Path) -> None:
     assert folder_digest(pico_world.adapter_dir) == digest
 
 
+def pico_fix_args(world: Any) -> list[str]:
+    """`fix` options that repair the pico adapter as the demo does, with its held-out task
+    rows (a 4-layer model: L = 4 is the final hidden state), and print JSON."""
+    return [
+        "--task", str(world.root / "task_eval.jsonl"),
+        "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
+        "--benign-loss", "answers", "--eval-every", "2", "--max-steps", "30", "--backtrack", "2",
+        "--no-hold-out", "--guard-prompts", "256",
+        "--max-new-tokens", "16", "--quant", "none", "--dtype", "float32", "--json",
+    ]  # fmt: skip
+
+
 @pytest.mark.slow
 def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world: Any, tmp_path: Path) -> None:
     """`adapter-repair fix` on a copy of the pico adapter, with its task file: the input folder
@@ -430,13 +442,7 @@ def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world: Any, tmp_path: 
     shutil.copytree(pico_world.adapter_dir, src)
     digest = folder_digest(src)
     out = tmp_path / "fixed"
-    result = run(
-        "fix", str(src), "--out", str(out), "--task", str(pico_world.root / "task_eval.jsonl"),
-        "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
-        "--benign-loss", "answers", "--eval-every", "2", "--max-steps", "30", "--backtrack", "2",
-        "--no-hold-out", "--guard-prompts", "256",
-        "--max-new-tokens", "16", "--quant", "none", "--dtype", "float32", "--json",
-    )  # fmt: skip
+    result = run("fix", str(src), "--out", str(out), *pico_fix_args(pico_world))
     assert result.exit_code == 0, result.output
     _check_repaired(pico_world, json.loads(result.stdout), out)
     assert folder_digest(src) == digest

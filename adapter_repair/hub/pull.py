@@ -77,6 +77,14 @@ class Pulled:
     path: Path
 
 
+def _resolve(api: HfApi, ref: HubRef, what: str) -> tuple[str, set[str]]:
+    """The commit sha ``ref`` points at, and the files of the repo at that commit."""
+    logger.info("resolving %s on %s", ref, api.endpoint)
+    with hub_errors(what, ref.repo_id):
+        info = api.model_info(ref.repo_id, revision=ref.revision)
+    return str(info.sha), {s.rfilename for s in info.siblings or []}
+
+
 def _snapshot(api: HfApi, ref: HubRef, sha: str, patterns: list[str], what: str) -> Path:
     with hub_errors(what, ref.repo_id):
         path = snapshot_download(
@@ -94,11 +102,7 @@ def pull_adapter(ref: HubRef, *, api: HfApi | None = None) -> Pulled:
     before any weights come down."""
     api = api or HfApi()
     what = f"download the adapter {ref}"
-    logger.info("resolving %s on %s", ref, api.endpoint)
-    with hub_errors(what, ref.repo_id):
-        info = api.model_info(ref.repo_id, revision=ref.revision)
-    sha = str(info.sha)
-    names = {s.rfilename for s in info.siblings or []}
+    sha, names = _resolve(api, ref, what)
     at = f"{ref.repo_id}@{sha[:8]}"
     if "adapter_config.json" not in names:
         raise AdapterFormatError(
@@ -127,10 +131,7 @@ def pull_base(ref: HubRef, *, api: HfApi | None = None) -> Pulled:
     """Download the base model at ``ref``: its config, safetensors weights and tokenizer."""
     api = api or HfApi()
     what = f"download the base model {ref}"
-    with hub_errors(what, ref.repo_id):
-        info = api.model_info(ref.repo_id, revision=ref.revision)
-    sha = str(info.sha)
-    names = {s.rfilename for s in info.siblings or []}
+    sha, names = _resolve(api, ref, what)
     at = f"{ref.repo_id}@{sha[:8]}"
     if "config.json" not in names:
         raise AdapterRepairError(
