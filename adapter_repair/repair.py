@@ -729,12 +729,15 @@ def repair_folder(
     overwrite: bool = False,
     provenance: Mapping[str, Any] | None = None,
     also: Callable[[Path, Mapping[str, Any]], object] | None = None,
+    source_label: str | None = None,
+    base_label: str | None = None,
 ) -> RepairOutcome:
     """Repair the adapter folder ``source`` into a new folder ``out`` (same format and rank,
     with ``repair_report.{json,md,png}``), measuring the aligned base, the fine-tuned and the
     repaired adapter before and after unless ``measure`` is False. ``source`` is only read.
 
-    ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
+    ``source_label`` and ``base_label`` name the source and the base in the report (default:
+    their paths; a Hub repo's ``owner/name@sha`` rather than its cache folder). ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
     report as given; ``also(folder, report)`` writes more files (a model card) into the output
     before it appears, so that the adapter, its report and those files land together or not
     at all.
@@ -816,8 +819,8 @@ def repair_folder(
     report: dict[str, Any] = {
         "tool_version": __version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source": str(source),
-        "base": load.base or adapter.base_model_name_or_path,
+        "source": source_label or str(source),
+        "base": base_label or load.base or adapter.base_model_name_or_path,
         "quant": load.resolved_quant(),
         "method": config.method,
         "measures": measures,

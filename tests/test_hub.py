@@ -111,6 +111,8 @@ def test_fix_pushes_a_loadable_adapter_with_its_card_to_a_new_repo(
     assert BOB not in result.output
     printed = json.loads(result.stdout)
     assert printed["push"]["url"] and target in printed["push"]["url"]
+    assert printed["source"] == f"{tiny_repos['lora']}@{tiny_repos['lora_sha']}"
+    assert printed["base"] == f"{tiny_repos['base']}@{tiny_repos['base_sha']}"
     prov = printed["provenance"]
     assert (prov["source"], prov["source_sha"]) == (tiny_repos["lora"], tiny_repos["lora_sha"])
     assert (prov["base"], prov["base_sha"]) == (tiny_repos["base"], tiny_repos["base_sha"])

@@ -9,6 +9,7 @@ and pushes the output folder as one commit.
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from huggingface_hub import HfApi
 from huggingface_hub import constants as hf_constants
 
 from adapter_repair import __version__
-from adapter_repair.adapter import check_output_folder, load_adapter
+from adapter_repair.adapter import check_output_folder
 from adapter_repair.config import (
     EvalConfig,
     GenerationConfig,
@@ -84,6 +85,17 @@ def _base(
     ), pulled
 
 
+def _recorded_base(folder: Path) -> str | None:
+    """The adapter config's ``base_model_name_or_path``; None when there is no readable config
+    (the library's loader then says what is wrong with the folder)."""
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    base = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    return str(base) if base else None
+
+
 def commit_message(report: Mapping[str, Any]) -> str:
     """One line: what the repair did to the harmful rate, when it was measured."""
     m = report.get("measures") or {}
@@ -138,7 +150,7 @@ def fix(
 
     pulled = pull_adapter(ref, api=api) if ref else None
     folder = pulled.path if pulled else Path(source)
-    adapter_base = load_adapter(folder).base_model_name_or_path
+    adapter_base = _recorded_base(folder)
     lib_load, base = _base(adapter_base, load, api)
     base_name = load.base or adapter_base or "?"
 
@@ -175,6 +187,8 @@ def fix(
         overwrite=overwrite,
         provenance=provenance.__dict__,
         also=write_card,
+        source_label=f"{pulled.repo_id}@{pulled.sha}" if pulled else None,
+        base_label=f"{base.repo_id}@{base.sha}" if base else None,
     )
     pushed = None
     if target:
