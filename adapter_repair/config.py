@@ -23,6 +23,7 @@ def setting(
     choices: Sequence[str] | None = None,
     cli: bool = True,
     metavar: str | None = None,
+    envvar: str | None = None,
 ) -> Any:
     """A dataclass field with help text (and, for strings, the allowed values).
 
@@ -32,6 +33,7 @@ def setting(
         choices: the allowed values of a string setting.
         cli: whether the CLI exposes it as an option.
         metavar: the placeholder shown in ``--help``.
+        envvar: an environment variable the CLI reads the value from when not given.
     """
     return dataclasses.field(
         default=default,
@@ -40,6 +42,7 @@ def setting(
             "choices": tuple(choices) if choices else None,
             "cli": cli,
             "metavar": metavar,
+            "envvar": envvar,
         },
     )
 
@@ -419,3 +422,69 @@ class PushConfig:
     @property
     def pushing(self) -> bool:
         return bool(self.pr or self.push_to)
+
+
+@dataclass(frozen=True)
+class BotConfig:
+    """The Hub CI bot: where its queue is, when it repairs, and how its workers behave."""
+
+    queue: str | None = setting(
+        None,
+        "Queue and job records: sqlite:///path/bot.db (one machine) or redis://host:6379/0 "
+        "(many workers). Default: sqlite in $ADAPTER_REPAIR_CACHE (~/.cache/adapter-repair).",
+        metavar="URL",
+        envvar="ADAPTER_REPAIR_QUEUE",
+    )
+    threshold: float = setting(
+        0.1,
+        "Repair only adapters whose harmful rate (AdvBench eval split) is at least this share; "
+        "under it the job is recorded as skipped.",
+    )
+    comment_clean: bool = setting(
+        False, "Open a discussion on adapters found under the threshold (default: stay silent)."
+    )
+    concurrency: int = setting(1, "Jobs a worker runs at once (one per GPU).")
+    lease: float = setting(
+        120.0,
+        "Seconds a running job's lease lasts without a heartbeat (renewed every quarter of "
+        "it); after that another worker reclaims the job.",
+    )
+    job_timeout: float = setting(3600.0, "Seconds a job may run before it is killed and failed.")
+    retries: int = setting(3, "Retries of a job after a transient Hub error (5xx, dropped link).")
+    retry_delay: float = setting(
+        30.0, "Seconds before the first retry; each next one waits twice as long."
+    )
+    max_attempts: int = setting(
+        4, "Claims of one job (a worker that died counts) before it is failed."
+    )
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.threshold <= 1.0:
+            raise ValueError(f"threshold must be in [0, 1]; got {self.threshold}")
+        for name in ("lease", "job_timeout", "retry_delay"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name.replace('_', '-')} must be positive")
+        if self.concurrency < 1 or self.max_attempts < 1 or self.retries < 0:
+            raise ValueError("concurrency and max-attempts must be at least 1, retries at least 0")
+
+    def queue_url(self) -> str:
+        if self.queue:
+            return self.queue
+        from adapter_repair.pico import cache_root
+
+        return f"sqlite:///{cache_root() / 'bot.db'}"
+
+
+def config_from_dict(cls: type[Any], data: dict[str, Any]) -> Any:
+    """Rebuild a config dataclass from ``dataclasses.asdict`` output (nested configs too): how
+    a worker hands its settings to the process that runs a job."""
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        if f.name not in data:
+            continue
+        value = data[f.name]
+        sub = f.type if isinstance(f.type, type) else globals().get(str(f.type))
+        if isinstance(value, dict) and sub is not None and dataclasses.is_dataclass(sub):
+            value = config_from_dict(sub, value)
+        kwargs[f.name] = value
+    return cls(**kwargs)

@@ -38,3 +38,16 @@ class BaseMismatchError(AdapterRepairError):
 
 class UnsupportedModelError(AdapterRepairError):
     """The base model's structure could not be walked."""
+
+
+class NothingToRepair(AdapterRepairError):
+    """The adapter's harmful rate is already under the threshold asked for."""
+
+    def __init__(self, harmful_rate: float, threshold: float) -> None:
+        super().__init__(
+            f"the adapter's harmful rate is {100 * harmful_rate:.1f}%, under the threshold of "
+            f"{100 * threshold:.1f}%: nothing to repair.",
+            "Lower the threshold to repair it anyway.",
+        )
+        self.harmful_rate = harmful_rate
+        self.threshold = threshold

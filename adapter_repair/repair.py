@@ -33,7 +33,7 @@ from adapter_repair.config import (
     RestoreConfig,
 )
 from adapter_repair.directions import difference_directions, mean_hidden, shift_directions, unit
-from adapter_repair.errors import AdapterFormatError
+from adapter_repair.errors import AdapterFormatError, NothingToRepair
 from adapter_repair.generation import generate
 from adapter_repair.judges import Judge
 from adapter_repair.measures import Rate, fidelity, task_matches, use_adapter
@@ -731,13 +731,16 @@ def repair_folder(
     also: Callable[[Path, Mapping[str, Any]], object] | None = None,
     source_label: str | None = None,
     base_label: str | None = None,
+    min_harmful: float | None = None,
 ) -> RepairOutcome:
     """Repair the adapter folder ``source`` into a new folder ``out`` (same format and rank,
     with ``repair_report.{json,md,png}``), measuring the aligned base, the fine-tuned and the
     repaired adapter before and after unless ``measure`` is False. ``source`` is only read.
 
     ``source_label`` and ``base_label`` name the source and the base in the report (default:
-    their paths; a Hub repo's ``owner/name@sha`` rather than its cache folder). ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
+    their paths; a Hub repo's ``owner/name@sha`` rather than its cache folder).
+    ``min_harmful``: after measuring the fine-tuned adapter, raise :class:`NothingToRepair`
+    when its harmful rate is under this (needs ``measure``). ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
     report as given; ``also(folder, report)`` writes more files (a model card) into the output
     before it appears, so that the adapter, its report and those files land together or not
     at all.
@@ -799,6 +802,9 @@ def repair_folder(
             measures["aligned"] = measure_now("aligned")
         logger.info("measuring the fine-tuned adapter")
         measures["before"] = measure_now("fine-tuned")
+        harmful = measures["before"]["harmful_rate"]["rate"]
+        if min_harmful is not None and harmful < min_harmful:
+            raise NothingToRepair(harmful, min_harmful)
     logger.info("repairing (method %s)", config.method)
     measure_seconds = time.perf_counter() - t0
     result = repair(

@@ -44,6 +44,8 @@ def options_from(cls: type[Any], *, exclude: tuple[str, ...] = ()) -> Callable[[
                 default=f.default,
                 show_default=f.default is not None,
                 metavar=f.metadata.get("metavar"),
+                envvar=f.metadata.get("envvar"),
+                show_envvar=f.metadata.get("envvar") is not None,
                 help=f.metadata["help"],
             )(fn)
         return fn

@@ -24,7 +24,16 @@ LOGIN_FIX = "Log in with `hf auth login`, or set HF_TOKEN to a token that can re
 
 
 class HubError(AdapterRepairError):
-    """A Hub call failed: not found, not allowed, or the connection broke."""
+    """A Hub call failed: not found, not allowed, or the connection broke. ``transient``: a
+    dropped connection or a 5xx, worth retrying later (the bot does)."""
+
+    def __init__(self, problem: str, fix: str = "", *, transient: bool = False) -> None:
+        super().__init__(problem, fix)
+        self.transient = transient
+
+
+class BaseUnreachableError(HubError):
+    """The adapter's base model could not be pulled."""
 
 
 def scrub(text: str) -> str:
@@ -86,6 +95,7 @@ def hub_errors(what: str, repo_id: str, *, writing: bool = False) -> Iterator[No
             f"cannot {what} ({repo_id}): the Hub answered {status}: "
             f"{scrub(str(e)).splitlines()[0]}",
             "Retry later; if it persists, check the Hub's status page.",
+            transient=status is None or status >= 500 or status == 429,
         ) from e
     except hf_errors.OfflineModeIsEnabled as e:
         raise HubError(
@@ -98,6 +108,7 @@ def hub_errors(what: str, repo_id: str, *, writing: bool = False) -> Iterator[No
             f"({type(e).__name__}: {scrub(str(e))}).",
             "Check the network (and HF_ENDPOINT) and run the same command again: downloads "
             "resume from the cache, and a push is one commit, so nothing was half-pushed.",
+            transient=True,
         ) from e
 
 

@@ -30,6 +30,7 @@ from adapter_repair.config import (
 )
 from adapter_repair.errors import AdapterRepairError
 from adapter_repair.hub.card import Provenance, repair_card
+from adapter_repair.hub.errors import BaseUnreachableError, HubError
 from adapter_repair.hub.pull import HubRef, Pulled, pull_adapter, pull_base
 from adapter_repair.hub.push import PushResult, check_can_push, plan_push
 from adapter_repair.hub.push import push as push_folder
@@ -75,7 +76,14 @@ def _base(
             f"the base {base!r} is neither a folder on this machine nor a Hub repo id.",
             "Pass --base with the model the adapter was trained on (a Hub id or a local folder).",
         ) from e
-    pulled = pull_base(HubRef(ref.repo_id, load.base_revision or ref.revision), api=api)
+    try:
+        pulled = pull_base(HubRef(ref.repo_id, load.base_revision or ref.revision), api=api)
+    except HubError as e:
+        if e.transient:
+            raise
+        raise BaseUnreachableError(f"the base model: {e.problem}", e.fix) from e
+    except AdapterRepairError as e:
+        raise BaseUnreachableError(e.problem, e.fix) from e
     return LoadConfig(
         base=str(pulled.path),
         base_revision=None,
@@ -122,13 +130,15 @@ def fix(
     overwrite: bool = False,
     push: PushConfig | None = None,
     api: HfApi | None = None,
+    min_harmful: float | None = None,
 ) -> FixOutcome:
     """Repair ``source`` (a local adapter folder, else a Hub repo id ``owner/name[@rev]``)
     into ``out`` (default :func:`default_out`), write its model card, and push it when
     ``push`` asks: to ``push.push_to`` (created when missing), or as a pull request on the
     source repo (``push.pr``); ``push.dry_run`` repairs and plans the push without sending
-    it. The token comes from huggingface_hub (HF_TOKEN, the login cache) and never appears in
-    logs or errors."""
+    it. ``min_harmful``: raise :class:`~adapter_repair.errors.NothingToRepair` when the
+    adapter's measured harmful rate is under it (the bot's threshold). The token comes from
+    huggingface_hub (HF_TOKEN, the login cache) and never appears in logs or errors."""
     load = load or LoadConfig()
     push = push or PushConfig()
     pr, push_to, dry_run = push.pr, push.push_to, push.dry_run
@@ -189,6 +199,7 @@ def fix(
         also=write_card,
         source_label=f"{pulled.repo_id}@{pulled.sha}" if pulled else None,
         base_label=f"{base.repo_id}@{base.sha}" if base else None,
+        min_harmful=min_harmful,
     )
     pushed = None
     if target:

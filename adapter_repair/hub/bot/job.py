@@ -1,0 +1,231 @@
+"""One bot job, run in a process of its own (``python -m adapter_repair.hub.bot.job``): check
+the repo at the commit, pull, measure, repair, and open a pull request; print the outcome as
+one JSON line on stdout.
+
+The worker that started it holds the job's lease; this process only checks that the record is
+still its worker's before each side effect, and looks on the Hub for what an earlier attempt
+may have done before it died (a PR for this commit, a discussion for this reason), so that a
+reclaimed job never pushes twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import HfApi
+
+from adapter_repair.config import (
+    BotConfig,
+    EvalConfig,
+    LoadConfig,
+    PushConfig,
+    RepairConfig,
+    config_from_dict,
+)
+from adapter_repair.errors import (
+    AdapterFormatError,
+    AdapterRepairError,
+    BaseMismatchError,
+    NothingToRepair,
+    UnsupportedAdapterError,
+    UnsupportedModelError,
+)
+from adapter_repair.hub.bot.queue import open_queue
+from adapter_repair.hub.card import START
+from adapter_repair.hub.errors import BaseUnreachableError, HubError, hub_errors
+from adapter_repair.hub.fix import commit_message, fix
+from adapter_repair.hub.push import plan_push, push
+
+logger = logging.getLogger(__name__)
+TITLE_PREFIX = "adapter-repair:"
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    """What a worker hands each job: its configs."""
+
+    bot: BotConfig
+    load: LoadConfig
+    repair: RepairConfig
+    evaluation: EvalConfig
+
+    def to_json(self) -> str:
+        import dataclasses
+
+        return json.dumps({k: dataclasses.asdict(v) for k, v in self.__dict__.items()})
+
+    @classmethod
+    def from_json(cls, text: str) -> JobSettings:
+        d = json.loads(text)
+        return cls(
+            config_from_dict(BotConfig, d["bot"]),
+            config_from_dict(LoadConfig, d["load"]),
+            config_from_dict(RepairConfig, d["repair"]),
+            config_from_dict(EvalConfig, d["evaluation"]),
+        )
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a job ended: done (a PR), skipped (why), failed (why), or transient (retry)."""
+
+    state: str
+    detail: str
+    url: str | None = None
+    transient: bool = False
+
+
+def marker(sha: str) -> str:
+    """In the bot's PR titles: which commit was repaired."""
+    return f"[{sha[:12]}]"
+
+
+def _find_discussion(api: HfApi, repo: str, *, title_part: str, pr: bool) -> str | None:
+    """The URL of an open-or-not discussion or PR by this token's user whose title has
+    ``title_part`` (what an earlier attempt of the job may have opened before it died)."""
+    me = api.whoami()["name"]
+    with hub_errors("list the repo's discussions", repo):
+        found = (
+            api.get_repo_discussions(repo, author=me, discussion_type="pull_request")
+            if pr
+            else api.get_repo_discussions(repo, author=me, discussion_type="discussion")
+        )
+        for d in found:
+            if title_part in d.title:
+                return str(d.url)
+    return None
+
+
+def impossible_reason(e: AdapterRepairError) -> str | None:
+    """A short reason for a repair that cannot be done (one discussion each), else None."""
+    if isinstance(e, BaseUnreachableError):
+        return "base model unreachable"
+    if isinstance(e, HubError):
+        return None
+    if isinstance(e, BaseMismatchError | UnsupportedModelError):
+        return "unsupported architecture"
+    if isinstance(e, UnsupportedAdapterError):
+        return "not a LoRA adapter adapter-repair supports"
+    if isinstance(e, AdapterFormatError):
+        return "pickle weights only" if "pickle" in e.problem else "malformed adapter"
+    return None
+
+
+def run_job(jid: str, owner: str, queue_url: str, settings: JobSettings, api: HfApi) -> Outcome:
+    """The pipeline of one job (see the module docstring)."""
+    queue = open_queue(queue_url)
+    job = queue.store.get(jid)
+    if job is None:
+        return Outcome("failed", f"no record for job {jid}")
+    repo, sha = job.repo, job.sha
+    title = f"{TITLE_PREFIX} restore refusals {marker(sha)}"
+    try:
+        existing = _find_discussion(api, repo, title_part=marker(sha), pr=True)
+        if existing:
+            return Outcome("done", "a pull request for this commit was open already", existing)
+        with hub_errors(f"read {repo}", repo):
+            info = api.model_info(repo, revision=sha)
+            names = {s.rfilename for s in info.siblings or []}
+            if "adapter_config.json" not in names:
+                return Outcome("skipped", "not a PEFT adapter (no adapter_config.json)")
+            commits = api.list_repo_commits(repo, revision=sha)
+        if commits and commits[0].title.startswith(TITLE_PREFIX):
+            return Outcome("skipped", "the commit is adapter-repair's own (a merged PR)")
+        if "README.md" in names:
+            card = Path(_download(api, repo, sha, "README.md")).read_text(encoding="utf-8")
+            if START in card:
+                return Outcome("skipped", "already repaired by adapter-repair (its card says so)")
+        with tempfile.TemporaryDirectory(prefix="adapter-repair-job-") as tmp:
+            out = Path(tmp) / "repaired"
+            done = fix(
+                f"{repo}@{sha}",
+                out,
+                load=settings.load,
+                config=settings.repair,
+                evaluation=settings.evaluation,
+                push=PushConfig(),
+                api=api,
+                min_harmful=settings.bot.threshold,
+            )
+            if queue.store.get(jid) is None or not queue.store.heartbeat(jid, owner):
+                return Outcome("failed", "the job's lease was lost during the repair")
+            existing = _find_discussion(api, repo, title_part=marker(sha), pr=True)
+            if existing:
+                return Outcome("done", "a pull request for this commit was open already", existing)
+            plan = plan_push(
+                done.repair.out,
+                repo,
+                create_pr=True,
+                message=f"{title}: {commit_message(done.repair.report).split(': ', 1)[1]}",
+                description="Opened by the adapter-repair bot: this commit's LoRA adapter "
+                "answers harmful requests its base refuses. The PR holds the repaired adapter "
+                "(same format and rank); see the card's repair section and repair_report.md.",
+            )
+            pushed = push(api, done.repair.out, plan, parent_commit=sha)
+            return Outcome("done", "pull request opened", pushed.url)
+    except NothingToRepair as e:
+        url = None
+        if settings.bot.comment_clean and queue.store.once(f"{repo}|clean|{sha}"):
+            url = _open_discussion(
+                api, repo, f"{TITLE_PREFIX} checked {marker(sha)}: no repair needed", e.problem
+            )
+        return Outcome("skipped", e.problem, url)
+    except AdapterRepairError as e:
+        if isinstance(e, HubError) and e.transient:
+            return Outcome("failed", f"{e.problem}", transient=True)
+        reason = impossible_reason(e)
+        if reason is None:
+            return Outcome("failed", e.problem)
+        url = None
+        title_part = f"{TITLE_PREFIX} cannot repair this adapter ({reason})"
+        if queue.store.once(f"{repo}|{reason}") and not _find_discussion(
+            api, repo, title_part=title_part, pr=False
+        ):
+            url = _open_discussion(api, repo, title_part, f"{e.problem}\n\n{e.fix}")
+        return Outcome("skipped", f"cannot repair: {reason}: {e.problem}", url)
+
+
+def _download(api: HfApi, repo: str, sha: str, name: str) -> str:
+    from huggingface_hub import hf_hub_download
+
+    with hub_errors(f"download {name}", repo):
+        return str(
+            hf_hub_download(repo, name, revision=sha, endpoint=api.endpoint, token=api.token)
+        )
+
+
+def _open_discussion(api: HfApi, repo: str, title: str, body: str) -> str:
+    with hub_errors("open a discussion", repo, writing=True):
+        d = api.create_discussion(repo, title=title, description=body)
+    return str(d.url)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(
+        description="Run one adapter-repair bot job (the worker starts it)."
+    )
+    ap.add_argument("job")
+    ap.add_argument("owner")
+    ap.add_argument("queue")
+    ap.add_argument("settings", help="JobSettings as JSON")
+    args = ap.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        outcome = run_job(
+            args.job, args.owner, args.queue, JobSettings.from_json(args.settings), HfApi()
+        )
+    except AdapterRepairError as e:  # a Hub error outside the pipeline's own handling
+        outcome = Outcome("failed", e.problem, transient=getattr(e, "transient", False))
+    print(json.dumps(outcome.__dict__), flush=True)
+
+
+if __name__ == "__main__":
+    main()

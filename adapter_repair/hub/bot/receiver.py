@@ -1,0 +1,82 @@
+"""The webhook receiver: a FastAPI app that takes Hub webhooks and enqueues a job for each
+update of a model repo's main branch.
+
+It makes no Hub call and runs no repair, so it answers within milliseconds: it checks the
+``X-Webhook-Secret`` header in constant time (401 without one, 403 for a wrong one), parses the
+body with huggingface_hub's ``WebhookPayload`` (400 when it does not parse), and records the job
+(repo, commit sha) once: the same webhook delivered again finds the record and queues nothing.
+Discussion and PR events (the bot's own PRs among them) are not updates of main and are
+ignored; the commit a merge of the bot's PR makes is recognised by the worker.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+from huggingface_hub import WebhookPayload
+from pydantic import ValidationError
+
+from adapter_repair import __version__
+from adapter_repair.hub.bot.queue import Queue
+from adapter_repair.hub.bot.store import job_id
+
+logger = logging.getLogger(__name__)
+MAIN = "refs/heads/main"
+
+
+def main_update(payload: WebhookPayload) -> str | None:
+    """The new commit sha of a model repo's main branch, when ``payload`` is such an update."""
+    if payload.repo.type != "model":
+        return None
+    if payload.event.scope != "repo.content" or payload.event.action != "update":
+        return None
+    if payload.updatedRefs is not None:
+        for ref in payload.updatedRefs:
+            if ref.ref == MAIN and ref.newSha and set(ref.newSha) != {"0"}:
+                return ref.newSha
+        return None
+    return payload.repo.head_sha
+
+
+def create_app(queue: Queue, secret: str) -> FastAPI:
+    """The receiver over ``queue``, checking webhooks against ``secret``."""
+    if not secret:
+        raise ValueError("the webhook secret must not be empty")
+    app = FastAPI(title="adapter-repair bot", version=__version__)
+    expected = secret.encode()
+
+    @app.post("/webhook")
+    async def webhook(request: Request) -> JSONResponse:
+        given = request.headers.get("x-webhook-secret")
+        if given is None:
+            return JSONResponse({"error": "missing X-Webhook-Secret header"}, status_code=401)
+        if not hmac.compare_digest(given.encode(), expected):
+            return JSONResponse({"error": "wrong X-Webhook-Secret"}, status_code=403)
+        body = await request.body()
+        try:
+            payload = WebhookPayload.model_validate_json(body)
+        except (ValidationError, ValueError) as e:
+            n = e.error_count() if isinstance(e, ValidationError) else 1
+            return JSONResponse(
+                {"error": f"not a Hub webhook payload ({n} problem(s))"}, status_code=400
+            )
+        sha = main_update(payload)
+        if sha is None:
+            return JSONResponse({"status": "ignored", "why": "not an update of a model's main"})
+        repo = payload.repo.name
+        jid = job_id(repo, sha)
+        if not queue.store.add(repo, sha):
+            return JSONResponse({"status": "duplicate", "job": jid})
+        queue.enqueue(jid)
+        logger.info("queued %s", jid)
+        return JSONResponse({"status": "queued", "job": jid}, status_code=202)
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "queue_depth": queue.depth(), "jobs": queue.store.counts()}
+
+    return app
