@@ -75,6 +75,7 @@ HUB_TOKENS = {
     "hf_alicewrite0000000000": ("alice", "write"),
     "hf_bobwrite000000000000": ("bob", "write"),
     "hf_bobread0000000000000": ("bob", "read"),
+    "hf_botwrite000000000000": ("repair-bot", "write"),
 }
 
 
@@ -98,3 +99,34 @@ def hub(local_hub: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN"):
         monkeypatch.delenv(name, raising=False)
     return local_hub
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real redis-server (Debian's; .ci/run installs it) on a free loopback port."""
+    import shutil
+    import subprocess
+    import time
+
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.fail("redis-server is not installed: apt-get install -y redis-server")
+    port = _free_port()
+    folder = tmp_path_factory.mktemp("redis")
+    proc = subprocess.Popen(
+        [exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+         "--dir", str(folder)],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    import redis
+
+    client = redis.Redis(port=port)
+    for _ in range(100):
+        try:
+            client.ping()
+            break
+        except redis.ConnectionError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    proc.terminate()
+    proc.wait(10)

@@ -31,6 +31,7 @@ import socket
 import struct
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from email.message import Message
@@ -205,6 +206,7 @@ class _Fault:
     status: int
     after_bytes: int
     remaining: int
+    seconds: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -238,6 +240,7 @@ class LocalHub:
         self._lock = threading.RLock()
         self._repos: dict[str, dict[str, Any]] = {}
         self._faults: list[_Fault] = []
+        self.stalled = threading.Event()  #: set when a "stall" fault begins
         self._server: http.server.ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
@@ -417,6 +420,7 @@ class LocalHub:
         status: int = 500,
         after_bytes: int = 0,
         times: int = 1,
+        seconds: float = 0.0,
     ) -> None:
         """Fault injection for the next ``times`` requests whose method is ``method`` ("*" for
         any) and whose URL path (raw or unquoted, no query) matches ``path_regex`` (re.search).
@@ -424,13 +428,23 @@ class LocalHub:
         mode "drop": a GET gets its real status and headers and ``after_bytes`` bytes of the
         body, then the connection is closed (FIN); any other method is read and then closed
         without an answer. mode "reset": the same but the socket is reset (RST). mode "status":
-        the answer is ``status`` with a JSON error body.
+        the answer is ``status`` with a JSON error body. mode "stall": the request is carried
+        out, then the answer waits ``seconds`` (a client killed meanwhile never learns that its
+        commit landed); :attr:`stalled` is set when a stall begins.
         """
-        if mode not in ("drop", "reset", "status"):
+        if mode not in ("drop", "reset", "status", "stall"):
             raise ValueError(f"unknown fault mode {mode!r}")
         with self._lock:
             self._faults.append(
-                _Fault(method.upper(), re.compile(path_regex), mode, status, after_bytes, times)
+                _Fault(
+                    method.upper(),
+                    re.compile(path_regex),
+                    mode,
+                    status,
+                    after_bytes,
+                    times,
+                    seconds,
+                )
             )
 
     def clear_faults(self) -> None:
@@ -1544,6 +1558,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         with hub._lock:
             hub.requests.append((req.method, req.path))
         fault = hub._take_fault(req.method, req.path)
+        if fault is not None and fault.mode == "stall":
+            resp = hub._handle(req)
+            hub.stalled.set()
+            time.sleep(fault.seconds)
+            with contextlib.suppress(OSError):
+                self._send(resp)
+            return
         if fault is not None and fault.mode != "status" and req.method != "GET":
             self._abort(reset=fault.mode == "reset")
             return

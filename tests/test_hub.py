@@ -17,7 +17,7 @@ from adapter_repair.cli.main import cli
 from adapter_repair.hub.card import END, START, Provenance, repair_card
 from tests.conftest import HUB_TOKENS
 
-ALICE, BOB, BOB_READ = list(HUB_TOKENS)
+ALICE, BOB, BOB_READ, _BOT = list(HUB_TOKENS)
 _names = itertools.count()
 
 

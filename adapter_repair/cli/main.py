@@ -635,3 +635,9 @@ def bot_status(as_json: bool, **params: Any) -> None:
 
 def main() -> None:  # pragma: no cover - console entry point
     cli()
+
+
+if (
+    __name__ == "__main__"
+):  # python -m adapter_repair.cli.main (how the bot starts workers in tests)
+    main()

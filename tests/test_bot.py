@@ -1,0 +1,312 @@
+"""The Hub CI bot: the receiver (real uvicorn on loopback), the queue and its job records on
+SQLite and on a real redis-server, workers that open PRs on the local Hub server."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from click.testing import CliRunner
+from huggingface_hub import HfApi
+
+from adapter_repair.cli.main import cli
+from adapter_repair.config import BotConfig, EvalConfig, LoadConfig, RepairConfig
+from adapter_repair.hub.bot.job import JobSettings
+from adapter_repair.hub.bot.queue import Queue, open_queue
+from adapter_repair.hub.bot.receiver import create_app
+from adapter_repair.hub.bot.worker import Worker
+from tests.conftest import _free_port
+from tests.test_hub import fresh, publish
+
+ALICE = "hf_alicewrite0000000000"
+BOT = "hf_botwrite000000000000"
+SECRET = "s3cret-webhook"
+#: quick jobs: projection, measures on 8 prompts of each set, 8 new tokens
+WORKER_FLAGS = ["--method", "project", "--probe-prompts", "8", "--guard-prompts", "8",
+                "--max-new-tokens", "8", "--limit", "8", "--quant", "none"]  # fmt: skip
+
+
+def settings(queue_url: str, **bot: Any) -> JobSettings:
+    return JobSettings(
+        BotConfig(queue=queue_url, **{"lease": 3.0, "retry_delay": 0.5, **bot}),
+        LoadConfig(quant="none"),
+        RepairConfig(method="project", probe_prompts=8, guard_prompts=8, max_new_tokens=8),
+        EvalConfig(limit=8),
+    )
+
+
+def payload(
+    repo: str, sha: str, *, ref: str = "refs/heads/main", scope: str = "repo.content"
+) -> dict[str, Any]:
+    """A Hub webhook body as the Hub sends it for a push (or, with ``scope="discussion"``, a
+    PR event)."""
+    body: dict[str, Any] = {
+        "event": {"action": "update", "scope": scope},
+        "repo": {
+            "id": "0" * 24,
+            "owner": {"id": "1" * 24},
+            "headSha": sha,
+            "name": repo,
+            "private": False,
+            "type": "model",
+            "url": {"web": f"https://huggingface.co/{repo}", "api": f"/api/models/{repo}"},
+        },
+        "webhook": {"id": "2" * 24, "version": 3},
+        "updatedRefs": [{"ref": ref, "oldSha": "3" * 40, "newSha": sha}],
+    }
+    if scope == "discussion":
+        del body["updatedRefs"]
+        body["discussion"] = {
+            "id": "4" * 24,
+            "num": 1,
+            "author": {"id": "5" * 24},
+            "url": {"web": f"https://huggingface.co/{repo}/discussions/1"},
+            "title": "adapter-repair: restore refusals",
+            "isPullRequest": True,
+            "status": "open",
+        }
+    return body
+
+
+class Receiver:
+    """The FastAPI app under a real uvicorn server on a loopback port, in a thread."""
+
+    def __init__(self, queue: Queue, secret: str = SECRET) -> None:
+        import uvicorn
+
+        self.port = _free_port()
+        config = uvicorn.Config(
+            create_app(queue, secret), host="127.0.0.1", port=self.port, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        while not self.server.started:
+            time.sleep(0.01)
+
+    def post(self, body: Any, secret: str | None = SECRET) -> tuple[int, dict[str, Any]]:
+        data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        headers = {"Content-Type": "application/json"}
+        if secret is not None:
+            headers["X-Webhook-Secret"] = secret
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}/webhook", data=data, headers=headers
+        )
+        try:
+            with urllib.request.urlopen(req) as r:
+                return r.status, json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read())
+
+    def health(self) -> dict[str, Any]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health") as r:
+            return dict(json.loads(r.read()))
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture
+def sqlite_queue(tmp_path: Path) -> Queue:
+    return open_queue(f"sqlite:///{tmp_path / 'bot.db'}")
+
+
+@pytest.fixture
+def receiver(sqlite_queue: Queue) -> Iterator[Receiver]:
+    r = Receiver(sqlite_queue)
+    yield r
+    r.stop()
+
+
+def test_receiver_checks_the_secret_and_the_payload_and_queues_nothing_otherwise(
+    receiver: Receiver, sqlite_queue: Queue
+) -> None:
+    good = payload("alice/lora", "a" * 40)
+    assert receiver.post(good, secret=None)[0] == 401
+    assert receiver.post(good, secret="wrong")[0] == 403
+    assert receiver.post(good, secret=SECRET[:-1])[0] == 403
+    assert receiver.post(b"{not json", secret=SECRET)[0] == 400
+    assert receiver.post({"event": {"action": "update"}}, secret=SECRET)[0] == 400
+    assert receiver.post({**good, "repo": {"name": "x"}}, secret=SECRET)[0] == 400
+    assert sqlite_queue.store.jobs() == [] and sqlite_queue.depth() == 0
+    assert receiver.health()["queue_depth"] == 0
+
+
+def test_receiver_queues_one_job_per_main_commit_and_ignores_the_rest(
+    receiver: Receiver, sqlite_queue: Queue
+) -> None:
+    sha = "b" * 40
+    answers = [receiver.post(payload("alice/lora", sha)) for _ in range(5)]
+    assert answers[0] == (202, {"status": "queued", "job": f"alice/lora@{sha}"})
+    assert all(a == (200, {"status": "duplicate", "job": f"alice/lora@{sha}"}) for a in answers[1:])
+    ignored = [
+        payload("alice/lora", "c" * 40, ref="refs/pr/1"),  # the bot's own PR branch
+        payload("alice/lora", "d" * 40, scope="discussion"),  # the bot's own PR, opened
+        {
+            **payload("alice/data", "e" * 40),
+            "repo": {**payload("alice/data", "e" * 40)["repo"], "type": "dataset"},
+        },
+    ]
+    for body in ignored:
+        assert receiver.post(body) == (
+            200,
+            {"status": "ignored", "why": "not an update of a model's main"},
+        )
+    assert [j.id for j in sqlite_queue.store.jobs()] == [f"alice/lora@{sha}"]
+    health = receiver.health()
+    assert health["queue_depth"] == 1 and health["jobs"]["queued"] == 1
+
+
+@pytest.fixture
+def bot_hub(hub: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The local Hub, with the bot's token as the token of this process and its jobs."""
+    monkeypatch.setenv("HF_TOKEN", BOT)
+    return hub
+
+
+def test_one_upload_one_pr_and_the_bots_own_pr_and_its_merge_are_ignored(
+    bot_hub: Any, sqlite_queue: Queue, receiver: Receiver, tiny_chat_dir: Path,
+    tiny_chat_adapter_dir: Path, tmp_path: Path,
+) -> None:  # fmt: skip
+    hub = bot_hub
+    base = fresh("alice/base")
+    publish(hub, base, tiny_chat_dir, tmp_path)
+    repo = fresh("alice/lora")
+    sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+    for _ in range(5):  # the Hub retries deliveries: one job, one PR
+        receiver.post(payload(repo, sha))
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=1)
+    (job,) = sqlite_queue.store.jobs()
+    assert job.state == "done", job
+    (pr,) = hub.pull_requests(repo)
+    assert pr["author"] == "repair-bot" and job.pr_url and job.pr_url.endswith(f"/{pr['num']}")
+    assert hub.commits(repo)[0]["oid"] == sha  # nothing pushed to main
+
+    # the PR's own events, then its merge by the owner: no new job does anything
+    assert receiver.post(payload(repo, "f" * 40, scope="discussion"))[1]["status"] == "ignored"
+    HfApi(token=ALICE).merge_pull_request(repo, pr["num"])
+    merged = hub.commits(repo)[0]["oid"]
+    assert receiver.post(payload(repo, merged))[0] == 202
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=1)
+    merge_job = sqlite_queue.store.get(f"{repo}@{merged}")
+    assert merge_job is not None and merge_job.state == "skipped"
+    assert "adapter-repair's own" in merge_job.detail
+    assert len(hub.pull_requests(repo)) == 1 and len(hub.discussions(repo)) == 1
+
+    status = CliRunner().invoke(cli, ["bot", "status", "--queue", sqlite_queue.url, "--json"])
+    assert status.exit_code == 0, status.output
+    assert json.loads(status.stdout)["counts"] == {
+        "queued": 0, "running": 0, "done": 1, "skipped": 1, "failed": 0
+    }  # fmt: skip
+
+
+def test_an_adapter_that_cannot_be_repaired_gets_one_discussion_per_reason(
+    bot_hub: Any, sqlite_queue: Queue, tiny_chat_adapter_dir: Path, tmp_path: Path
+) -> None:
+    hub = bot_hub
+    repo = fresh("alice/pickled")
+    folder = tmp_path / "pickled"
+    import shutil
+
+    shutil.copytree(tiny_chat_adapter_dir, folder)
+    (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
+    hub.create_repo(repo)
+    shas = [hub.upload_folder(repo, folder)]
+    (folder / "notes.txt").write_text("a second commit")
+    shas.append(hub.upload_folder(repo, folder))
+    for sha in shas:
+        assert sqlite_queue.store.add(repo, sha)
+        sqlite_queue.enqueue(f"{repo}@{sha}")
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=1)
+    jobs = sqlite_queue.store.jobs()
+    assert [j.state for j in jobs] == ["skipped", "skipped"]
+    assert all("pickle weights only" in j.detail for j in jobs)
+    (discussion,) = hub.discussions(repo)
+    assert not discussion["is_pr"] and "pickle weights only" in discussion["title"]
+    assert hub.pull_requests(repo) == []
+
+
+def worker_process(queue_url: str, *flags: str) -> subprocess.Popen[bytes]:
+    """`adapter-repair bot worker` in a process of its own, as deployed."""
+    env = {**os.environ, "HF_TOKEN": BOT}
+    cmd = [sys.executable, "-m", "adapter_repair.cli.main", "-q", "bot", "worker",
+           "--queue", queue_url, *WORKER_FLAGS, *flags]  # fmt: skip
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE)
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_is_killed_is_completed_by_another_with_one_pr(
+    bot_hub: Any, sqlite_queue: Queue, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """kill -9 while the worker's PR commit is on the wire: the commit lands, the worker never
+    records it; after the lease expires another worker takes the job, finds the PR on the Hub
+    and records it instead of pushing again."""
+    hub = bot_hub
+    base = fresh("alice/base")
+    publish(hub, base, tiny_chat_dir, tmp_path)
+    repo = fresh("alice/lora")
+    sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+    jid = f"{repo}@{sha}"
+    assert sqlite_queue.store.add(repo, sha)
+    sqlite_queue.enqueue(jid)
+    hub.stalled.clear()
+    hub.fail_next("POST", rf"/api/models/{repo}/commit/", mode="stall", seconds=2)
+    first = worker_process(sqlite_queue.url, "--lease", "3")
+    try:
+        assert hub.stalled.wait(120), "the worker never reached its push"
+        job = sqlite_queue.store.get(jid)
+        assert job is not None and job.state == "running"
+        first.send_signal(signal.SIGKILL)
+        first.wait(10)
+    finally:
+        first.kill()
+    time.sleep(2.5)  # the stalled commit lands; nobody is told
+    assert len(hub.pull_requests(repo)) == 1
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=4)
+    job = sqlite_queue.store.get(jid)
+    assert job is not None and job.state == "done" and job.attempts == 2, job
+    (pr,) = hub.pull_requests(repo)  # exactly one
+    assert job.pr_url and job.pr_url.endswith(f"/{pr['num']}")
+
+
+@pytest.mark.slow
+def test_two_workers_on_redis_drain_twenty_jobs_none_lost_none_twice(
+    bot_hub: Any, redis_url: str, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    hub = bot_hub
+    queue = open_queue(redis_url)
+    base = fresh("alice/base")
+    publish(hub, base, tiny_chat_dir, tmp_path)
+    receiver = Receiver(queue)
+    repos = []
+    try:
+        for _ in range(20):
+            repo = fresh("alice/lora")
+            sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+            assert receiver.post(payload(repo, sha))[0] == 202
+            repos.append(repo)
+    finally:
+        receiver.stop()
+    workers = [worker_process(redis_url, "--exit-when-idle", "5") for _ in range(2)]
+    outputs = [w.communicate(timeout=900)[0].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    handled = [int(o.split("after ")[1].split(" job")[0]) for o in outputs]
+    assert sum(handled) == 20 and min(handled) > 0, handled  # both worked, none twice
+    jobs = queue.store.jobs()
+    assert len(jobs) == 20 and all(j.state == "done" and j.attempts == 1 for j in jobs), jobs
+    assert [len(hub.pull_requests(r)) for r in repos] == [1] * 20
+    assert queue.depth() == 0
