@@ -205,10 +205,22 @@ def test_one_upload_one_pr_and_the_bots_own_pr_and_its_merge_are_ignored(
     assert "adapter-repair's own" in merge_job.detail
     assert len(hub.pull_requests(repo)) == 1 and len(hub.discussions(repo)) == 1
 
+    # the owner's next commit keeps the repaired weights: recognised by their sha256 on the card
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "NOTES.md").write_text("merged the repair")
+    later = hub.upload_folder(repo, notes, message="add notes")
+    assert receiver.post(payload(repo, later))[0] == 202
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=1)
+    later_job = sqlite_queue.store.get(f"{repo}@{later}")
+    assert later_job is not None and later_job.state == "skipped"
+    assert "same weights" in later_job.detail
+    assert len(hub.pull_requests(repo)) == 1
+
     status = CliRunner().invoke(cli, ["bot", "status", "--queue", sqlite_queue.url, "--json"])
     assert status.exit_code == 0, status.output
     assert json.loads(status.stdout)["counts"] == {
-        "queued": 0, "running": 0, "done": 1, "skipped": 1, "failed": 0
+        "queued": 0, "running": 0, "done": 1, "skipped": 2, "failed": 0
     }  # fmt: skip
 
 

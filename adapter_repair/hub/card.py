@@ -70,7 +70,15 @@ def _metrics(report: Mapping[str, Any]) -> list[EvalResult]:
     return out
 
 
-def section(report: Mapping[str, Any], provenance: Provenance) -> str:
+def weights_line(sha256: str) -> str:
+    """The card's record of the repaired weights: a later upload with other weights (a new
+    fine-tune under the same card) is not taken for a repaired adapter."""
+    return f"- repaired weights: `adapter_model.safetensors` sha256 `{sha256}`"
+
+
+def section(
+    report: Mapping[str, Any], provenance: Provenance, weights_sha256: str | None = None
+) -> str:
     """The card's repair section (between the START and END markers)."""
     res = report.get("repair") or {}
     rows = measures_table(report.get("measures") or {})
@@ -104,6 +112,7 @@ def section(report: Mapping[str, Any], provenance: Provenance) -> str:
         + (f" at `{provenance.base_sha}`" if provenance.base_sha else "")
         + f" (repaired over it loaded as {report.get('quant')})",
         f"- adapter-repair {provenance.tool_version}, {provenance.date}",
+        *([weights_line(weights_sha256)] if weights_sha256 else []),
         "",
         "<details><summary>Settings</summary>",
         "",
@@ -126,6 +135,7 @@ def repair_card(
     *,
     model_name: str,
     base_model: str | None,
+    weights_sha256: str | None = None,
 ) -> ModelCard:
     """The card for the repaired adapter: ``existing`` (the source's README.md, or None) with
     the repair section added or replaced and the metadata updated."""
@@ -142,7 +152,7 @@ def repair_card(
     if data.eval_results and not data.model_name:
         data.model_name = model_name
     text = card.text
-    new = section(report, provenance)
+    new = section(report, provenance, weights_sha256)
     if START in text and END in text[text.index(START) :]:
         head, rest = text.split(START, 1)
         tail = rest.split(END, 1)[1]

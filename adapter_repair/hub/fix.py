@@ -9,6 +9,7 @@ and pushes the output folder as one commit.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -182,7 +183,15 @@ def fix(
     hub_base = base.repo_id if base else (None if _is_local(base_name) else base_name)
 
     def write_card(folder_out: Path, report: Mapping[str, Any]) -> None:
-        card = repair_card(existing, report, provenance, model_name=model_name, base_model=hub_base)
+        weights = hashlib.sha256((folder_out / "adapter_model.safetensors").read_bytes())
+        card = repair_card(
+            existing,
+            report,
+            provenance,
+            model_name=model_name,
+            base_model=hub_base,
+            weights_sha256=weights.hexdigest(),
+        )
         (folder_out / "README.md").write_text(str(card), encoding="utf-8")
 
     outcome = repair_folder(

@@ -37,7 +37,7 @@ from adapter_repair.errors import (
     UnsupportedModelError,
 )
 from adapter_repair.hub.bot.queue import open_queue
-from adapter_repair.hub.card import START
+from adapter_repair.hub.card import weights_line
 from adapter_repair.hub.errors import BaseUnreachableError, HubError, hub_errors
 from adapter_repair.hub.fix import commit_message, fix
 from adapter_repair.hub.push import plan_push, push
@@ -130,17 +130,20 @@ def run_job(jid: str, owner: str, queue_url: str, settings: JobSettings, api: Hf
         if existing:
             return Outcome("done", "a pull request for this commit was open already", existing)
         with hub_errors(f"read {repo}", repo):
-            info = api.model_info(repo, revision=sha)
-            names = {s.rfilename for s in info.siblings or []}
+            info = api.model_info(repo, revision=sha, files_metadata=True)
+            siblings = {s.rfilename: s for s in info.siblings or []}
+            names = set(siblings)
             if "adapter_config.json" not in names:
                 return Outcome("skipped", "not a PEFT adapter (no adapter_config.json)")
             commits = api.list_repo_commits(repo, revision=sha)
         if commits and commits[0].title.startswith(TITLE_PREFIX):
             return Outcome("skipped", "the commit is adapter-repair's own (a merged PR)")
-        if "README.md" in names:
+        weights = siblings.get("adapter_model.safetensors")
+        digest = weights.lfs.sha256 if weights is not None and weights.lfs else None
+        if "README.md" in names and digest:
             card = Path(_download(api, repo, sha, "README.md")).read_text(encoding="utf-8")
-            if START in card:
-                return Outcome("skipped", "already repaired by adapter-repair (its card says so)")
+            if weights_line(digest) in card:
+                return Outcome("skipped", "already repaired by adapter-repair (same weights)")
         with tempfile.TemporaryDirectory(prefix="adapter-repair-job-") as tmp:
             out = Path(tmp) / "repaired"
             done = fix(
