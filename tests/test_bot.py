@@ -322,3 +322,31 @@ def test_two_workers_on_redis_drain_twenty_jobs_none_lost_none_twice(
     assert len(jobs) == 20 and all(j.state == "done" and j.attempts == 1 for j in jobs), jobs
     assert [len(hub.pull_requests(r)) for r in repos] == [1] * 20
     assert queue.depth() == 0
+
+
+def test_a_transient_hub_error_is_retried_and_a_job_past_its_timeout_is_failed(
+    bot_hub: Any, sqlite_queue: Queue, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    hub = bot_hub
+    base = fresh("alice/base")
+    publish(hub, base, tiny_chat_dir, tmp_path)
+    repo = fresh("alice/lora")
+    sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+    jid = f"{repo}@{sha}"
+    assert sqlite_queue.store.add(repo, sha)
+    sqlite_queue.enqueue(jid)
+    hub.fail_next("GET", rf"/api/models/{repo}/revision/", mode="status", status=503)
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=2)
+    job = sqlite_queue.store.get(jid)
+    assert job is not None and job.state == "done" and job.attempts == 2, job
+    assert len(hub.pull_requests(repo)) == 1
+
+    slow = fresh("alice/lora")
+    sha = publish(hub, slow, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+    assert sqlite_queue.store.add(slow, sha)
+    sqlite_queue.enqueue(f"{slow}@{sha}")
+    Worker(sqlite_queue, settings(sqlite_queue.url, job_timeout=0.5)).run(max_idle=1)
+    job = sqlite_queue.store.get(f"{slow}@{sha}")
+    assert job is not None and job.state == "failed" and "timed out" in job.detail, job
+    assert hub.pull_requests(slow) == []
