@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 PKG = Path(__file__).resolve().parents[1] / "adapter_repair"
-LIBRARY = [p for p in PKG.rglob("*.py") if p.parent.name not in ("hub", "cli")]
+LIBRARY = [p for p in PKG.rglob("*.py") if p.relative_to(PKG).parts[0] not in ("hub", "cli")]
 HUB = list((PKG / "hub").rglob("*.py"))
 
 

@@ -1,6 +1,6 @@
 """One bot job, run in a process of its own (``python -m adapter_repair.hub.bot.job``): check
-the repo at the commit, pull, measure, repair, and open a pull request; print the outcome as
-one JSON line on stdout.
+the repo at the commit, pull, measure, repair, and open a pull request; write the outcome as
+JSON to the file the worker names.
 
 The worker that started it holds the job's lease; this process only checks that the record is
 still its worker's before each side effect, and looks on the Hub for what an earlier attempt
@@ -217,6 +217,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("owner")
     ap.add_argument("queue")
     ap.add_argument("settings", help="JobSettings as JSON")
+    ap.add_argument("result", help="file to write the Outcome to, as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
@@ -227,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     except AdapterRepairError as e:  # a Hub error outside the pipeline's own handling
         outcome = Outcome("failed", e.problem, transient=getattr(e, "transient", False))
-    print(json.dumps(outcome.__dict__), flush=True)
+    Path(args.result).write_text(json.dumps(outcome.__dict__), encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -19,8 +19,10 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from adapter_repair.hub.bot.job import JobSettings, Outcome
@@ -119,38 +121,38 @@ class Worker:
             logger.warning("job %s: its lease was lost; its outcome is not recorded", jid)
 
     def _run_child(self, jid: str, owner: str) -> Outcome:
-        cmd = [
-            sys.executable,
-            "-m",
-            "adapter_repair.hub.bot.job",
-            jid,
-            owner,
-            self.queue.url,
-            self.settings.to_json(),
-        ]
-        child = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, text=True, preexec_fn=_die_with_parent
-        )
-        started = time.time()
-        beat = max(0.05, self.bot.lease / 4)
-        while True:
-            try:
-                stdout, _ = child.communicate(timeout=beat)
-                break
-            except subprocess.TimeoutExpired:
-                if not self.queue.store.heartbeat(jid, owner):
-                    child.kill()
-                    child.communicate()
-                    return Outcome("failed", "the job's lease was lost")
-                if time.time() - started > self.bot.job_timeout:
-                    child.kill()
-                    child.communicate()
-                    return Outcome("failed", f"timed out after {self.bot.job_timeout:.0f} s")
-        lines = [x for x in stdout.splitlines() if x.startswith("{")]
-        if child.returncode != 0 or not lines:
-            return Outcome("failed", f"the job process exited with code {child.returncode}")
-        data: dict[str, Any] = json.loads(lines[-1])
-        return Outcome(**data)
+        with tempfile.TemporaryDirectory(prefix="adapter-repair-job-") as tmp:
+            result = Path(tmp) / "outcome.json"
+            cmd = [
+                sys.executable,
+                "-m",
+                "adapter_repair.hub.bot.job",
+                jid,
+                owner,
+                self.queue.url,
+                self.settings.to_json(),
+                str(result),
+            ]
+            child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
+            started = time.time()
+            beat = max(0.05, self.bot.lease / 4)
+            while True:
+                try:
+                    child.wait(timeout=beat)
+                    break
+                except subprocess.TimeoutExpired:
+                    if not self.queue.store.heartbeat(jid, owner):
+                        child.kill()
+                        child.wait()
+                        return Outcome("failed", "the job's lease was lost")
+                    if time.time() - started > self.bot.job_timeout:
+                        child.kill()
+                        child.wait()
+                        return Outcome("failed", f"timed out after {self.bot.job_timeout:.0f} s")
+            if child.returncode != 0 or not result.is_file():
+                return Outcome("failed", f"the job process exited with code {child.returncode}")
+            data: dict[str, Any] = json.loads(result.read_text(encoding="utf-8"))
+            return Outcome(**data)
 
 
 def run_worker(queue_url: str, settings: JobSettings, *, max_idle: float | None = None) -> Worker:
