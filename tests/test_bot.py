@@ -176,15 +176,31 @@ def bot_hub(hub: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     return hub
 
 
+@pytest.fixture
+def base_repo(bot_hub: Any, tiny_chat_dir: Path, tmp_path: Path) -> str:
+    """A tiny chat base on the local Hub, under a fresh name."""
+    base = fresh("alice/base")
+    publish(bot_hub, base, tiny_chat_dir, tmp_path / "base")
+    return base
+
+
+def queued_lora(hub: Any, queue: Queue | None, base: str, adapter: Path, tmp: Path) -> str:
+    """Publish a LoRA over ``base``; with ``queue``, record and enqueue its job. Returns the
+    job id (repo@sha)."""
+    repo = fresh("alice/lora")
+    sha = publish(hub, repo, adapter, tmp, base_model_name_or_path=base)
+    if queue is not None:
+        assert queue.store.add(repo, sha)
+        queue.enqueue(f"{repo}@{sha}")
+    return f"{repo}@{sha}"
+
+
 def test_one_upload_one_pr_and_the_bots_own_pr_and_its_merge_are_ignored(
-    bot_hub: Any, sqlite_queue: Queue, receiver: Receiver, tiny_chat_dir: Path,
+    bot_hub: Any, sqlite_queue: Queue, receiver: Receiver, base_repo: str,
     tiny_chat_adapter_dir: Path, tmp_path: Path,
 ) -> None:  # fmt: skip
     hub = bot_hub
-    base = fresh("alice/base")
-    publish(hub, base, tiny_chat_dir, tmp_path)
-    repo = fresh("alice/lora")
-    sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+    repo, sha = queued_lora(hub, None, base_repo, tiny_chat_adapter_dir, tmp_path).split("@")
     for _ in range(5):  # the Hub retries deliveries: one job, one PR
         receiver.post(payload(repo, sha))
     Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=1)
@@ -260,20 +276,15 @@ def worker_process(queue_url: str, *flags: str) -> subprocess.Popen[bytes]:
 
 @pytest.mark.slow
 def test_a_job_whose_worker_is_killed_is_completed_by_another_with_one_pr(
-    bot_hub: Any, sqlite_queue: Queue, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path,
+    bot_hub: Any, sqlite_queue: Queue, base_repo: str, tiny_chat_adapter_dir: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     """kill -9 while the worker's PR commit is on the wire: the commit lands, the worker never
     records it; after the lease expires another worker takes the job, finds the PR on the Hub
     and records it instead of pushing again."""
     hub = bot_hub
-    base = fresh("alice/base")
-    publish(hub, base, tiny_chat_dir, tmp_path)
-    repo = fresh("alice/lora")
-    sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
-    jid = f"{repo}@{sha}"
-    assert sqlite_queue.store.add(repo, sha)
-    sqlite_queue.enqueue(jid)
+    jid = queued_lora(hub, sqlite_queue, base_repo, tiny_chat_adapter_dir, tmp_path)
+    repo = jid.split("@")[0]
     hub.stalled.clear()
     hub.fail_next("POST", rf"/api/models/{repo}/commit/", mode="stall", seconds=2)
     first = worker_process(sqlite_queue.url, "--lease", "3")
@@ -296,19 +307,16 @@ def test_a_job_whose_worker_is_killed_is_completed_by_another_with_one_pr(
 
 @pytest.mark.slow
 def test_two_workers_on_redis_drain_twenty_jobs_none_lost_none_twice(
-    bot_hub: Any, redis_url: str, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path,
-    tmp_path: Path,
-) -> None:  # fmt: skip
+    bot_hub: Any, redis_url: str, base_repo: str, tiny_chat_adapter_dir: Path, tmp_path: Path
+) -> None:
     hub = bot_hub
     queue = open_queue(redis_url)
-    base = fresh("alice/base")
-    publish(hub, base, tiny_chat_dir, tmp_path)
     receiver = Receiver(queue)
     repos = []
     try:
         for _ in range(20):
-            repo = fresh("alice/lora")
-            sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
+            jid = queued_lora(hub, None, base_repo, tiny_chat_adapter_dir, tmp_path)
+            repo, sha = jid.split("@")
             assert receiver.post(payload(repo, sha))[0] == 202
             repos.append(repo)
     finally:
@@ -325,28 +333,20 @@ def test_two_workers_on_redis_drain_twenty_jobs_none_lost_none_twice(
 
 
 def test_a_transient_hub_error_is_retried_and_a_job_past_its_timeout_is_failed(
-    bot_hub: Any, sqlite_queue: Queue, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path,
+    bot_hub: Any, sqlite_queue: Queue, base_repo: str, tiny_chat_adapter_dir: Path,
     tmp_path: Path,
 ) -> None:  # fmt: skip
     hub = bot_hub
-    base = fresh("alice/base")
-    publish(hub, base, tiny_chat_dir, tmp_path)
-    repo = fresh("alice/lora")
-    sha = publish(hub, repo, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
-    jid = f"{repo}@{sha}"
-    assert sqlite_queue.store.add(repo, sha)
-    sqlite_queue.enqueue(jid)
+    jid = queued_lora(hub, sqlite_queue, base_repo, tiny_chat_adapter_dir, tmp_path)
+    repo = jid.split("@")[0]
     hub.fail_next("GET", rf"/api/models/{repo}/revision/", mode="status", status=503)
     Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=2)
     job = sqlite_queue.store.get(jid)
     assert job is not None and job.state == "done" and job.attempts == 2, job
     assert len(hub.pull_requests(repo)) == 1
 
-    slow = fresh("alice/lora")
-    sha = publish(hub, slow, tiny_chat_adapter_dir, tmp_path, base_model_name_or_path=base)
-    assert sqlite_queue.store.add(slow, sha)
-    sqlite_queue.enqueue(f"{slow}@{sha}")
+    slow = queued_lora(hub, sqlite_queue, base_repo, tiny_chat_adapter_dir, tmp_path)
     Worker(sqlite_queue, settings(sqlite_queue.url, job_timeout=0.5)).run(max_idle=1)
-    job = sqlite_queue.store.get(f"{slow}@{sha}")
+    job = sqlite_queue.store.get(slow)
     assert job is not None and job.state == "failed" and "timed out" in job.detail, job
-    assert hub.pull_requests(slow) == []
+    assert hub.pull_requests(slow.split("@")[0]) == []
