@@ -466,6 +466,16 @@ class BotConfig:
                 raise ValueError(f"{name.replace('_', '-')} must be positive")
         if self.concurrency < 1 or self.max_attempts < 1 or self.retries < 0:
             raise ValueError("concurrency and max-attempts must be at least 1, retries at least 0")
+        if self.retries >= self.max_attempts:
+            raise ValueError(
+                f"retries ({self.retries}) must be below max-attempts ({self.max_attempts}): "
+                "each retry is an attempt"
+            )
+
+    def stale_after(self) -> float:
+        """Seconds after which a queued job nobody took gets its message sent again: a lease
+        plus the longest retry delay (a retry waits that long on purpose)."""
+        return self.lease + self.retry_delay * 2**self.retries
 
     def queue_url(self) -> str:
         if self.queue:

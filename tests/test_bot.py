@@ -257,7 +257,9 @@ def test_an_adapter_that_cannot_be_repaired_gets_one_discussion_per_reason(
     for sha in shas:
         assert sqlite_queue.store.add(repo, sha)
         sqlite_queue.enqueue(f"{repo}@{sha}")
-    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=1)
+    # the first try to open the discussion meets a 503: retried, and still opened once
+    hub.fail_next("POST", rf"/api/models/{repo}/discussions$", mode="status", status=503)
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=2)
     jobs = sqlite_queue.store.jobs()
     assert [j.state for j in jobs] == ["skipped", "skipped"]
     assert all("pickle weights only" in j.detail for j in jobs)
@@ -350,3 +352,24 @@ def test_a_transient_hub_error_is_retried_and_a_job_past_its_timeout_is_failed(
     job = sqlite_queue.store.get(slow)
     assert job is not None and job.state == "failed" and "timed out" in job.detail, job
     assert hub.pull_requests(slow.split("@")[0]) == []
+
+
+def test_the_bot_never_loads_a_local_base_named_by_an_uploaded_config_and_resends_lost_jobs(
+    bot_hub: Any, sqlite_queue: Queue, tiny_chat_dir: Path, tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """An uploader's base_model_name_or_path that names a folder of the worker's machine is
+    refused (one discussion says why); and a job recorded whose message was lost (a crash
+    between record and enqueue) is sent again once it has been queued too long."""
+    hub = bot_hub
+    jid = queued_lora(hub, None, str(tiny_chat_dir), tiny_chat_adapter_dir, tmp_path)
+    repo, sha = jid.split("@")
+    assert sqlite_queue.store.add(repo, sha)  # recorded, never enqueued
+    quick = settings(sqlite_queue.url, lease=0.4, retry_delay=0.1, retries=1)
+    Worker(sqlite_queue, quick).run(max_idle=3)
+    job = sqlite_queue.store.get(jid)
+    assert job is not None and job.state == "skipped", job
+    assert "base model unreachable" in job.detail and "not a Hub repo id" in job.detail
+    (discussion,) = hub.discussions(repo)
+    assert "base model unreachable" in discussion["title"]
+    assert hub.pull_requests(repo) == []

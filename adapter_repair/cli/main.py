@@ -541,7 +541,7 @@ def bot() -> None:
 )
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8000, show_default=True, type=int, help="Port to listen on.")
-@options_from(BotConfig)
+@options_from(BotConfig, exclude=tuple(f for f in BotConfig.__dataclass_fields__ if f != "queue"))
 def bot_serve(secret: str, host: str, port: int, **params: Any) -> None:
     """Receive Hub webhooks on POST /webhook; GET /health reports the queue depth and jobs."""
     import uvicorn
@@ -614,7 +614,13 @@ def bot_status(as_json: bool, **params: Any) -> None:
     """The jobs by state (queued, running, done, skipped, failed), and the queue's depth."""
     from adapter_repair.hub.bot.queue import open_queue
 
-    queue = open_queue(_bot_config(params).queue_url())
+    url = _bot_config(params).queue_url()
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite://")).is_file():
+        raise AdapterRepairError(
+            f"no bot queue at {url}.",
+            "Pass the --queue (or ADAPTER_REPAIR_QUEUE) that `bot serve` and `bot worker` use.",
+        )
+    queue = open_queue(url)
     jobs = sorted(queue.store.jobs(), key=lambda j: j.updated)
     counts = queue.store.counts()
     if as_json:

@@ -64,8 +64,10 @@ def hub_errors(what: str, repo_id: str, *, writing: bool = False) -> Iterator[No
             f"Accept the repo's conditions on its Hub page. {LOGIN_FIX}",
         ) from e
     except hf_errors.RepositoryNotFoundError as e:
-        if writing and _status(e) in (401, 403):
+        if writing and _status(e) == 403:
             raise _write_error(what, repo_id) from e
+        if writing and _status(e) == 401:
+            raise HubError(f"cannot {what}: the Hub refused the token (401).", LOGIN_FIX) from e
         raise HubError(
             f"cannot {what}: the Hub has no repo {repo_id}, or it is private and this "
             "token cannot read it.",
@@ -83,7 +85,7 @@ def hub_errors(what: str, repo_id: str, *, writing: bool = False) -> Iterator[No
         ) from e
     except hf_errors.HfHubHTTPError as e:
         status = _status(e)
-        if status in (401, 403) and writing:
+        if status == 403 and writing:
             raise _write_error(what, repo_id) from e
         if status == 401:
             raise HubError(f"cannot {what}: the Hub refused the token (401).", LOGIN_FIX) from e
@@ -97,6 +99,16 @@ def hub_errors(what: str, repo_id: str, *, writing: bool = False) -> Iterator[No
             "Retry later; if it persists, check the Hub's status page.",
             transient=status is None or status >= 500 or status == 429,
         ) from e
+    except hf_errors.LocalEntryNotFoundError as e:  # a download that failed mid-way
+        raise HubError(
+            f"cannot {what} ({repo_id}): the files could not be downloaded "
+            f"({scrub(str(e)).splitlines()[0]}).",
+            "Check the network (and HF_ENDPOINT) and run the same command again: downloads "
+            "resume from the cache.",
+            transient=True,
+        ) from e
+    except hf_errors.LocalTokenNotFoundError as e:
+        raise HubError(f"cannot {what}: no Hugging Face token is set.", LOGIN_FIX) from e
     except hf_errors.OfflineModeIsEnabled as e:
         raise HubError(
             f"cannot {what} ({repo_id}): HF_HUB_OFFLINE is set.",
@@ -113,8 +125,11 @@ def hub_errors(what: str, repo_id: str, *, writing: bool = False) -> Iterator[No
 
 
 def _write_error(what: str, repo_id: str) -> HubError:
-    return HubError(
-        f"cannot {what}: this token may not write to {repo_id}.",
-        "Use a token with write access to that namespace (`hf auth login`, HF_TOKEN), push "
-        "to a repo of your own with --push-to YOUR_NAME/REPO, or open a pull request with --pr.",
-    )
+    if what.startswith("open a pull request"):
+        fix = "Use a token with write access (`hf auth login`, HF_TOKEN); a read-only one "
+        fix += "cannot open pull requests."
+    else:
+        fix = "Use a token with write access to that namespace (`hf auth login`, HF_TOKEN), "
+        fix += "push to a repo of your own with --push-to YOUR_NAME/REPO, or open a pull "
+        fix += "request with --pr."
+    return HubError(f"cannot {what}: this token may not write to {repo_id}.", fix)

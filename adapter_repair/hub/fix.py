@@ -64,17 +64,24 @@ def default_out(source: str) -> Path:
 
 
 def _base(
-    adapter_base: str | None, load: LoadConfig, api: HfApi
+    adapter_base: str | None, load: LoadConfig, api: HfApi, local: bool = True
 ) -> tuple[LoadConfig, Pulled | None]:
-    """The LoadConfig the library gets (a local base path) and what was pulled for it."""
+    """The LoadConfig the library gets (a local base path) and what was pulled for it.
+    ``local=False``: a base named by the adapter's config is only ever a Hub repo (the bot: an
+    uploader's config must not make it load a folder of the machine it runs on)."""
     base = load.base or adapter_base
-    if base is None or _is_local(base) or hf_constants.is_offline_mode():
+    user_given = load.base is not None
+    if base is None:
+        return load, None  # the library says that a base is needed
+    if (local or user_given) and (_is_local(base) or hf_constants.is_offline_mode()):
         return load, None  # a local folder, or offline: transformers reads the HF cache
     try:
         ref = HubRef.parse(base)
     except AdapterRepairError as e:
-        raise AdapterRepairError(
-            f"the base {base!r} is neither a folder on this machine nor a Hub repo id.",
+        raise BaseUnreachableError(
+            f"the base {base!r} is neither a folder on this machine nor a Hub repo id."
+            if local or user_given
+            else f"the adapter's base_model_name_or_path {base!r} is not a Hub repo id.",
             "Pass --base with the model the adapter was trained on (a Hub id or a local folder).",
         ) from e
     try:
@@ -132,12 +139,14 @@ def fix(
     push: PushConfig | None = None,
     api: HfApi | None = None,
     min_harmful: float | None = None,
+    local_base: bool = True,
 ) -> FixOutcome:
     """Repair ``source`` (a local adapter folder, else a Hub repo id ``owner/name[@rev]``)
     into ``out`` (default :func:`default_out`), write its model card, and push it when
     ``push`` asks: to ``push.push_to`` (created when missing), or as a pull request on the
     source repo (``push.pr``); ``push.dry_run`` repairs and plans the push without sending
-    it. ``min_harmful``: raise :class:`~adapter_repair.errors.NothingToRepair` when the
+    it. ``local_base=False`` takes a base named by the adapter's config from the Hub only (the
+    bot). ``min_harmful``: raise :class:`~adapter_repair.errors.NothingToRepair` when the
     adapter's measured harmful rate is under it (the bot's threshold). The token comes from
     huggingface_hub (HF_TOKEN, the login cache) and never appears in logs or errors."""
     load = load or LoadConfig()
@@ -162,7 +171,7 @@ def fix(
     pulled = pull_adapter(ref, api=api) if ref else None
     folder = pulled.path if pulled else Path(source)
     adapter_base = _recorded_base(folder)
-    lib_load, base = _base(adapter_base, load, api)
+    lib_load, base = _base(adapter_base, load, api, local_base)
     base_name = load.base or adapter_base or "?"
 
     existing = (
@@ -232,10 +241,11 @@ def fix(
                     parent_commit=pulled.sha if pr and pulled else None,
                 )
             except AdapterRepairError as e:
-                raise type(e)(
+                raise HubError(
                     e.problem,
                     f"{e.fix} The repaired adapter is kept in {outcome.out}: push it with "
                     f"`hf upload {target} {outcome.out}`, or rerun with --overwrite.",
+                    transient=getattr(e, "transient", False),
                 ) from e
             logger.info("pushed: %s", pushed.url)
     return FixOutcome(outcome, pulled, base, pushed)

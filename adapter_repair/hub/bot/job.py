@@ -11,8 +11,12 @@ reclaimed job never pushes twice.
 from __future__ import annotations
 
 import argparse
+import ctypes
+import functools
 import json
 import logging
+import os
+import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -37,8 +41,9 @@ from adapter_repair.errors import (
     UnsupportedModelError,
 )
 from adapter_repair.hub.bot.queue import open_queue
+from adapter_repair.hub.bot.store import JobStore
 from adapter_repair.hub.card import weights_line
-from adapter_repair.hub.errors import BaseUnreachableError, HubError, hub_errors
+from adapter_repair.hub.errors import BaseUnreachableError, HubError, hub_errors, scrub
 from adapter_repair.hub.fix import commit_message, fix
 from adapter_repair.hub.push import plan_push, push
 
@@ -86,10 +91,16 @@ def marker(sha: str) -> str:
     return f"[{sha[:12]}]"
 
 
+@functools.cache
+def _me(api: HfApi) -> str:
+    with hub_errors("check the bot's token", "(whoami)"):
+        return str(api.whoami()["name"])
+
+
 def _find_discussion(api: HfApi, repo: str, *, title_part: str, pr: bool) -> str | None:
     """The URL of an open-or-not discussion or PR by this token's user whose title has
     ``title_part`` (what an earlier attempt of the job may have opened before it died)."""
-    me = api.whoami()["name"]
+    me = _me(api)
     with hub_errors("list the repo's discussions", repo):
         found = (
             api.get_repo_discussions(repo, author=me, discussion_type="pull_request")
@@ -117,24 +128,25 @@ def impossible_reason(e: AdapterRepairError) -> str | None:
     return None
 
 
-def run_job(jid: str, owner: str, queue_url: str, settings: JobSettings, api: HfApi) -> Outcome:
+def run_job(jid: str, owner: str, settings: JobSettings, api: HfApi) -> Outcome:
     """The pipeline of one job (see the module docstring)."""
-    queue = open_queue(queue_url)
+    queue = open_queue(settings.bot.queue_url())
     job = queue.store.get(jid)
     if job is None:
         return Outcome("failed", f"no record for job {jid}")
     repo, sha = job.repo, job.sha
     title = f"{TITLE_PREFIX} restore refusals {marker(sha)}"
     try:
+        with hub_errors(f"read {repo}", repo):
+            info = api.model_info(repo, revision=sha, files_metadata=True)
+        siblings = {s.rfilename: s for s in info.siblings or []}
+        names = set(siblings)
+        if "adapter_config.json" not in names:
+            return Outcome("skipped", "not a PEFT adapter (no adapter_config.json)")
         existing = _find_discussion(api, repo, title_part=marker(sha), pr=True)
         if existing:
             return Outcome("done", "a pull request for this commit was open already", existing)
         with hub_errors(f"read {repo}", repo):
-            info = api.model_info(repo, revision=sha, files_metadata=True)
-            siblings = {s.rfilename: s for s in info.siblings or []}
-            names = set(siblings)
-            if "adapter_config.json" not in names:
-                return Outcome("skipped", "not a PEFT adapter (no adapter_config.json)")
             commits = api.list_repo_commits(repo, revision=sha)
         if commits and commits[0].title.startswith(TITLE_PREFIX):
             return Outcome("skipped", "the commit is adapter-repair's own (a merged PR)")
@@ -155,6 +167,7 @@ def run_job(jid: str, owner: str, queue_url: str, settings: JobSettings, api: Hf
                 push=PushConfig(),
                 api=api,
                 min_harmful=settings.bot.threshold,
+                local_base=False,  # the uploader's config must not name files on this machine
             )
             if queue.store.get(jid) is None or not queue.store.heartbeat(jid, owner):
                 return Outcome("failed", "the job's lease was lost during the repair")
@@ -174,10 +187,9 @@ def run_job(jid: str, owner: str, queue_url: str, settings: JobSettings, api: Hf
             return Outcome("done", "pull request opened", pushed.url)
     except NothingToRepair as e:
         url = None
-        if settings.bot.comment_clean and queue.store.once(f"{repo}|clean|{sha}"):
-            url = _open_discussion(
-                api, repo, f"{TITLE_PREFIX} checked {marker(sha)}: no repair needed", e.problem
-            )
+        if settings.bot.comment_clean:
+            title = f"{TITLE_PREFIX} checked {marker(sha)}: no repair needed"
+            url = _discuss_once(api, queue.store, repo, f"{repo}|clean|{sha}", title, e.problem)
         return Outcome("skipped", e.problem, url)
     except AdapterRepairError as e:
         if isinstance(e, HubError) and e.transient:
@@ -185,12 +197,10 @@ def run_job(jid: str, owner: str, queue_url: str, settings: JobSettings, api: Hf
         reason = impossible_reason(e)
         if reason is None:
             return Outcome("failed", e.problem)
-        url = None
-        title_part = f"{TITLE_PREFIX} cannot repair this adapter ({reason})"
-        if queue.store.once(f"{repo}|{reason}") and not _find_discussion(
-            api, repo, title_part=title_part, pr=False
-        ):
-            url = _open_discussion(api, repo, title_part, f"{e.problem}\n\n{e.fix}")
+        title = f"{TITLE_PREFIX} cannot repair this adapter ({reason})"
+        url = _discuss_once(
+            api, queue.store, repo, f"{repo}|{reason}", title, f"{e.problem}\n\n{e.fix}"
+        )
         return Outcome("skipped", f"cannot repair: {reason}: {e.problem}", url)
 
 
@@ -203,10 +213,32 @@ def _download(api: HfApi, repo: str, sha: str, name: str) -> str:
         )
 
 
-def _open_discussion(api: HfApi, repo: str, title: str, body: str) -> str:
-    with hub_errors("open a discussion", repo, writing=True):
-        d = api.create_discussion(repo, title=title, description=body)
+def _discuss_once(
+    api: HfApi, store: JobStore, repo: str, key: str, title: str, body: str
+) -> str | None:
+    """Open the discussion ``title`` unless this repo has it (on the Hub, or claimed by a
+    concurrent job through ``store.once``); a failed attempt releases the claim, so a retry
+    opens it."""
+    if _find_discussion(api, repo, title_part=title, pr=False) or not store.once(key):
+        return None
+    try:
+        with hub_errors("open a discussion", repo, writing=True):
+            d = api.create_discussion(repo, title=title, description=body)
+    except BaseException:
+        store.forget(key)
+        raise
     return str(d.url)
+
+
+def _die_with_worker() -> None:
+    """Linux: SIGKILL this process when its worker dies; exit now if it already has."""
+    worker = int(os.environ.get("ADAPTER_REPAIR_WORKER_PID", "0"))
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        logger.warning("PR_SET_PDEATHSIG is not available: this job outlives a killed worker")
+    if worker and os.getppid() != worker:
+        sys.exit("the worker that started this job is gone")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -215,19 +247,21 @@ def main(argv: list[str] | None = None) -> None:
     )
     ap.add_argument("job")
     ap.add_argument("owner")
-    ap.add_argument("queue")
-    ap.add_argument("settings", help="JobSettings as JSON")
+    ap.add_argument("settings", help="file with the JobSettings as JSON")
     ap.add_argument("result", help="file to write the Outcome to, as JSON")
     args = ap.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
+    _die_with_worker()
+    settings = JobSettings.from_json(Path(args.settings).read_text(encoding="utf-8"))
     try:
-        outcome = run_job(
-            args.job, args.owner, args.queue, JobSettings.from_json(args.settings), HfApi()
-        )
+        outcome = run_job(args.job, args.owner, settings, HfApi())
     except AdapterRepairError as e:  # a Hub error outside the pipeline's own handling
         outcome = Outcome("failed", e.problem, transient=getattr(e, "transient", False))
+    except Exception as e:  # recorded with its reason rather than as a bare exit code
+        logger.exception("job %s failed", args.job)
+        outcome = Outcome("failed", scrub(f"{type(e).__name__}: {e}"))
     Path(args.result).write_text(json.dumps(outcome.__dict__), encoding="utf-8")
 
 

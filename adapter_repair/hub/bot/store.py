@@ -78,6 +78,16 @@ class JobStore(ABC):
         """running with a heartbeat older than ``lease`` seconds -> queued; False otherwise."""
 
     @abstractmethod
+    def touch(self, jid: str, older_than: float) -> bool:
+        """A queued job last changed more than ``older_than`` seconds ago: mark it changed now
+        and return True (once per period, whoever asks), so that its message is sent again;
+        False otherwise."""
+
+    @abstractmethod
+    def forget(self, key: str) -> None:
+        """Undo :meth:`once` for ``key`` (its side effect failed; a later attempt may do it)."""
+
+    @abstractmethod
     def jobs(self) -> list[Job]: ...
 
     @abstractmethod
@@ -89,6 +99,12 @@ class JobStore(ABC):
         """Running jobs whose heartbeat is older than ``lease`` seconds."""
         now = time.time()
         return [j.id for j in self.jobs() if j.state == "running" and j.heartbeat < now - lease]
+
+    def stale(self, older_than: float) -> list[str]:
+        """Queued jobs unchanged for ``older_than`` seconds: their message may have been lost
+        (a crash between recording a job and enqueueing it, a failed enqueue)."""
+        now = time.time()
+        return [j.id for j in self.jobs() if j.state == "queued" and j.updated < now - older_than]
 
     def counts(self) -> dict[str, int]:
         out = dict.fromkeys(STATES, 0)
@@ -192,6 +208,19 @@ class SqliteJobStore(JobStore):
             now - lease,
         )
 
+    def touch(self, jid: str, older_than: float) -> bool:
+        now = time.time()
+        return self._update(
+            "update adapter_repair_jobs set updated = ? where id = ? and state = 'queued'"
+            " and updated < ?",
+            now,
+            jid,
+            now - older_than,
+        )
+
+    def forget(self, key: str) -> None:
+        self._conn().execute("delete from adapter_repair_once where key = ?", (key,))
+
     def jobs(self) -> list[Job]:
         rows = self._conn().execute(f"select {_COLUMNS} from adapter_repair_jobs").fetchall()
         return [Job(*r) for r in rows]
@@ -229,6 +258,12 @@ redis.call('HSET', KEYS[1], 'state', ARGV[2], 'detail', ARGV[3], 'pr_url', ARGV[
            'owner', '', 'updated', ARGV[5])
 return 1
 """
+_TOUCH = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
+if tonumber(redis.call('HGET', KEYS[1], 'updated')) >= tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'updated', ARGV[2])
+return 1
+"""
 _RECLAIM = """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if tonumber(redis.call('HGET', KEYS[1], 'heartbeat')) >= tonumber(ARGV[1]) then return 0 end
@@ -252,6 +287,7 @@ class RedisJobStore(JobStore):
         self._heartbeat = self.r.register_script(_HEARTBEAT)
         self._finish = self.r.register_script(_FINISH)
         self._reclaim = self.r.register_script(_RECLAIM)
+        self._touch = self.r.register_script(_TOUCH)
 
     def _key(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}"
@@ -300,6 +336,13 @@ class RedisJobStore(JobStore):
         now = time.time()
         why = f"reclaimed: its worker stopped renewing the lease ({lease:.0f} s)"
         return bool(self._reclaim(keys=[self._key(jid)], args=[now - lease, why, now]))
+
+    def touch(self, jid: str, older_than: float) -> bool:
+        now = time.time()
+        return bool(self._touch(keys=[self._key(jid)], args=[now - older_than, now]))
+
+    def forget(self, key: str) -> None:
+        self.r.delete(f"{self.prefix}:once:{key}")
 
     def jobs(self) -> list[Job]:
         ids: set[str] = self.r.smembers(f"{self.prefix}:jobs")  # type: ignore[assignment]

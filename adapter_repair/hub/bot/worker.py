@@ -2,7 +2,8 @@
 
 Each job runs in a process of its own (``adapter_repair.hub.bot.job``): a job that hangs is
 killed at its timeout, a repair's memory (a GPU's) is freed when it ends, and the child dies
-with its worker (PR_SET_PDEATHSIG), so a killed worker leaves no orphan still pushing. While
+with its worker (it asks for PR_SET_PDEATHSIG itself and exits if its worker is already
+gone), so a killed worker leaves no orphan still pushing. While
 the child runs, the worker renews the job's lease; a worker that dies stops renewing, and any
 other worker reclaims the job once the lease has expired. Transient Hub errors are retried with
 backoff; everything else ends the job as skipped or failed, with the reason in its record.
@@ -10,8 +11,7 @@ backoff; everything else ends the job as skipped or failed, with the reason in i
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
+import dataclasses
 import json
 import logging
 import os
@@ -22,6 +22,7 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -31,18 +32,15 @@ from adapter_repair.hub.bot.queue import Queue, open_queue, set_handler
 logger = logging.getLogger(__name__)
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child before exec
-    """Linux: the child gets SIGKILL when its worker dies."""
-    with contextlib.suppress(OSError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 class Worker:
     """``concurrency`` threads, each taking the next job off ``queue`` and running it."""
 
     def __init__(self, queue: Queue, settings: JobSettings, *, poll: float = 0.5) -> None:
         self.queue = queue
-        self.settings = settings
+        # the jobs open the queue this worker drains, whatever its default would be there
+        self.settings = dataclasses.replace(
+            settings, bot=dataclasses.replace(settings.bot, queue=queue.url)
+        )
         self.bot = settings.bot
         self.poll = poll
         self.stop = threading.Event()
@@ -52,7 +50,9 @@ class Worker:
         self.handled = 0
 
     def owner(self) -> str:
-        return f"{self.name}:{threading.get_ident()}"
+        """A fresh owner for each claim: a fencing token, so that a claim by this thread after
+        a lost lease is not mistaken for the earlier one."""
+        return f"{self.name}:{threading.get_ident()}:{uuid.uuid4().hex[:8]}"
 
     def reclaim(self) -> int:
         """Put back every job whose worker stopped renewing its lease; at most every quarter
@@ -62,9 +62,17 @@ class Worker:
                 return 0
             self._last_reclaim = time.time()
         n = 0
-        for jid in self.queue.store.expired(self.bot.lease):
-            if self.queue.store.reclaim(jid, self.bot.lease):
+        store = self.queue.store
+        for jid in store.expired(self.bot.lease):
+            if store.reclaim(jid, self.bot.lease):
                 logger.warning("reclaimed %s: its worker stopped renewing the lease", jid)
+                self.queue.enqueue(jid)
+                n += 1
+        # a queued record whose message was lost (a crash between recording and enqueueing):
+        # send it again; a duplicate message is harmless (the claim is a compare-and-set)
+        for jid in store.stale(self.bot.stale_after()):
+            if store.touch(jid, self.bot.stale_after()):
+                logger.warning("re-sent %s: queued for long without being taken", jid)
                 self.queue.enqueue(jid)
                 n += 1
         return n
@@ -114,49 +122,97 @@ class Worker:
                 self.queue.enqueue(jid, delay=delay)
                 logger.warning("job %s: %s; retry in %.0f s", jid, outcome.detail, delay)
             return
-        state = "failed" if outcome.state == "transient" else outcome.state
+        state = "failed" if outcome.transient else outcome.state
         if store.finish(jid, owner, state, outcome.detail, outcome.url):
             logger.info("job %s: %s (%s) %s", jid, state, outcome.detail, outcome.url or "")
         else:
             logger.warning("job %s: its lease was lost; its outcome is not recorded", jid)
 
     def _run_child(self, jid: str, owner: str) -> Outcome:
+        """Run the job in a child process (its own session: a Ctrl-C meant for the worker
+        does not fail the job) and renew the lease while it runs. Settings go through a file,
+        not argv, so that a queue URL with a password does not show in ps."""
         with tempfile.TemporaryDirectory(prefix="adapter-repair-job-") as tmp:
             result = Path(tmp) / "outcome.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "adapter_repair.hub.bot.job",
-                jid,
-                owner,
-                self.queue.url,
-                self.settings.to_json(),
-                str(result),
-            ]
-            child = subprocess.Popen(cmd, preexec_fn=_die_with_parent)
-            started = time.time()
-            beat = max(0.05, self.bot.lease / 4)
-            while True:
-                try:
-                    child.wait(timeout=beat)
-                    break
-                except subprocess.TimeoutExpired:
-                    if not self.queue.store.heartbeat(jid, owner):
-                        child.kill()
-                        child.wait()
-                        return Outcome("failed", "the job's lease was lost")
-                    if time.time() - started > self.bot.job_timeout:
-                        child.kill()
-                        child.wait()
-                        return Outcome("failed", f"timed out after {self.bot.job_timeout:.0f} s")
+            settings = Path(tmp) / "settings.json"
+            settings.write_text(self.settings.to_json(), encoding="utf-8")
+            cmd = [sys.executable, "-m", "adapter_repair.hub.bot.job", jid, owner]
+            cmd += [str(settings), str(result)]
+            env = {**os.environ, "ADAPTER_REPAIR_WORKER_PID": str(os.getpid())}
+            child = subprocess.Popen(cmd, env=env, start_new_session=True)
+            try:
+                outcome = self._watch(child, jid, owner)
+            finally:
+                if child.poll() is None:
+                    child.kill()
+                    child.wait()
+            if outcome is not None:
+                return outcome
+            if child.returncode < 0:  # killed by a signal (OOM killer, a crash): try again
+                return Outcome(
+                    "failed", f"the job process was killed (signal {-child.returncode})",
+                    transient=True,
+                )  # fmt: skip
             if child.returncode != 0 or not result.is_file():
                 return Outcome("failed", f"the job process exited with code {child.returncode}")
             data: dict[str, Any] = json.loads(result.read_text(encoding="utf-8"))
             return Outcome(**data)
 
+    def _watch(self, child: subprocess.Popen[bytes], jid: str, owner: str) -> Outcome | None:
+        """Wait for ``child``, renewing the lease; an Outcome when it must be stopped."""
+        started = last_beat = time.time()
+        beat = max(0.05, self.bot.lease / 4)
+        while True:
+            try:
+                child.wait(timeout=beat)
+                return None
+            except subprocess.TimeoutExpired:
+                pass
+            try:
+                if not self.queue.store.heartbeat(jid, owner):
+                    return Outcome("failed", "the job's lease was lost")
+                last_beat = time.time()
+            except Exception as e:  # the store is unreachable for a while: keep trying
+                logger.warning("job %s: heartbeat failed (%s)", jid, e)
+                if time.time() - last_beat > self.bot.lease:
+                    return Outcome("failed", "the job's lease was lost (store unreachable)")
+            if time.time() - started > self.bot.job_timeout:
+                return Outcome("failed", f"timed out after {self.bot.job_timeout:.0f} s")
+
+
+def check_worker_token() -> str:
+    """A worker opens PRs: refuse to start without a token that can write. Returns the
+    bot's user name."""
+    from huggingface_hub import HfApi
+
+    from adapter_repair.hub.errors import HubError, hub_errors
+
+    api = HfApi()
+    if api.token is None and not _has_token():
+        raise HubError(
+            "the bot's worker needs a Hugging Face token to open pull requests; none is set.",
+            "Set HF_TOKEN (or HF_TOKEN_PATH, or `hf auth login`) to a token with write access.",
+        )
+    with hub_errors("check the bot's token", "(whoami)"):
+        me = api.whoami()
+    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
+    if role == "read":
+        raise HubError(
+            f"the token of {me.get('name')} is read-only: the bot cannot open pull requests.",
+            "Give the worker a token with write access.",
+        )
+    return str(me.get("name"))
+
+
+def _has_token() -> bool:
+    from huggingface_hub.utils import get_token
+
+    return get_token() is not None
+
 
 def run_worker(queue_url: str, settings: JobSettings, *, max_idle: float | None = None) -> Worker:
     """Run a worker on ``queue_url`` until interrupted (or idle for ``max_idle`` seconds)."""
+    check_worker_token()
     worker = Worker(open_queue(queue_url), settings)
 
     def stop(*_: Any) -> None:
