@@ -373,3 +373,51 @@ def test_the_bot_never_loads_a_local_base_named_by_an_uploaded_config_and_resend
     (discussion,) = hub.discussions(repo)
     assert "base model unreachable" in discussion["title"]
     assert hub.pull_requests(repo) == []
+
+
+@pytest.mark.slow
+def test_an_adapter_that_still_refuses_is_skipped_silently_unless_asked_to_comment(
+    bot_hub: Any, sqlite_queue: Queue, pico_world: Any, tmp_path: Path
+) -> None:
+    """A LoRA that changes nothing (B = 0, as PEFT initialises it) over the aligned pico base
+    refuses like the base: under the threshold, the job is skipped with no word on the Hub;
+    with --comment-clean, one discussion says so."""
+    import dataclasses
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.models import lora_config
+
+    hub = bot_hub
+    base = fresh("alice/pico-base")
+    hub.create_repo(base)
+    hub.upload_folder(base, pico_world.base_dir)
+    noop = tmp_path / "noop"
+    model = AutoModelForCausalLM.from_pretrained(pico_world.base_dir)
+    get_peft_model(model, lora_config()).save_pretrained(str(noop))
+    jid = queued_lora(hub, sqlite_queue, base, noop, tmp_path)
+    repo = jid.split("@")[0]
+    quiet = settings(sqlite_queue.url, threshold=0.5)
+    quiet = dataclasses.replace(
+        quiet,
+        repair=dataclasses.replace(quiet.repair, max_new_tokens=16),
+        evaluation=EvalConfig(limit=16),
+    )
+    Worker(sqlite_queue, quiet).run(max_idle=1)
+    job = sqlite_queue.store.get(jid)
+    assert job is not None and job.state == "skipped" and "nothing to repair" in job.detail, job
+    assert hub.discussions(repo) == []
+
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "NOTES.md").write_text("a second commit")
+    sha = hub.upload_folder(repo, notes)
+    assert sqlite_queue.store.add(repo, sha)
+    sqlite_queue.enqueue(f"{repo}@{sha}")
+    talk = dataclasses.replace(quiet, bot=dataclasses.replace(quiet.bot, comment_clean=True))
+    Worker(sqlite_queue, talk).run(max_idle=1)
+    job = sqlite_queue.store.get(f"{repo}@{sha}")
+    assert job is not None and job.state == "skipped" and job.pr_url, job
+    (discussion,) = hub.discussions(repo)
+    assert "no repair needed" in discussion["title"] and not discussion["is_pr"]
