@@ -421,3 +421,41 @@ def test_an_adapter_that_still_refuses_is_skipped_silently_unless_asked_to_comme
     assert job is not None and job.state == "skipped" and job.pr_url, job
     (discussion,) = hub.discussions(repo)
     assert "no repair needed" in discussion["title"] and not discussion["is_pr"]
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+def test_job_store_transitions_are_compare_and_set(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    """The same behaviour on both stores: one record per (repo, sha); one claimer; only the
+    owner renews and finishes; a lapsed lease is reclaimed once; a stale queued job is touched
+    once per period; once/forget."""
+    url = (
+        f"sqlite:///{tmp_path / 'bot.db'}"
+        if backend == "sqlite"
+        else request.getfixturevalue("redis_url")
+    )
+    store = open_queue(url).store
+    repo = fresh("alice/store")
+    jid = f"{repo}@{'a' * 40}"
+    assert store.add(repo, "a" * 40) and not store.add(repo, "a" * 40)
+    assert store.claim(jid, "w1") and not store.claim(jid, "w2")
+    assert store.heartbeat(jid, "w1") and not store.heartbeat(jid, "w2")
+    assert not store.reclaim(jid, lease=60)  # alive
+    time.sleep(0.3)
+    assert jid in store.expired(0.2)
+    assert store.reclaim(jid, lease=0.2) and not store.reclaim(jid, lease=0.2)
+    assert not store.finish(jid, "w1", "done", "late")  # w1 lost it
+    job = store.get(jid)
+    assert job is not None and job.state == "queued" and job.attempts == 1
+    time.sleep(0.3)
+    assert jid in store.stale(0.2)
+    assert store.touch(jid, 0.2) and not store.touch(jid, 0.2)
+    assert store.claim(jid, "w2") and store.finish(jid, "w2", "done", "ok", "http://pr/1")
+    job = store.get(jid)
+    assert job is not None and (job.state, job.pr_url, job.attempts) == ("done", "http://pr/1", 2)
+    assert store.counts()["done"] >= 1
+    key = f"{repo}|reason"
+    assert store.once(key) and not store.once(key)
+    store.forget(key)
+    assert store.once(key)

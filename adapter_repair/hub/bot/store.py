@@ -8,7 +8,8 @@ job whose heartbeat is older than the lease puts it back to ``queued`` and enque
 such a compare-and-set; a job ends ``done`` (a PR url), ``skipped`` or ``failed`` (why).
 
 Two stores with one behaviour: SQLite (a table in huey's own database file) and Redis (hashes
-beside huey's keys, transitions in Lua so they are atomic on the server).
+beside huey's keys, transitions in Lua so they are atomic on the server, stamped with the
+server's clock so that workers whose clocks disagree judge leases alike).
 """
 
 from __future__ import annotations
@@ -95,15 +96,19 @@ class JobStore(ABC):
         """True the first time ``key`` is seen, then False (one discussion per repo and
         reason)."""
 
+    def now(self) -> float:
+        """The clock the records are stamped with."""
+        return time.time()
+
     def expired(self, lease: float) -> list[str]:
         """Running jobs whose heartbeat is older than ``lease`` seconds."""
-        now = time.time()
+        now = self.now()
         return [j.id for j in self.jobs() if j.state == "running" and j.heartbeat < now - lease]
 
     def stale(self, older_than: float) -> list[str]:
         """Queued jobs unchanged for ``older_than`` seconds: their message may have been lost
         (a crash between recording a job and enqueueing it, a failed enqueue)."""
-        now = time.time()
+        now = self.now()
         return [j.id for j in self.jobs() if j.state == "queued" and j.updated < now - older_than]
 
     def counts(self) -> dict[str, int]:
@@ -229,48 +234,69 @@ class SqliteJobStore(JobStore):
         return self._update("insert or ignore into adapter_repair_once (key) values (?)", key)
 
 
-# Redis: each transition a Lua script, atomic on the server.
-_ADD = """
+# Redis: each transition a Lua script, atomic on the server, timed by the server's clock (so
+# that workers on machines whose clocks disagree judge leases alike).
+_NOW = "local t = redis.call('TIME'); local now = tonumber(t[1]) + tonumber(t[2]) / 1e6\n"
+_ADD = (
+    _NOW
+    + """
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('HSET', KEYS[1], 'id', ARGV[1], 'repo', ARGV[2], 'sha', ARGV[3], 'state', 'queued',
            'owner', '', 'heartbeat', 0, 'attempts', 0, 'detail', '', 'pr_url', '',
-           'created', ARGV[4], 'updated', ARGV[4])
+           'created', now, 'updated', now)
 redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 """
-_CLAIM = """
+)
+_CLAIM = (
+    _NOW
+    + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[1], 'heartbeat', ARGV[2],
-           'updated', ARGV[2])
+redis.call('HSET', KEYS[1], 'state', 'running', 'owner', ARGV[1], 'heartbeat', now,
+           'updated', now)
 redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 return 1
 """
-_HEARTBEAT = """
+)
+_HEARTBEAT = (
+    _NOW
+    + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
-redis.call('HSET', KEYS[1], 'heartbeat', ARGV[2])
+redis.call('HSET', KEYS[1], 'heartbeat', now)
 return 1
 """
-_FINISH = """
+)
+_FINISH = (
+    _NOW
+    + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
 if redis.call('HGET', KEYS[1], 'owner') ~= ARGV[1] then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[2], 'detail', ARGV[3], 'pr_url', ARGV[4],
-           'owner', '', 'updated', ARGV[5])
+           'owner', '', 'updated', now)
 return 1
 """
-_TOUCH = """
+)
+_TOUCH = (
+    _NOW
+    + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'queued' then return 0 end
-if tonumber(redis.call('HGET', KEYS[1], 'updated')) >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'updated', ARGV[2])
+if tonumber(redis.call('HGET', KEYS[1], 'updated')) >= now - tonumber(ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'updated', now)
 return 1
 """
-_RECLAIM = """
+)
+_RECLAIM = (
+    _NOW
+    + """
 if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
-if tonumber(redis.call('HGET', KEYS[1], 'heartbeat')) >= tonumber(ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'detail', ARGV[2],
-           'updated', ARGV[3])
+if tonumber(redis.call('HGET', KEYS[1], 'heartbeat')) >= now - tonumber(ARGV[1]) then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'state', 'queued', 'owner', '', 'detail', ARGV[2], 'updated', now)
 return 1
 """
+)
 
 
 class RedisJobStore(JobStore):
@@ -289,13 +315,17 @@ class RedisJobStore(JobStore):
         self._reclaim = self.r.register_script(_RECLAIM)
         self._touch = self.r.register_script(_TOUCH)
 
+    def now(self) -> float:
+        sec, usec = self.r.time()
+        return float(sec) + float(usec) / 1e6
+
     def _key(self, jid: str) -> str:
         return f"{self.prefix}:job:{jid}"
 
     def add(self, repo: str, sha: str) -> bool:
         jid = job_id(repo, sha)
         keys = [self._key(jid), f"{self.prefix}:jobs"]
-        return bool(self._add(keys=keys, args=[jid, repo, sha, time.time()]))
+        return bool(self._add(keys=keys, args=[jid, repo, sha]))
 
     def get(self, jid: str) -> Job | None:
         h: dict[str, str] = self.r.hgetall(self._key(jid))  # type: ignore[assignment]
@@ -316,30 +346,24 @@ class RedisJobStore(JobStore):
         )
 
     def claim(self, jid: str, owner: str) -> bool:
-        return bool(self._claim(keys=[self._key(jid)], args=[owner, time.time()]))
+        return bool(self._claim(keys=[self._key(jid)], args=[owner]))
 
     def heartbeat(self, jid: str, owner: str) -> bool:
-        return bool(self._heartbeat(keys=[self._key(jid)], args=[owner, time.time()]))
+        return bool(self._heartbeat(keys=[self._key(jid)], args=[owner]))
 
     def finish(
         self, jid: str, owner: str, state: str, detail: str, pr_url: str | None = None
     ) -> bool:
         if state not in (*FINAL, "queued"):
             raise ValueError(f"not a final state: {state}")
-        return bool(
-            self._finish(
-                keys=[self._key(jid)], args=[owner, state, detail, pr_url or "", time.time()]
-            )
-        )
+        return bool(self._finish(keys=[self._key(jid)], args=[owner, state, detail, pr_url or ""]))
 
     def reclaim(self, jid: str, lease: float) -> bool:
-        now = time.time()
         why = f"reclaimed: its worker stopped renewing the lease ({lease:.0f} s)"
-        return bool(self._reclaim(keys=[self._key(jid)], args=[now - lease, why, now]))
+        return bool(self._reclaim(keys=[self._key(jid)], args=[lease, why]))
 
     def touch(self, jid: str, older_than: float) -> bool:
-        now = time.time()
-        return bool(self._touch(keys=[self._key(jid)], args=[now - older_than, now]))
+        return bool(self._touch(keys=[self._key(jid)], args=[older_than]))
 
     def forget(self, key: str) -> None:
         self.r.delete(f"{self.prefix}:once:{key}")
