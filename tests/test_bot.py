@@ -459,3 +459,21 @@ def test_job_store_transitions_are_compare_and_set(
     assert store.once(key) and not store.once(key)
     store.forget(key)
     assert store.once(key)
+
+
+def test_a_worker_refuses_to_start_without_a_token_that_can_write(
+    hub: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    url = f"sqlite:///{tmp_path / 'bot.db'}"
+    for token, message in [
+        (None, "a Hugging Face token is needed to open pull requests as the bot"),
+        ("hf_bobread0000000000000", "is read-only: it cannot open pull requests"),
+    ]:
+        if token:
+            monkeypatch.setenv("HF_TOKEN", token)
+        result = CliRunner().invoke(cli, ["bot", "worker", "--queue", url, "--exit-when-idle", "0"])
+        assert result.exit_code == 2, result.output
+        assert message in result.output and "fix:" in result.output
+        assert "hf_bobread" not in result.output
+    bad = CliRunner().invoke(cli, ["bot", "worker", "--queue", url, "--retries", "5"])
+    assert bad.exit_code == 2 and "must be below max-attempts" in bad.output

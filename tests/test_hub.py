@@ -218,7 +218,7 @@ def test_fix_refuses_a_push_it_cannot_make_before_any_download(
     cases = [
         (BOB, ["--push-to", "alice/not-bobs"], "cannot create or write alice/not-bobs"),
         (BOB_READ, ["--push-to", "bob/x"], "read-only"),
-        (None, ["--pr"], "needs a Hugging Face token"),
+        (None, ["--pr"], "a Hugging Face token is needed to push to"),
         (BOB, ["--pr", "--push-to", "bob/x"], "--pr and --push-to both given"),
         (BOB, ["--dry-run"], "nothing is to be pushed"),
         (BOB, ["--push-to", "not/a/repo"], "neither a folder"),

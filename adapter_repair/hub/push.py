@@ -11,9 +11,11 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import CommitOperationAdd, HfApi
 from huggingface_hub import errors as hf_errors
+from huggingface_hub.utils import get_token
 
 from adapter_repair.errors import AdapterRepairError
 from adapter_repair.hub.errors import HubError, hub_errors, scrub
@@ -62,22 +64,29 @@ def plan_push(
     return PushPlan(repo_id, create_pr, files, message, description)
 
 
-def check_can_push(api: HfApi, repo_id: str, *, create_pr: bool) -> str:
-    """Fail before a long repair when the push cannot work: no token, a read-only token, or
-    (for a new repo) a namespace the token's user is not in. Returns the user's name."""
-    if not api.token and not _has_default_token():
+def writer(api: HfApi, doing: str) -> dict[str, Any]:
+    """The whoami of a token that can write, for ``doing`` (a phrase: "push to a/b"): a clear
+    error when there is no token or it is read-only. Called before long work."""
+    if not api.token and get_token() is None:
         raise HubError(
-            f"pushing to {repo_id} needs a Hugging Face token, and none is set.",
+            f"a Hugging Face token is needed to {doing}, and none is set.",
             "Log in with `hf auth login`, or set HF_TOKEN to a token with write access.",
         )
-    with hub_errors("check the token", repo_id):
-        me = api.whoami()
+    with hub_errors("check the token", "(whoami)"):
+        me: dict[str, Any] = api.whoami()
     role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
     if role == "read":
         raise HubError(
-            f"the token of {me.get('name')} is read-only: it cannot push to {repo_id}.",
+            f"the token of {me.get('name')} is read-only: it cannot {doing}.",
             "Create a token with write access on the Hub and `hf auth login` with it.",
         )
+    return me
+
+
+def check_can_push(api: HfApi, repo_id: str, *, create_pr: bool) -> str:
+    """Fail before a long repair when the push cannot work: no token, a read-only token, or
+    (for a new repo) a namespace the token's user is not in. Returns the user's name."""
+    me = writer(api, f"push to {repo_id}")
     namespace = repo_id.split("/", 1)[0]
     orgs = {o.get("name") for o in me.get("orgs") or []}
     if not create_pr and namespace != me.get("name") and namespace not in orgs:
@@ -87,12 +96,6 @@ def check_can_push(api: HfApi, repo_id: str, *, create_pr: bool) -> str:
             "request on the source repo with --pr.",
         )
     return str(me.get("name"))
-
-
-def _has_default_token() -> bool:
-    from huggingface_hub.utils import get_token
-
-    return get_token() is not None
 
 
 def push(

@@ -185,29 +185,9 @@ def check_worker_token() -> str:
     bot's user name."""
     from huggingface_hub import HfApi
 
-    from adapter_repair.hub.errors import HubError, hub_errors
+    from adapter_repair.hub.push import writer
 
-    api = HfApi()
-    if api.token is None and not _has_token():
-        raise HubError(
-            "the bot's worker needs a Hugging Face token to open pull requests; none is set.",
-            "Set HF_TOKEN (or HF_TOKEN_PATH, or `hf auth login`) to a token with write access.",
-        )
-    with hub_errors("check the bot's token", "(whoami)"):
-        me = api.whoami()
-    role = ((me.get("auth") or {}).get("accessToken") or {}).get("role")
-    if role == "read":
-        raise HubError(
-            f"the token of {me.get('name')} is read-only: the bot cannot open pull requests.",
-            "Give the worker a token with write access.",
-        )
-    return str(me.get("name"))
-
-
-def _has_token() -> bool:
-    from huggingface_hub.utils import get_token
-
-    return get_token() is not None
+    return str(writer(HfApi(), "open pull requests as the bot")["name"])
 
 
 def run_worker(queue_url: str, settings: JobSettings, *, max_idle: float | None = None) -> Worker:
