@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import functools
 import json
 import logging
@@ -61,8 +62,6 @@ class JobSettings:
     evaluation: EvalConfig
 
     def to_json(self) -> str:
-        import dataclasses
-
         return json.dumps({k: dataclasses.asdict(v) for k, v in self.__dict__.items()})
 
     @classmethod
@@ -169,7 +168,7 @@ def run_job(jid: str, owner: str, settings: JobSettings, api: HfApi) -> Outcome:
                 min_harmful=settings.bot.threshold,
                 local_base=False,  # the uploader's config must not name files on this machine
             )
-            if queue.store.get(jid) is None or not queue.store.heartbeat(jid, owner):
+            if not queue.store.heartbeat(jid, owner):  # False too when the record is gone
                 return Outcome("failed", "the job's lease was lost during the repair")
             existing = _find_discussion(api, repo, title_part=marker(sha), pr=True)
             if existing:

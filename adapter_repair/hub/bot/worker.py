@@ -41,7 +41,7 @@ class Worker:
         self.settings = dataclasses.replace(
             settings, bot=dataclasses.replace(settings.bot, queue=queue.url)
         )
-        self.bot = settings.bot
+        self.bot = self.settings.bot
         self.poll = poll
         self.stop = threading.Event()
         self.name = f"{socket.gethostname()}:{os.getpid()}"
@@ -70,8 +70,9 @@ class Worker:
                 n += 1
         # a queued record whose message was lost (a crash between recording and enqueueing):
         # send it again; a duplicate message is harmless (the claim is a compare-and-set)
-        for jid in store.stale(self.bot.stale_after()):
-            if store.touch(jid, self.bot.stale_after()):
+        stale_after = self.bot.stale_after()
+        for jid in store.stale(stale_after):
+            if store.touch(jid, stale_after):
                 logger.warning("re-sent %s: queued for long without being taken", jid)
                 self.queue.enqueue(jid)
                 n += 1
