@@ -477,3 +477,12 @@ def test_a_worker_refuses_to_start_without_a_token_that_can_write(
         assert "hf_bobread" not in result.output
     bad = CliRunner().invoke(cli, ["bot", "worker", "--queue", url, "--retries", "5"])
     assert bad.exit_code == 2 and "must be below max-attempts" in bad.output
+
+
+def test_bot_status_refuses_a_queue_that_does_not_exist(tmp_path: Path) -> None:
+    missing = tmp_path / "typo.db"
+    result = CliRunner().invoke(cli, ["bot", "status", "--queue", f"sqlite:///{missing}"])
+    assert result.exit_code == 2 and "no bot queue at" in result.output and "fix:" in result.output
+    assert not missing.exists()  # no empty queue created by a typo
+    bad = CliRunner().invoke(cli, ["bot", "status", "--queue", "ftp://x"])
+    assert bad.exit_code == 2 and "unknown scheme" in bad.output
