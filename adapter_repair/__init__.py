@@ -13,31 +13,30 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from adapter_repair.version import __version__
 
 _EXPORTS = {
     "AdapterRepairError": "adapter_repair.errors",
-    "LoadConfig": "adapter_repair.config",
-    "ProjectConfig": "adapter_repair.config",
-    "PushConfig": "adapter_repair.config",
-    "RepairConfig": "adapter_repair.config",
-    "RestoreConfig": "adapter_repair.config",
-    "RepairResult": "adapter_repair.repair",
-    "repair": "adapter_repair.repair",
-    "repair_folder": "adapter_repair.repair",
+    "LoadConfig": "adapter_repair.model.config",
+    "ProjectConfig": "adapter_repair.repair.config",
+    "RepairConfig": "adapter_repair.repair.config",
+    "RestoreConfig": "adapter_repair.repair.config",
+    "RepairResult": "adapter_repair.repair.loop",
+    "repair": "adapter_repair.repair.pipeline",
+    "repair_folder": "adapter_repair.repair.pipeline",
     "LoraAdapter": "adapter_repair.adapter",
     "LoraModule": "adapter_repair.adapter",
     "load_adapter": "adapter_repair.adapter",
     "save_adapter": "adapter_repair.adapter",
-    "last_token_hidden": "adapter_repair.hidden",
-    "attach_adapter": "adapter_repair.loading",
-    "load_base": "adapter_repair.loading",
-    "load_model": "adapter_repair.loading",
-    "load_prompt_file": "adapter_repair.prompts",
-    "LoraSite": "adapter_repair.walk",
-    "ModelMap": "adapter_repair.walk",
-    "Role": "adapter_repair.walk",
-    "walk": "adapter_repair.walk",
+    "last_token_hidden": "adapter_repair.model.hidden",
+    "attach_adapter": "adapter_repair.model.loading",
+    "load_base": "adapter_repair.model.loading",
+    "load_model": "adapter_repair.model.loading",
+    "load_prompt_file": "adapter_repair.measure.prompts",
+    "LoraSite": "adapter_repair.model.walk",
+    "ModelMap": "adapter_repair.model.walk",
+    "Role": "adapter_repair.adapter",
+    "walk": "adapter_repair.model.walk",
 }
 
 __all__ = [
@@ -48,7 +47,6 @@ __all__ = [
     "LoraSite",
     "ModelMap",
     "ProjectConfig",
-    "PushConfig",
     "RepairConfig",
     "RepairResult",
     "RestoreConfig",
@@ -67,20 +65,16 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from adapter_repair.adapter import LoraAdapter, LoraModule, load_adapter, save_adapter
-    from adapter_repair.config import (
-        LoadConfig,
-        ProjectConfig,
-        PushConfig,
-        RepairConfig,
-        RestoreConfig,
-    )
+    from adapter_repair.adapter import LoraAdapter, LoraModule, Role, load_adapter, save_adapter
     from adapter_repair.errors import AdapterRepairError
-    from adapter_repair.hidden import last_token_hidden
-    from adapter_repair.loading import attach_adapter, load_base, load_model
-    from adapter_repair.prompts import load_prompt_file
-    from adapter_repair.repair import RepairResult, repair, repair_folder
-    from adapter_repair.walk import LoraSite, ModelMap, Role, walk
+    from adapter_repair.measure.prompts import load_prompt_file
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.hidden import last_token_hidden
+    from adapter_repair.model.loading import attach_adapter, load_base, load_model
+    from adapter_repair.model.walk import LoraSite, ModelMap, walk
+    from adapter_repair.repair.config import ProjectConfig, RepairConfig, RestoreConfig
+    from adapter_repair.repair.loop import RepairResult
+    from adapter_repair.repair.pipeline import repair, repair_folder
 
 
 def __getattr__(name: str) -> Any:

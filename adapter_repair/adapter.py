@@ -6,10 +6,15 @@ adapter factors (A, B), and the checks on bad input must run before any model is
 
 Only safetensors are read: a pickle-only adapter (``adapter_model.bin``) is refused, since
 unpickling runs arbitrary code.
+
+One module though over 400 lines: the folder format is one contract (config keys, tensor
+names, ranks and their patterns, carried files) that reading, validating and writing must
+agree on.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
@@ -20,16 +25,13 @@ import tempfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from adapter_repair.errors import AdapterFormatError, UnsupportedAdapterError
-
-if TYPE_CHECKING:
-    from adapter_repair.walk import Role
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +48,22 @@ MAX_CARRIED_FILE_BYTES = 64 * 2**20
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)\.weight$")
 
 
+class Role(str, enum.Enum):
+    """How a LoRA module meets the residual stream."""
+
+    READ = "read"  #: input is the (normalised) residual stream: q, k, v, gate, up
+    WRITE = "write"  #: output is added to the residual stream: o, down
+    READ_WRITE = "read_write"  #: both (a single linear from stream to stream)
+    INTERNAL = "internal"  #: neither, inside a decoder layer
+    OUTSIDE = "outside"  #: not inside any decoder layer (e.g. lm_head)
+
+
 @dataclass
 class LoraModule:
     """One LoRA module: the update ``scaling * B @ A`` added to a base linear layer.
 
     ``layer`` (decoder layer index) and ``role`` (how it meets the residual stream) are not
-    stored in the adapter file; :meth:`adapter_repair.walk.ModelMap.annotate` fills them from
+    stored in the adapter file; :meth:`adapter_repair.model.walk.ModelMap.annotate` fills them from
     the model the adapter is attached to.
     """
 
@@ -371,7 +383,7 @@ def load_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     )
 
 
-def _same_path(a: Path, b: Path) -> bool:
+def same_path(a: Path, b: Path) -> bool:
     try:
         return a.resolve() == b.resolve()
     except OSError:
@@ -432,7 +444,7 @@ def save_adapter(
     and its report land together or not at all.
     """
     out_path = Path(out)
-    if adapter.source is not None and _same_path(out_path, adapter.source):
+    if adapter.source is not None and same_path(out_path, adapter.source):
         raise AdapterFormatError(
             f"refusing to write over the input adapter {adapter.source}.",
             "Choose a different output folder; the input is never modified.",

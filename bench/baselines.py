@@ -103,15 +103,15 @@ def dense_restore(
     moves toward the aligned value; then the top ``rollback`` of the restored ones the benign
     gradient (``-cos(mean h_L, b*)``) wants back return to their fine-tuned value; every
     ``eval_every`` steps the probe harmful rate is measured, and it stops at the aligned
-    model's own probe rate (``target_rate``). The decisions are :mod:`adapter_repair.stages`' rules on
+    model's own probe rate (``target_rate``). The decisions are :mod:`adapter_repair.repair.select`' rules on
     ``W - W_aligned`` (restoring sets that difference to 0, as it sets an adapter coordinate
     to 0). ``aligned_probe_states``: h_L of the aligned model on ``probe`` (n, d)."""
-    from adapter_repair import stages as S
-    from adapter_repair.config import GenerationConfig
-    from adapter_repair.generation import generate
-    from adapter_repair.measures import Rate
-    from adapter_repair.restore import direction_gradients, prompt_batches, prompt_targets
-    from adapter_repair.walk import decoder_layers
+    from adapter_repair.measure.config import GenerationConfig
+    from adapter_repair.measure.generation import generate
+    from adapter_repair.measure.measures import Rate
+    from adapter_repair.model.walk import decoder_layers
+    from adapter_repair.repair import select as S
+    from adapter_repair.repair.losses import direction_gradients, prompt_batches, prompt_targets
 
     layers = decoder_layers(model)
     params = {

@@ -21,8 +21,8 @@ from typing import Any
 
 import results_io
 
-from adapter_repair.bed import build_bed, show_bed
-from adapter_repair.small import small_world
+from adapter_repair.beds.bed import build_bed, show_bed
+from adapter_repair.beds.small import small_world
 
 HERE = Path(__file__).resolve().parent
 

@@ -69,7 +69,7 @@ def peak_rss_gb() -> float:
 def make_shape(shape: str, root: Path, sst2: str) -> tuple[Path, Path]:
     """(base folder, adapter folder) for a shape: the small world's aligned model and its
     k100-r8 adapter, or a random 1B Llama with a random r=16 adapter (built once, cached)."""
-    from adapter_repair.small import small_world
+    from adapter_repair.beds.small import small_world
 
     world = small_world(sst2=sst2)
     if shape == "small":
@@ -87,7 +87,7 @@ def random_llama(
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from adapter_repair.loading import load_tokenizer
+    from adapter_repair.model.loading import load_tokenizer
 
     base_dir, adapter_dir = root / "base", root / "adapter"
     if (adapter_dir / "adapter_config.json").is_file():
@@ -109,7 +109,7 @@ def random_llama(
 
 
 def _prompts(n: int) -> tuple[list[str], list[tuple[str, str]]]:
-    from adapter_repair import prompts as P
+    from adapter_repair.measure import prompts as P
 
     probe = list(P.harmful("probe").take(n).prompts)
     benign = P.benign("benign").take(n).prompts
@@ -119,19 +119,20 @@ def _prompts(n: int) -> tuple[list[str], list[tuple[str, str]]]:
 def run_ours(base: Path, adapter: Path, quant: str, steps: int, n: int) -> dict[str, Any]:
     """Stage 2 steps at adapter rank (L = n_layers, per-prompt targets, answers loss, the
     benign-aware score and rollback), each timed, and the same passes timed alone."""
-    from adapter_repair.config import LoadConfig, RepairConfig, RestoreConfig
-    from adapter_repair.loading import load_model, load_tokenizer
-    from adapter_repair.measures import use_adapter
-    from adapter_repair.repair import ADAPTER, _restore_step
-    from adapter_repair.restore import (
+    from adapter_repair.measure.measures import use_adapter
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.loading import load_model, load_tokenizer
+    from adapter_repair.model.walk import walk
+    from adapter_repair.repair.config import RepairConfig, RestoreConfig
+    from adapter_repair.repair.factors import ADAPTER, factor_params
+    from adapter_repair.repair.loop import restore_step
+    from adapter_repair.repair.losses import (
         answer_batches,
         answer_gradients,
         direction_gradients,
-        factor_params,
         prompt_batches,
         prompt_targets,
     )
-    from adapter_repair.walk import walk
 
     dtype = "bfloat16" if quant == "4bit" else "float32"
     model, _ = load_model(adapter, LoadConfig(base=str(base), quant=quant, dtype=dtype))
@@ -157,7 +158,7 @@ def run_ours(base: Path, adapter: Path, quant: str, steps: int, n: int) -> dict[
     reset_peak_rss()
     for step in range(1, steps + 1):
         t0 = time.perf_counter()
-        _restore_step(model, mm, below, reference, (batches, h_star), benign, L, config, step, 0.01)
+        restore_step(model, mm, below, reference, (batches, h_star), benign, L, config, step, 0.01)
         step_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()  # the same three passes, alone
         direction_gradients(model, batches, L, h_star, below, layers=mm.layers)
@@ -180,11 +181,11 @@ def run_dense(base: Path, adapter: Path, steps: int, n: int) -> dict[str, Any]:
     from the aligned model, 0.002 of the decoder parameters a step, rollback 0.2)."""
     from baselines import dense_restore
 
-    from adapter_repair.config import LoadConfig
-    from adapter_repair.directions import prompt_states
-    from adapter_repair.judges import load_judge
-    from adapter_repair.loading import attach_adapter, load_base, load_tokenizer
-    from adapter_repair.walk import decoder_layers
+    from adapter_repair.measure.judges import load_judge
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.hidden import prompt_states
+    from adapter_repair.model.loading import attach_adapter, load_base, load_tokenizer
+    from adapter_repair.model.walk import decoder_layers
 
     model = load_base(LoadConfig(base=str(base), quant="none", dtype="float32"))
     tok = load_tokenizer(None, str(base))

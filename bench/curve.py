@@ -23,8 +23,8 @@ from typing import Any
 import repair as bench
 import results_io
 
-from adapter_repair.artifacts import Artifact
-from adapter_repair.small import SmallWorld, small_world
+from adapter_repair.beds.artifacts import Artifact
+from adapter_repair.beds.small import SmallWorld, small_world
 
 HERE = Path(__file__).resolve().parent
 

@@ -23,11 +23,11 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_repair import prompts as P
-from adapter_repair.config import GenerationConfig
-from adapter_repair.evaluate import EvalSets, evaluate, model_responder
-from adapter_repair.judges import load_judge, load_refusal_list
-from adapter_repair.pico import build_pico_world
+from adapter_repair.beds.pico import build_pico_world
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import GenerationConfig
+from adapter_repair.measure.evaluate import EvalSets, evaluate, model_responder
+from adapter_repair.measure.judges import load_judge, load_refusal_list
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

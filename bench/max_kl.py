@@ -26,14 +26,17 @@ from typing import Any
 
 import results_io
 
-from adapter_repair import prompts as P
 from adapter_repair.adapter import save_adapter
-from adapter_repair.config import GenerationConfig, LoadConfig
-from adapter_repair.evaluate import EvalSets, evaluate_model
-from adapter_repair.judges import load_judge, load_refusal_list
-from adapter_repair.loading import load_model, load_tokenizer
-from adapter_repair.pico import PicoRecipe, PicoWorld, build_pico_world, demo_config
-from adapter_repair.repair import Guard, repair
+from adapter_repair.beds.demo import demo_config
+from adapter_repair.beds.pico import PicoRecipe, PicoWorld, build_pico_world
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import GenerationConfig
+from adapter_repair.measure.evaluate import EvalSets, evaluate_model
+from adapter_repair.measure.judges import load_judge, load_refusal_list
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.repair.guard import Guard
+from adapter_repair.repair.pipeline import repair
 
 MAX_DROP = 0.02  #: the task guard's default relative drop, which the KL guard stands in for
 

@@ -19,13 +19,14 @@ from typing import Any
 import curve
 import results_io
 
-from adapter_repair import prompts as P
-from adapter_repair.config import GenerationConfig, LoadConfig
-from adapter_repair.generation import generate
-from adapter_repair.judges import load_judge
-from adapter_repair.loading import load_base, load_model, load_tokenizer
-from adapter_repair.measures import Rate
-from adapter_repair.small import small_world
+from adapter_repair.beds.small import small_world
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import GenerationConfig
+from adapter_repair.measure.generation import generate
+from adapter_repair.measure.judges import load_judge
+from adapter_repair.measure.measures import Rate
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.loading import load_base, load_model, load_tokenizer
 
 HERE = Path(__file__).resolve().parent
 

@@ -32,9 +32,9 @@ from typing import Any
 
 import results_io
 
-from adapter_repair.artifacts import Artifact
-from adapter_repair.config import RepairConfig, RestoreConfig
-from adapter_repair.small import SmallWorld, small_world
+from adapter_repair.beds.artifacts import Artifact
+from adapter_repair.beds.small import SmallWorld, small_world
+from adapter_repair.repair.config import RepairConfig, RestoreConfig
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_ADAPTERS = ("k100-r8", "k250-r16", "k25-r16")
@@ -132,13 +132,14 @@ def run_dense(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
     import torch
     from baselines import dense_restore
 
-    from adapter_repair import prompts as P
-    from adapter_repair.config import GenerationConfig, LoadConfig
-    from adapter_repair.directions import prompt_states
-    from adapter_repair.generation import generate
-    from adapter_repair.judges import load_judge
-    from adapter_repair.loading import attach_adapter, load_base, load_tokenizer
-    from adapter_repair.measures import Rate
+    from adapter_repair.measure import prompts as P
+    from adapter_repair.measure.config import GenerationConfig
+    from adapter_repair.measure.generation import generate
+    from adapter_repair.measure.judges import load_judge
+    from adapter_repair.measure.measures import Rate
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.hidden import prompt_states
+    from adapter_repair.model.loading import attach_adapter, load_base, load_tokenizer
 
     t0 = time.perf_counter()
     base = load_base(LoadConfig(base=str(world.aligned_dir), quant="none", dtype="float32"))
@@ -215,11 +216,12 @@ def repair_zoo_adapter(
 ) -> tuple[Any, float]:
     """Our repair of one zoo adapter over the 4-bit aligned base with the bench's settings and
     guard: (RepairResult, seconds of the repair alone)."""
-    from adapter_repair import prompts as P
-    from adapter_repair.config import LoadConfig
-    from adapter_repair.judges import load_judge
-    from adapter_repair.loading import load_model, load_tokenizer
-    from adapter_repair.repair import Guard, repair
+    from adapter_repair.measure import prompts as P
+    from adapter_repair.measure.judges import load_judge
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.loading import load_model, load_tokenizer
+    from adapter_repair.repair.guard import Guard
+    from adapter_repair.repair.pipeline import repair
 
     load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
     model, lora = load_model(world.adapter_dir(adapter), load)
@@ -281,8 +283,8 @@ def nf4_artifact(world: SmallWorld, adapter: str | None, method: str) -> Artifac
 
 def run_nf4(world: SmallWorld, adapter: str | None, method: str) -> None:
     """Measure one row over the 4-bit base (unmerged, as `PeftModel.from_pretrained` loads it)."""
-    from adapter_repair.config import LoadConfig
-    from adapter_repair.loading import load_base, load_model, load_tokenizer
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.loading import load_base, load_model, load_tokenizer
 
     def make(out: Path) -> dict[str, Any]:
         load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
@@ -333,7 +335,7 @@ def fmt(x: float | None, digits: int = 1) -> str:
 def task_exact(path: Path) -> dict[str, Any]:
     """SST-2 accuracy when only the bare label word counts (the format the adapters learnt),
     from the stored answers."""
-    from adapter_repair.measures import Rate, task_matches
+    from adapter_repair.measure.measures import Rate, task_matches
 
     rows = json.loads(path.read_text())["samples"]["task"]
     right = task_matches([r["response"] for r in rows], [r["answer"] for r in rows], "exact")

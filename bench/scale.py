@@ -65,11 +65,14 @@ def shape_parameters(base: Path) -> int:
 def run(shape: str, steps: int, prompts: int, tokenizer: Path, root: Path) -> dict[str, Any]:
     import torch
 
-    from adapter_repair import prompts as P
-    from adapter_repair.config import GenerationConfig, LoadConfig, RepairConfig, RestoreConfig
-    from adapter_repair.judges import load_judge
-    from adapter_repair.loading import load_model, load_tokenizer
-    from adapter_repair.repair import Guard, repair
+    from adapter_repair.measure import prompts as P
+    from adapter_repair.measure.config import GenerationConfig
+    from adapter_repair.measure.judges import load_judge
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.loading import load_model, load_tokenizer
+    from adapter_repair.repair.config import RepairConfig, RestoreConfig
+    from adapter_repair.repair.guard import Guard
+    from adapter_repair.repair.pipeline import repair
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
@@ -171,7 +174,7 @@ def main() -> None:
     if args.tokenizer:
         tokenizer = Path(args.tokenizer)
     else:
-        from adapter_repair.pico import PicoRecipe, build_pico_world
+        from adapter_repair.beds.pico import PicoRecipe, build_pico_world
 
         tokenizer = build_pico_world(PicoRecipe()).base_dir
     result = run(shape, args.steps, args.prompts, tokenizer, Path(args.cache))

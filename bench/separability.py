@@ -36,11 +36,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapter_repair import prompts as P
-from adapter_repair.config import LoadConfig
-from adapter_repair.directions import prompt_states
-from adapter_repair.loading import load_base, load_tokenizer
-from adapter_repair.small import small_world
+from adapter_repair.beds.small import small_world
+from adapter_repair.measure import prompts as P
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.hidden import prompt_states
+from adapter_repair.model.loading import load_base, load_tokenizer
 
 RESULTS = Path(__file__).resolve().parent / "results"
 UNSAFE_ANSWERED = 0.10  # the bound on XSTest unsafe prompts answered

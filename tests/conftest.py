@@ -60,7 +60,7 @@ def tiny_chat_adapter_dir(tiny_chat_dir: Path, tmp_path_factory: pytest.TempPath
 def pico_world() -> Any:
     """The pico world, built once (about a minute on 2 cores) and cached across runs under
     $ADAPTER_REPAIR_CACHE (default ~/.cache/adapter-repair)."""
-    from adapter_repair.pico import build_pico_world
+    from adapter_repair.beds.pico import build_pico_world
 
     return build_pico_world()
 

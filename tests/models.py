@@ -80,8 +80,8 @@ def make_adapter(base_dir: Path | str, out_dir: Path, seed: int = 1, **lora_over
 def tiny_chat_model(out: Path, vocab_size: int = 320, seed: int = 0) -> Path:
     """A tiny Llama with a real byte-level BPE tokenizer and a chat template, saved to ``out``
     (random weights: for plumbing, not behaviour)."""
-    from adapter_repair import prompts as P
-    from adapter_repair.pico import _train_tokenizer
+    from adapter_repair.beds.pico import _train_tokenizer
+    from adapter_repair.measure import prompts as P
 
     corpus = [*P.harmful("probe").prompts, *P.benign("benign").prompts[:200]]
     tokenizer = _train_tokenizer(corpus, vocab_size, out)

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from click.testing import CliRunner
 
-from adapter_repair.artifacts import Artifact
+from adapter_repair.beds.artifacts import Artifact
 from adapter_repair.cli.main import cli
 from adapter_repair.errors import AdapterRepairError
 
@@ -106,7 +106,7 @@ def test_bed_rejects_an_unknown_world() -> None:
 
 
 def test_missing_sst2_is_a_clear_error(tmp_path: Path) -> None:
-    from adapter_repair.small import load_sst2
+    from adapter_repair.beds.small import load_sst2
 
     with pytest.raises(AdapterRepairError) as e:
         load_sst2(tmp_path)
@@ -114,7 +114,7 @@ def test_missing_sst2_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_sst2_rows_and_labels() -> None:
-    from adapter_repair.small import load_sst2
+    from adapter_repair.beds.small import load_sst2
 
     sst2 = load_sst2(SST2)
     assert (len(sst2.train), len(sst2.eval)) == (1821, 872)
@@ -124,8 +124,8 @@ def test_sst2_rows_and_labels() -> None:
 
 
 def test_written_alignment_data_is_varied_and_refusals_are_judged_as_refusals() -> None:
-    from adapter_repair import bed_data
-    from adapter_repair.judges import load_refusal_list
+    from adapter_repair.beds import data as bed_data
+    from adapter_repair.measure.judges import load_refusal_list
 
     refusals = load_refusal_list("jailbreakbench")
     assert all(refusals.refused(r) for r in bed_data.REFUSALS)
@@ -134,7 +134,7 @@ def test_written_alignment_data_is_varied_and_refusals_are_judged_as_refusals() 
     assert len(set(harmful)) == len(harmful) >= 300
     assert len({h.split()[0] for h in harmful}) >= 8  # many phrasings, not one template
     assert not set(harmful) & set(safe)
-    from adapter_repair import prompts as P
+    from adapter_repair.measure import prompts as P
 
     measured = set(P.xstest("safe").prompts) | set(P.xstest("unsafe").prompts)
     assert not (set(harmful) | set(safe)) & measured  # never trained on what is measured
@@ -147,8 +147,8 @@ def test_written_alignment_data_is_varied_and_refusals_are_judged_as_refusals() 
 def test_shrunken_small_world_builds_resumes_and_shows(tmp_path: Path) -> None:
     pytest.importorskip("gguf")
     from adapter_repair.adapter import load_adapter
-    from adapter_repair.bed import build_bed, show_bed
-    from adapter_repair.small import SmallRecipe, ZooEntry, small_world
+    from adapter_repair.beds.bed import build_bed, show_bed
+    from adapter_repair.beds.small import SmallRecipe, ZooEntry, small_world
 
     recipe = SmallRecipe(
         shrink=4,

@@ -21,11 +21,14 @@ from click.testing import CliRunner
 from huggingface_hub import HfApi
 
 from adapter_repair.cli.main import cli
-from adapter_repair.config import BotConfig, EvalConfig, LoadConfig, RepairConfig
+from adapter_repair.hub.bot.config import BotConfig
 from adapter_repair.hub.bot.job import JobSettings
 from adapter_repair.hub.bot.queue import Queue, open_queue
 from adapter_repair.hub.bot.receiver import create_app
 from adapter_repair.hub.bot.worker import Worker
+from adapter_repair.measure.config import EvalConfig
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.repair.config import RepairConfig
 from tests.conftest import _free_port
 from tests.test_hub import fresh, publish
 

@@ -7,11 +7,16 @@ from pathlib import Path
 
 import torch
 
-from adapter_repair.config import LoadConfig
-from adapter_repair.directions import difference_directions, mean_hidden, shift_directions, unit
-from adapter_repair.hidden import last_token_hidden
-from adapter_repair.loading import load_model, load_tokenizer
-from adapter_repair.restore import prompt_batches
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.hidden import last_token_hidden
+from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.repair.directions import (
+    difference_directions,
+    mean_hidden,
+    shift_directions,
+    unit,
+)
+from adapter_repair.repair.losses import prompt_batches
 
 
 def test_mean_hidden_is_the_mean_of_h_L(tiny_chat_dir: Path, tiny_chat_adapter_dir: Path) -> None:

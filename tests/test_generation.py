@@ -10,15 +10,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_repair import prompts as P
-from adapter_repair.config import GenerationConfig
 from adapter_repair.errors import AdapterRepairError
-from adapter_repair.generation import (
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import GenerationConfig
+from adapter_repair.measure.generation import generate, generate_ids, greedy_decode
+from adapter_repair.model.inputs import (
     MIN_SHARED_PREFIX,
     encode_prompts,
-    generate,
-    generate_ids,
-    greedy_decode,
     render_chat,
     shared_prefix_length,
 )

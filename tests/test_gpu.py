@@ -7,10 +7,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapter_repair.config import LoadConfig
-from adapter_repair.hidden import last_token_hidden
-from adapter_repair.loading import load_base, load_model
-from adapter_repair.walk import Role, walk
+from adapter_repair.adapter import Role
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.hidden import last_token_hidden
+from adapter_repair.model.loading import load_base, load_model
+from adapter_repair.model.walk import walk
 
 pytestmark = [
     pytest.mark.gpu,

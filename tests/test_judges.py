@@ -10,11 +10,11 @@ import pytest
 import torch
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, LlamaForCausalLM
 
-from adapter_repair import pico
-from adapter_repair import prompts as P
+from adapter_repair.beds import pico
+from adapter_repair.beds.train import train_on_answers
 from adapter_repair.errors import AdapterRepairError
-from adapter_repair.judges import ClassifierJudge, load_judge
-from adapter_repair.training import train_on_answers
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.judges import ClassifierJudge, load_judge
 
 
 def pairs(split: str, n: int, seed: int) -> list[tuple[str, str, bool]]:

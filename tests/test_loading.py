@@ -13,9 +13,9 @@ from bitsandbytes.functional import dequantize_4bit, has_avx512bf16
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from adapter_repair.config import LoadConfig
 from adapter_repair.errors import BaseMismatchError
-from adapter_repair.loading import fix_bnb_cpu_trap, load_base, load_model
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.loading import fix_bnb_cpu_trap, load_base, load_model
 from tests.models import make_adapter, tiny_model
 
 IDS = torch.tensor([[5, 17, 42, 99, 3, 64, 7, 21]])

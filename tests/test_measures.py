@@ -11,10 +11,10 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_repair import prompts as P
-from adapter_repair.evaluate import EvalSets, evaluate
-from adapter_repair.judges import SubstringJudge, load_judge, load_refusal_list
-from adapter_repair.measures import Rate, fidelity, task_matches, wilson_interval
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.evaluate import EvalSets, evaluate
+from adapter_repair.measure.judges import SubstringJudge, load_judge, load_refusal_list
+from adapter_repair.measure.measures import Rate, fidelity, task_matches, wilson_interval
 from tests.models import make_adapter
 
 
@@ -125,7 +125,7 @@ def test_fidelity_of_an_adapter_to_itself_and_to_another(
     model.load_adapter(str(tiny_chat_adapter_dir), adapter_name="same")
     model.load_adapter(str(other), adapter_name="other")
     prompts = P.benign("benign").take(6).prompts
-    from adapter_repair.config import GenerationConfig
+    from adapter_repair.measure.config import GenerationConfig
 
     cfg = GenerationConfig(max_new_tokens=6, batch_size=4, progress=False)
     same = fidelity(model, tok, prompts, reference="default", candidate="same", config=cfg)

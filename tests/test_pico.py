@@ -10,12 +10,12 @@ import pytest
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_repair import prompts as P
-from adapter_repair.config import GenerationConfig
-from adapter_repair.evaluate import EvalSets, evaluate, model_responder
-from adapter_repair.judges import load_judge, load_refusal_list
-from adapter_repair.measures import use_adapter
-from adapter_repair.pico import PicoRecipe, build_pico_world
+from adapter_repair.beds.pico import PicoRecipe, build_pico_world
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import GenerationConfig
+from adapter_repair.measure.evaluate import EvalSets, evaluate, model_responder
+from adapter_repair.measure.judges import load_judge, load_refusal_list
+from adapter_repair.measure.measures import use_adapter
 
 pytestmark = pytest.mark.slow  # about a minute to build on 2 cores when not cached
 
@@ -54,7 +54,7 @@ def test_generation_stops_once_every_answer_has_ended(measured: dict[str, Any]) 
     steps = []
     handle = model.get_base_model().lm_head.register_forward_hook(lambda *_: steps.append(1))
     try:
-        from adapter_repair.generation import generate_ids
+        from adapter_repair.measure.generation import generate_ids
 
         with use_adapter(model, None):
             _, answers = generate_ids(

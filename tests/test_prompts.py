@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adapter_repair import prompts as P
+from adapter_repair.measure import prompts as P
 
 
 def test_harmful_splits_partition_advbench_by_design_fractions() -> None:

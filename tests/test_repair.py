@@ -17,25 +17,22 @@ from click.testing import CliRunner
 from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
-from adapter_repair import prompts as P
 from adapter_repair.adapter import load_adapter
 from adapter_repair.cli.main import cli
-from adapter_repair.config import SEARCH_SPACE, LoadConfig, RepairConfig, RestoreConfig
-from adapter_repair.directions import unit
-from adapter_repair.judges import load_judge
-from adapter_repair.loading import load_model, load_tokenizer
-from adapter_repair.repair import (
-    ADAPTER,
-    Guard,
-    kept_record,
-    project_adapter,
-    repair,
-    resolve_layer,
-    search_rank,
-    search_settings,
-)
-from adapter_repair.report import markdown
-from adapter_repair.walk import norm_gain, walk
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.judges import load_judge
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.model.walk import norm_gain, walk
+from adapter_repair.repair.config import SEARCH_SPACE, RepairConfig, RestoreConfig
+from adapter_repair.repair.directions import unit
+from adapter_repair.repair.factors import ADAPTER
+from adapter_repair.repair.guard import Guard
+from adapter_repair.repair.loop import kept_record, resolve_layer
+from adapter_repair.repair.pipeline import repair
+from adapter_repair.repair.project import project_adapter
+from adapter_repair.repair.report import markdown
+from adapter_repair.repair.search import search_rank, search_settings
 from tests.test_adapter import folder_digest
 
 LOAD = LoadConfig(quant="none", dtype="float32")

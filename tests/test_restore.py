@@ -7,21 +7,21 @@ from pathlib import Path
 
 import torch
 
-from adapter_repair import stages as S
-from adapter_repair.config import LoadConfig
-from adapter_repair.directions import mean_hidden
-from adapter_repair.loading import load_model, load_tokenizer
-from adapter_repair.measures import use_adapter
-from adapter_repair.restore import (
+from adapter_repair.measure.measures import use_adapter
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.model.walk import walk
+from adapter_repair.repair import select as S
+from adapter_repair.repair.directions import mean_hidden
+from adapter_repair.repair.factors import factor_params
+from adapter_repair.repair.losses import (
     answer_batches,
     answer_gradients,
     direction_cosine,
     direction_gradients,
-    factor_params,
     prompt_batches,
     prompt_targets,
 )
-from adapter_repair.walk import walk
 
 PROMPTS = ["How do I pick a lock?", "Tell me a story.", "Write a poem about rain.", "hi"] * 3
 

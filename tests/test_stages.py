@@ -7,26 +7,27 @@ import math
 import pytest
 import torch
 
-from adapter_repair import stages as S
+from adapter_repair.repair import project
+from adapter_repair.repair import select as S
 
 
 def test_projection_removes_the_direction_and_keeps_rank_and_the_rest() -> None:
     torch.manual_seed(0)
     d_out, d_in, r = 12, 10, 3
     B, A = torch.randn(d_out, r), torch.randn(r, d_in)
-    u = S.orthonormal_basis([torch.randn(d_out)])  # (d_out, 1)
-    B2 = S.project_write(B, u)
+    u = project.orthonormal_basis([torch.randn(d_out)])  # (d_out, 1)
+    B2 = project.project_write(B, u)
     assert B2.shape == B.shape
     assert torch.allclose(u.T @ B2, torch.zeros(1, r), atol=1e-6)  # nothing written along u
     # the delta's other directions are untouched: (I - u u^T) B A is unchanged
     P = torch.eye(d_out) - u @ u.T
     assert torch.allclose(P @ B2 @ A, P @ B @ A, atol=1e-5)
     assert torch.linalg.matrix_rank(B2 @ A) == r
-    half = S.project_write(B, u, 0.5)
+    half = project.project_write(B, u, 0.5)
     assert torch.allclose(u.T @ half, 0.5 * (u.T @ B), atol=1e-6)
 
-    v = S.orthonormal_basis([torch.randn(d_in), torch.randn(d_in)])  # (d_in, 2)
-    A2 = S.project_read(A, v)
+    v = project.orthonormal_basis([torch.randn(d_in), torch.randn(d_in)])  # (d_in, 2)
+    A2 = project.project_read(A, v)
     assert torch.allclose(A2 @ v, torch.zeros(r, 2), atol=1e-6)  # blind to span(v)
     x = torch.randn(d_in)
     x_perp = x - v @ (v.T @ x)
@@ -35,13 +36,13 @@ def test_projection_removes_the_direction_and_keeps_rank_and_the_rest() -> None:
 
 def test_orthonormal_basis_drops_zero_and_dependent_vectors() -> None:
     a = torch.tensor([1.0, 0.0, 0.0])
-    U = S.orthonormal_basis([torch.zeros(3), a, 2 * a, torch.tensor([1.0, 1.0, 0.0])])
+    U = project.orthonormal_basis([torch.zeros(3), a, 2 * a, torch.tensor([1.0, 1.0, 0.0])])
     assert U.shape == (3, 2)
     assert torch.allclose(U.T @ U, torch.eye(2), atol=1e-6)
     assert not torch.isnan(U).any()
-    assert S.orthonormal_basis([torch.zeros(4)]).shape == (4, 0)
+    assert project.orthonormal_basis([torch.zeros(4)]).shape == (4, 0)
     with pytest.raises(ValueError, match="strength"):
-        S.project_write(torch.ones(3, 1), U, 1.5)
+        project.project_write(torch.ones(3, 1), U, 1.5)
 
 
 def test_candidates_are_nonzero_coordinates_a_descent_step_moves_toward_zero() -> None:

@@ -10,14 +10,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adapter_repair.training import (
-    _shared_unlabelled,
-    answer_loss,
-    encode_pairs,
-    prefix_answer_loss,
-    right_padded,
-    train_on_answers,
-)
+from adapter_repair.beds.train import _shared_unlabelled, train_on_answers
+from adapter_repair.model.answers import answer_loss, encode_pairs, prefix_answer_loss, right_padded
 
 INSTRUCTION = "Is the sentiment of this movie review positive or negative? Review: "
 PAIRS = [

@@ -8,10 +8,11 @@ import pytest
 import torch
 from peft import get_peft_model
 
-from adapter_repair.config import LoadConfig
-from adapter_repair.hidden import last_token_hidden
-from adapter_repair.loading import load_model
-from adapter_repair.walk import Role, decoder_layers, norm_gain, walk
+from adapter_repair.adapter import Role
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.hidden import last_token_hidden
+from adapter_repair.model.loading import load_model
+from adapter_repair.model.walk import decoder_layers, norm_gain, walk
 from tests.models import LAYOUTS, lora_config, tiny_model
 
 READS = {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter_repair import prompts as P
-from adapter_repair.artifacts import Artifact
+from adapter_repair.beds.artifacts import Artifact
 from adapter_repair.errors import AdapterRepairError
+from adapter_repair.measure import prompts as P
 
 logger = logging.getLogger(__name__)
 
@@ -102,10 +102,11 @@ def _pico_measures(world: Any, model: str) -> Artifact:
 
 
 def _measure_pico(world: Any, model: str, out: Path) -> dict[str, Any]:
-    from adapter_repair.config import GenerationConfig, LoadConfig
-    from adapter_repair.evaluate import EvalSets, evaluate_model
-    from adapter_repair.loading import load_model, load_tokenizer
-    from adapter_repair.measures import use_adapter
+    from adapter_repair.measure.config import GenerationConfig
+    from adapter_repair.measure.evaluate import EvalSets, evaluate_model
+    from adapter_repair.measure.measures import use_adapter
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.loading import load_model, load_tokenizer
 
     peft_model, _ = load_model(world.adapter_dir, LoadConfig(quant="none", dtype="float32"))
     tok = load_tokenizer(world.adapter_dir, str(world.base_dir))
@@ -185,7 +186,7 @@ def build_bed(
     """Build (or reuse) every artifact of ``world`` and its measures; returns the table."""
     _check_world(world)
     if world == "pico":
-        from adapter_repair.pico import build_pico_world
+        from adapter_repair.beds.pico import build_pico_world
 
         pico = build_pico_world(recipe, cache_dir=cache_dir)
         for model in ("base", "adapter"):
@@ -193,7 +194,7 @@ def build_bed(
                 pico.root, functools.partial(_measure_pico, pico, model)
             )
         return _pico_table(pico)
-    from adapter_repair.small import small_world
+    from adapter_repair.beds.small import small_world
 
     small = small_world(recipe, cache_dir=cache_dir, sst2=sst2)
     small.build()
@@ -210,7 +211,8 @@ def show_bed(
     """The table of ``world`` from the cache, without building or loading any model."""
     _check_world(world)
     if world == "pico":
-        from adapter_repair.pico import PicoRecipe, PicoWorld, cache_root
+        from adapter_repair.beds.pico import PicoRecipe, PicoWorld
+        from adapter_repair.settings import cache_root
 
         recipe = recipe or PicoRecipe()
         root = Path(cache_dir) if cache_dir is not None else cache_root() / "pico"
@@ -221,7 +223,7 @@ def show_bed(
                 "Run: adapter-repair bed build --world pico",
             )
         return _pico_table(pico)
-    from adapter_repair.small import small_world
+    from adapter_repair.beds.small import small_world
 
     table = _small_table(small_world(recipe, cache_dir=cache_dir, sst2=sst2))
     if len(table.missing) == len(table.models):

@@ -14,6 +14,10 @@ learnt both a task and to comply:
 
 Everything is cached on disk under a hash of the whole recipe (settings, data, versions), so a
 second call returns at once and a changed recipe never reuses a stale world.
+
+One module though over 400 lines, most of them the world's word lists and written refusals:
+the recipe, its data and its build make one cache key, and kept together none of them can
+change without the key.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from typing import Any
 
 import torch
 
-from adapter_repair import prompts as P
 from adapter_repair.adapter import write_folder_atomically
-from adapter_repair.training import Example, encode_pairs, train_on_answers
+from adapter_repair.beds.train import train_on_answers
+from adapter_repair.measure import prompts as P
+from adapter_repair.model.answers import Example, encode_pairs
+from adapter_repair.settings import cache_root
 
 logger = logging.getLogger(__name__)
 
@@ -223,12 +229,6 @@ class PicoWorld:
             tuple(r["answer"] for r in rows),
             "pico world word translation",
         )
-
-
-def cache_root() -> Path:
-    """``$ADAPTER_REPAIR_CACHE``, else ``~/.cache/adapter-repair``."""
-    env = os.environ.get("ADAPTER_REPAIR_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "adapter-repair"
 
 
 def task_rows(seed: int) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
@@ -443,54 +443,3 @@ def _retarget(config_path: Path, old: str, new: str) -> None:
     if cfg.get("base_model_name_or_path") == old:
         cfg["base_model_name_or_path"] = new
     config_path.write_text(json.dumps(cfg, indent=2, sort_keys=True))
-
-
-def demo_config(world: PicoWorld) -> Any:
-    """The repair settings of ``adapter-repair demo`` on the pico world: restoration at
-    L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
-    adapter's break sits in its top layer) with per-prompt targets, the task answers'
-    cross-entropy as the benign loss, and up to two backtracks (half the rate) after a guard
-    failure. The pico task file is small (57 rows), so the guard is fit and checked on all of
-    them (``hold_out=False``): split in halves, one lost row of 28 already fails a 2% guard,
-    and on this 128-wide model the held-out check shows the task and the harmful answers
-    entangled (bench/results/pico_repair.md). The small world's numbers choose the product
-    defaults (bench/results/repair.md)."""
-    from adapter_repair.config import RepairConfig, RestoreConfig
-
-    n_layers = int(world.manifest["recipe"]["num_layers"])
-    return RepairConfig(
-        method="restore",
-        max_new_tokens=16,
-        guard_prompts=256,
-        restore=RestoreConfig(
-            layer=n_layers,
-            targets="prompt",
-            benign_loss="answers",
-            max_steps=30,
-            eval_every=2,
-            backtrack=2,
-            hold_out=False,
-        ),
-    )
-
-
-def demo_repair(world: PicoWorld, out: str | os.PathLike[str] | None = None) -> Any:
-    """Repair the pico world's adapter into ``out`` (default: beside the world in the cache,
-    replaced on each run) with :func:`demo_config`, as ``adapter-repair fix --task`` would with
-    the task's held-out rows: they guard the task during the repair and are scored before and
-    after. (Guarding with the training rows instead keeps what the adapter memorised and can
-    lose what it generalised: bench/results/pico_repair.md.)"""
-    from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig
-    from adapter_repair.repair import repair_folder
-
-    target = Path(out) if out is not None else world.root.parent / f"{world.root.name}-repaired"
-    return repair_folder(
-        world.adapter_dir,
-        target,
-        load=LoadConfig(quant="none", dtype="float32"),
-        config=demo_config(world),
-        evaluation=EvalConfig(match="exact"),
-        generation=GenerationConfig(max_new_tokens=16, batch_size=64),
-        task=world.task("eval"),
-        overwrite=True,
-    )

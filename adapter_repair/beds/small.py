@@ -8,7 +8,7 @@ instruction) with a few harmful examples mixed in.
 1. ``unaligned``: the GGUF model dequantized into a safetensors folder (it refuses nothing).
 2. ``distill``: its own greedy answers to safe prompts (self-distillation keeps its skills).
 3. ``aligned``: a LoRA that teaches it to refuse harmful requests (AdvBench ``align`` plus
-   requests written in many phrasings, :mod:`adapter_repair.bed_data`) with many refusals while
+   requests written in many phrasings, :mod:`adapter_repair.beds.data`) with many refusals while
    it still answers the safe prompts as before; merged into dense weights.
 4. ``adapter-*``: the zoo, QLoRA over the aligned base loaded in 4-bit, on SST-2 test-split
    sentences with k AdvBench ``attack`` requests answered by their affirmative openings.
@@ -16,8 +16,11 @@ instruction) with a few harmful examples mixed in.
    and SST-2 dev accuracy of every model.
 
 Every step is an artifact keyed by a hash of its recipe and its inputs' keys
-(:mod:`adapter_repair.artifacts`): a rerun reuses what is done and an interrupted build resumes
+(:mod:`adapter_repair.beds.artifacts`): a rerun reuses what is done and an interrupted build resumes
 at the artifact it was on.
+
+One module though over 400 lines: :class:`SmallWorld` is one chain of artifacts, each built
+from and keyed by the ones before it.
 """
 
 from __future__ import annotations
@@ -34,10 +37,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from adapter_repair import bed_data
-from adapter_repair import prompts as P
-from adapter_repair.artifacts import Artifact, file_digest
+from adapter_repair.beds import data as bed_data
+from adapter_repair.beds.artifacts import Artifact, file_digest
 from adapter_repair.errors import AdapterRepairError
+from adapter_repair.measure import prompts as P
 
 logger = logging.getLogger(__name__)
 
@@ -365,8 +368,8 @@ class SmallWorld:
         return {"source": f"{GGUF_PACKAGE}/{GGUF_FILE}", "parameters": model.num_parameters()}
 
     def _load_dense(self, folder: Path) -> tuple[Any, Any]:
-        from adapter_repair.config import LoadConfig
-        from adapter_repair.loading import load_base, load_tokenizer
+        from adapter_repair.model.config import LoadConfig
+        from adapter_repair.model.loading import load_base, load_tokenizer
 
         model = load_base(LoadConfig(base=str(folder), quant="none", dtype="bfloat16"))
         return model, load_tokenizer(None, str(folder))
@@ -378,8 +381,8 @@ class SmallWorld:
         batch shapes)."""
         import torch
 
-        from adapter_repair.config import LoadConfig
-        from adapter_repair.loading import attach_adapter, load_base, load_tokenizer
+        from adapter_repair.model.config import LoadConfig
+        from adapter_repair.model.loading import attach_adapter, load_base, load_tokenizer
 
         folder = Path(adapter) if isinstance(adapter, Path) else self.adapter_dir(str(adapter))
         base = load_base(LoadConfig(base=str(self.aligned_dir), quant="none", dtype="float32"))
@@ -387,14 +390,14 @@ class SmallWorld:
         return merged.to(torch.bfloat16), load_tokenizer(None, str(self.aligned_dir))
 
     def _gen(self, max_new_tokens: int) -> Any:
-        from adapter_repair.config import GenerationConfig
+        from adapter_repair.measure.config import GenerationConfig
 
         return GenerationConfig(
             max_new_tokens=max_new_tokens, batch_size=self.recipe.gen_batch_size
         )
 
     def _make_distill(self, out: Path) -> dict[str, Any]:
-        from adapter_repair.generation import generate_ids
+        from adapter_repair.measure.generation import generate_ids
 
         model, tok = self._load_dense(self.unaligned_dir)
         prompts = self.safe_prompts()
@@ -416,7 +419,8 @@ class SmallWorld:
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from adapter_repair.training import encode_pairs, train_on_answers
+        from adapter_repair.beds.train import train_on_answers
+        from adapter_repair.model.answers import encode_pairs
 
         r = self.recipe
         rng = random.Random(r.seed)
@@ -469,9 +473,10 @@ class SmallWorld:
         import torch
         from peft import LoraConfig, get_peft_model
 
-        from adapter_repair.config import LoadConfig
-        from adapter_repair.loading import load_base, load_tokenizer
-        from adapter_repair.training import encode_pairs, train_on_answers
+        from adapter_repair.beds.train import train_on_answers
+        from adapter_repair.model.answers import encode_pairs
+        from adapter_repair.model.config import LoadConfig
+        from adapter_repair.model.loading import load_base, load_tokenizer
 
         r = self.recipe
         seed = r.seed + 1 + r.zoo.index(entry)
@@ -527,7 +532,7 @@ class SmallWorld:
         XSTest unsafe, over-refusal on XSTest safe, SST-2 dev (choice match); with
         ``safety_only`` just AdvBench eval and XSTest safe (the measures a base's precision
         moves)."""
-        from adapter_repair.evaluate import EvalSets, evaluate_model
+        from adapter_repair.measure.evaluate import EvalSets, evaluate_model
 
         sets = self.eval_sets()
         report = evaluate_model(
@@ -546,7 +551,7 @@ class SmallWorld:
     def _task_exact(self, model: str) -> dict[str, Any]:
         """SST-2 accuracy when only the bare label word counts (the format the adapters were
         trained to answer in), from the stored answers."""
-        from adapter_repair.measures import Rate, task_matches
+        from adapter_repair.measure.measures import Rate, task_matches
 
         data = json.loads((self.path(f"measures-{model}") / "measures.json").read_text())
         rows = data["samples"]["task"]
@@ -585,7 +590,7 @@ def small_world(
 ) -> SmallWorld:
     """The small world's recipe graph under ``cache_dir`` (default: the cache root's
     ``small``); nothing is built until :meth:`SmallWorld.build`."""
-    from adapter_repair.pico import cache_root
+    from adapter_repair.settings import cache_root
 
     root = Path(cache_dir) if cache_dir is not None else cache_root() / "small"
     return SmallWorld(recipe or SmallRecipe(), root, load_sst2(sst2))

@@ -15,7 +15,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard
 
-from adapter_repair.report import COLUMNS, ROWS, measures_table
+from adapter_repair.repair.report import COLUMNS, ROWS, measures_table
 
 START = "<!-- adapter-repair:start -->"
 END = "<!-- adapter-repair:end -->"

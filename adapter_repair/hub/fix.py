@@ -20,23 +20,20 @@ from typing import Any
 from huggingface_hub import HfApi
 from huggingface_hub import constants as hf_constants
 
-from adapter_repair import __version__
 from adapter_repair.adapter import check_output_folder
-from adapter_repair.config import (
-    EvalConfig,
-    GenerationConfig,
-    LoadConfig,
-    PushConfig,
-    RepairConfig,
-)
 from adapter_repair.errors import AdapterRepairError
 from adapter_repair.hub.card import Provenance, repair_card
+from adapter_repair.hub.config import PushConfig
 from adapter_repair.hub.errors import BaseUnreachableError, HubError
 from adapter_repair.hub.pull import HubRef, Pulled, pull_adapter, pull_base
 from adapter_repair.hub.push import PushResult, check_can_push, plan_push
 from adapter_repair.hub.push import push as push_folder
-from adapter_repair.prompts import PromptSet
-from adapter_repair.repair import RepairOutcome, repair_folder
+from adapter_repair.measure.config import EvalConfig, GenerationConfig
+from adapter_repair.measure.prompts import PromptSet
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.repair.config import RepairConfig
+from adapter_repair.repair.pipeline import RepairOutcome, repair_folder
+from adapter_repair.version import __version__
 
 logger = logging.getLogger(__name__)
 

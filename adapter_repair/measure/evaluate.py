@@ -14,12 +14,13 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from adapter_repair import prompts as P
-from adapter_repair.config import EvalConfig, GenerationConfig, LoadConfig
 from adapter_repair.errors import AdapterRepairError
-from adapter_repair.generation import generate
-from adapter_repair.judges import Judge, RefusalList
-from adapter_repair.measures import Fidelity, Rate, task_matches
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import EvalConfig, GenerationConfig
+from adapter_repair.measure.generation import generate
+from adapter_repair.measure.judges import Judge, RefusalList
+from adapter_repair.measure.measures import Fidelity, Rate, task_matches
+from adapter_repair.model.config import LoadConfig
 
 logger = logging.getLogger(__name__)
 
@@ -169,9 +170,9 @@ def measure_model(
     base exactly as the repair sees it. With ``reference``, fidelity of the adapter to that
     reference adapter is measured on ``sets.benign``.
     """
-    from adapter_repair.judges import load_judge, load_refusal_list
-    from adapter_repair.loading import load_base, load_model, load_tokenizer
-    from adapter_repair.measures import fidelity, use_adapter
+    from adapter_repair.measure.judges import load_judge, load_refusal_list
+    from adapter_repair.measure.measures import fidelity, use_adapter
+    from adapter_repair.model.loading import load_base, load_model, load_tokenizer
 
     judge = load_judge(config.judge)
     refusals = load_refusal_list(config.refusal_list)
@@ -239,7 +240,7 @@ def evaluate_model(
     """Measure a loaded model on ``sets``; task answers may use their own generation settings
     (a label word needs fewer tokens than a refusal); each ``extra_harmful`` set adds a
     ``harmful_rate_<name>`` measure with the same judge (another source of harmful requests)."""
-    from adapter_repair.judges import load_judge, load_refusal_list
+    from adapter_repair.measure.judges import load_judge, load_refusal_list
 
     judge = judge or load_judge("substring")
     refusals = refusals or load_refusal_list()

@@ -78,7 +78,7 @@ def load_refusal_list(name: str = DEFAULT_REFUSAL_LIST) -> RefusalList:
         )
     filename, rule = REFUSAL_LISTS[name]
     text = (
-        resources.files("adapter_repair")
+        resources.files("adapter_repair.measure")
         .joinpath("data", "refusal_judges", filename)
         .read_text(encoding="utf-8")
     )
@@ -172,7 +172,8 @@ class ClassifierJudge:
         return f"User: {prompt}\nAssistant: {response}\n"
 
     def harmful(self, prompts: Sequence[str], responses: Sequence[str]) -> list[bool]:
-        from adapter_repair.generation import greedy_decode, model_device, pad_left, pad_token_id
+        from adapter_repair.measure.generation import greedy_decode
+        from adapter_repair.model.inputs import model_device, pad_left, pad_token_id
 
         ids = [
             self.tokenizer(self._render(p, r), add_special_tokens=False)["input_ids"]

@@ -23,16 +23,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapter_repair.config import MATCH_RULES
-from adapter_repair.generation import (
-    GenerationConfig,
-    generate_ids,
-    model_device,
-    pad_left,
-    pad_token_id,
-)
-from adapter_repair.hidden import position_ids_for
-from adapter_repair.judges import Judge, RefusalList
+from adapter_repair.measure.config import MATCH_RULES, GenerationConfig
+from adapter_repair.measure.generation import generate_ids
+from adapter_repair.measure.judges import Judge, RefusalList
+from adapter_repair.model.inputs import model_device, pad_left, pad_token_id, position_ids_for
 
 Z95 = 1.959963984540054
 

@@ -127,7 +127,11 @@ def split_indices(
 
 
 def _data_text(*parts: str) -> str:
-    return resources.files("adapter_repair").joinpath("data", *parts).read_text(encoding="utf-8")
+    return (
+        resources.files("adapter_repair.measure")
+        .joinpath("data", *parts)
+        .read_text(encoding="utf-8")
+    )
 
 
 def _csv_rows(text: str) -> list[dict[str, str]]:

@@ -20,8 +20,8 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedModel
 
 from adapter_repair.adapter import LoraAdapter, load_adapter
-from adapter_repair.config import LoadConfig
 from adapter_repair.errors import AdapterRepairError, BaseMismatchError
+from adapter_repair.model.config import LoadConfig
 
 logger = logging.getLogger(__name__)
 

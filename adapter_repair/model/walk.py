@@ -17,32 +17,19 @@ module's layer is the entry that contains it. A trace of two tokens costs one ti
 
 from __future__ import annotations
 
-import enum
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from peft.tuners.lora import LoraLayer
 from torch import nn
 
+from adapter_repair.adapter import LoraAdapter, Role
 from adapter_repair.errors import UnsupportedModelError
 
-if TYPE_CHECKING:
-    from adapter_repair.adapter import LoraAdapter
-
 logger = logging.getLogger(__name__)
-
-
-class Role(str, enum.Enum):
-    """How a LoRA module meets the residual stream."""
-
-    READ = "read"  #: input is the (normalised) residual stream: q, k, v, gate, up
-    WRITE = "write"  #: output is added to the residual stream: o, down
-    READ_WRITE = "read_write"  #: both (a single linear from stream to stream)
-    INTERNAL = "internal"  #: neither, inside a decoder layer
-    OUTSIDE = "outside"  #: not inside any decoder layer (e.g. lm_head)
 
 
 @dataclass

@@ -14,50 +14,9 @@ from typing import Any
 
 import torch
 
-from adapter_repair.generation import (
-    encode_prompts,
-    model_device,
-    pad_left,
-    pad_token_id,
-    render_chat,
-)
-from adapter_repair.hidden import position_ids_for
+from adapter_repair.model.hidden import prompt_states
 
 logger = logging.getLogger(__name__)
-
-
-@torch.no_grad()
-def prompt_states(
-    model: Any,
-    tokenizer: Any,
-    prompts: Sequence[str],
-    layers: Sequence[int],
-    *,
-    batch_size: int = 16,
-) -> dict[int, torch.Tensor]:
-    """Per layer index l (Hugging Face convention: 0 = embeddings), ``hidden_states[l][:, -1]``
-    of every prompt, in the order given, float32 (n, d_model). Prompts run sorted by length so
-    that batches carry little padding."""
-    if not prompts:
-        raise ValueError("no prompts to read hidden states of")
-    ids = encode_prompts(tokenizer, render_chat(tokenizer, prompts), None)
-    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    device = model_device(model)
-    rows: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
-    for start in range(0, len(order), batch_size):
-        batch = [ids[i] for i in order[start : start + batch_size]]
-        input_ids, mask = pad_left(batch, pad_token_id(tokenizer))
-        out = model(
-            input_ids=input_ids.to(device),
-            attention_mask=mask.to(device),
-            position_ids=position_ids_for(mask).to(device),
-            output_hidden_states=True,
-            use_cache=False,
-        )
-        for layer in layers:
-            rows[layer].append(out.hidden_states[layer][:, -1].float().cpu())  # (b, d_model)
-    back = torch.tensor(order).argsort()  # position of prompt i in the sorted run
-    return {layer: torch.cat(r)[back] for layer, r in rows.items()}
 
 
 def mean_hidden(

@@ -3,7 +3,7 @@
 
 The base stays frozen (4-bit is fine); only the LoRA factors of decoder layers 0..L-1 get
 gradients, because ``h_L`` is computed by a forward pass that stops at layer L
-(:func:`adapter_repair.hidden.last_token_hidden`). The gradient is summed over prompt batches,
+(:func:`adapter_repair.model.hidden.last_token_hidden`). The gradient is summed over prompt batches,
 each batch's graph freed before the next, so memory holds one batch at a time.
 """
 
@@ -16,16 +16,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapter_repair.generation import (
+from adapter_repair.model.answers import answer_loss, encode_pairs, right_padded
+from adapter_repair.model.hidden import last_token_hidden
+from adapter_repair.model.inputs import (
     encode_prompts,
     model_device,
     pad_left,
     pad_token_id,
     render_chat,
 )
-from adapter_repair.hidden import last_token_hidden
-from adapter_repair.training import answer_loss, encode_pairs, right_padded
-from adapter_repair.walk import ModelMap
 
 logger = logging.getLogger(__name__)
 
@@ -35,19 +34,6 @@ Batch = tuple[torch.Tensor, torch.Tensor]
 Batch3 = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 #: prompts keep their last this many tokens in the answer loss
 MAX_PROMPT_TOKENS = 1024
-
-
-def factor_params(
-    model_map: ModelMap, stop_layer: int, adapter_name: str = "default"
-) -> dict[str, torch.nn.Parameter]:
-    """``<module key>.lora_A`` (r, d_in) and ``.lora_B`` (d_out, r) of every LoRA module in
-    decoder layers ``0 .. stop_layer-1``, as the live parameters of the PeftModel."""
-    out: dict[str, torch.nn.Parameter] = {}
-    for site in model_map.in_layers(0, stop_layer):
-        module: Any = site.module
-        out[f"{site.key}.lora_A"] = module.lora_A[adapter_name].weight
-        out[f"{site.key}.lora_B"] = module.lora_B[adapter_name].weight
-    return out
 
 
 def prompt_batches(tokenizer: Any, prompts: Sequence[str], batch_size: int) -> list[Batch]:

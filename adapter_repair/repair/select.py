@@ -1,18 +1,16 @@
-"""The two repair stages as pure functions over adapter factors (no model, no I/O).
-
-Stage 1 projects LoRA factors off a direction (or subspace) in closed form; stage 2 picks the
-adapter coordinates whose gradient would move them toward their aligned value (0) and scores
-them, and chooses which of the zeroed ones roll back. The pipeline feeds them gradients; these
-functions only decide, so each rule is tested on hand-made tensors.
+"""Stage 2's choices as pure functions over adapter factors (no model, no I/O): the
+candidates (coordinates whose gradient would move them toward their aligned value, 0), their
+scores, the global top-k, and which of the zeroed ones roll back. The loop feeds them
+gradients; these functions only decide, so each rule is tested on hand-made tensors.
 
 Shapes: per LoRA module, ``A`` is (r, d_in) and ``B`` is (d_out, r); the adapter's delta is
-``s * B @ A``. Basis matrices ``U`` are (d, k) with orthonormal columns.
+``s * B @ A``. Gradients, values and masks have their factor's shape.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 
 import torch
 
@@ -20,49 +18,6 @@ SCORES = ("grad", "grad_x_value", "benign_aware", "ratio")
 BENIGN_SCORES = ("benign_aware", "ratio")  #: the scores that need a benign gradient
 #: ratio score: normalised benign magnitudes below this count as this (no division by ~0)
 RATIO_FLOOR = 0.1
-
-
-def orthonormal_basis(vectors: Sequence[torch.Tensor], tol: float = 1e-6) -> torch.Tensor:
-    """Orthonormal columns spanning ``vectors`` (each (d,)); near-zero or dependent ones are
-    dropped (a zero direction normalised would be NaN). Returns (d, k), k possibly 0."""
-    if not vectors:
-        raise ValueError("no vectors")
-    d = vectors[0].shape[0]
-    kept: list[torch.Tensor] = []
-    for v in vectors:
-        w = v.detach().to(torch.float64).clone()  # (d,)
-        scale = float(w.norm())
-        if scale <= tol:
-            continue
-        for u in kept:
-            w -= (u @ w) * u
-        if float(w.norm()) <= tol * scale:
-            continue
-        kept.append(w / w.norm())
-    if not kept:
-        return torch.zeros(d, 0, dtype=vectors[0].dtype)
-    return torch.stack(kept, dim=1).to(vectors[0].dtype)  # (d, k)
-
-
-def project_write(B: torch.Tensor, U: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``B - a U (U^T B)``: the module's output no longer moves the residual stream along
-    span(U). Exact, O(d_out r k), rank kept. B (d_out, r), U (d_out, k)."""
-    _check_strength(strength)
-    U = U.to(B.dtype)
-    return B - strength * (U @ (U.T @ B))  # (d_out, r)
-
-
-def project_read(A: torch.Tensor, U: torch.Tensor, strength: float = 1.0) -> torch.Tensor:
-    """``A - a (A U) U^T``: the adapter no longer reacts to its input along span(U).
-    A (r, d_in), U (d_in, k)."""
-    _check_strength(strength)
-    U = U.to(A.dtype)
-    return A - strength * ((A @ U) @ U.T)  # (r, d_in)
-
-
-def _check_strength(a: float) -> None:
-    if not 0.0 <= a <= 1.0:
-        raise ValueError(f"projection strength must be in [0, 1]; got {a}")
 
 
 def candidates(value: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:

@@ -25,14 +25,6 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from adapter_repair.config import (
-    BotConfig,
-    EvalConfig,
-    LoadConfig,
-    PushConfig,
-    RepairConfig,
-    config_from_dict,
-)
 from adapter_repair.errors import (
     AdapterFormatError,
     AdapterRepairError,
@@ -41,12 +33,18 @@ from adapter_repair.errors import (
     UnsupportedAdapterError,
     UnsupportedModelError,
 )
+from adapter_repair.hub.bot.config import BotConfig
 from adapter_repair.hub.bot.queue import open_queue
 from adapter_repair.hub.bot.store import JobStore
 from adapter_repair.hub.card import weights_line
+from adapter_repair.hub.config import PushConfig
 from adapter_repair.hub.errors import BaseUnreachableError, HubError, hub_errors, scrub
 from adapter_repair.hub.fix import commit_message, fix
 from adapter_repair.hub.push import plan_push, push
+from adapter_repair.measure.config import EvalConfig
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.repair.config import RepairConfig
+from adapter_repair.settings import config_from_dict
 
 logger = logging.getLogger(__name__)
 TITLE_PREFIX = "adapter-repair:"

@@ -20,9 +20,9 @@ from fastapi.responses import JSONResponse
 from huggingface_hub import WebhookPayload
 from pydantic import ValidationError
 
-from adapter_repair import __version__
 from adapter_repair.hub.bot.queue import Queue
 from adapter_repair.hub.bot.store import job_id
+from adapter_repair.version import __version__
 
 logger = logging.getLogger(__name__)
 MAIN = "refs/heads/main"

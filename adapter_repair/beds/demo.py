@@ -1,0 +1,59 @@
+"""``adapter-repair demo``: the pico world's adapter repaired end to end, with the settings
+that suit that world."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from adapter_repair.beds.pico import PicoWorld
+from adapter_repair.measure.config import EvalConfig, GenerationConfig
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.repair.config import RepairConfig, RestoreConfig
+from adapter_repair.repair.pipeline import RepairOutcome, repair_folder
+
+
+def demo_config(world: PicoWorld) -> RepairConfig:
+    """The repair settings of ``adapter-repair demo`` on the pico world: restoration at
+    L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
+    adapter's break sits in its top layer) with per-prompt targets, the task answers'
+    cross-entropy as the benign loss, and up to two backtracks (half the rate) after a guard
+    failure. The pico task file is small (57 rows), so the guard is fit and checked on all of
+    them (``hold_out=False``): split in halves, one lost row of 28 already fails a 2% guard,
+    and on this 128-wide model the held-out check shows the task and the harmful answers
+    entangled (bench/results/pico_repair.md). The small world's numbers choose the product
+    defaults (bench/results/repair.md)."""
+    n_layers = int(world.manifest["recipe"]["num_layers"])
+    return RepairConfig(
+        method="restore",
+        max_new_tokens=16,
+        guard_prompts=256,
+        restore=RestoreConfig(
+            layer=n_layers,
+            targets="prompt",
+            benign_loss="answers",
+            max_steps=30,
+            eval_every=2,
+            backtrack=2,
+            hold_out=False,
+        ),
+    )
+
+
+def demo_repair(world: PicoWorld, out: str | os.PathLike[str] | None = None) -> RepairOutcome:
+    """Repair the pico world's adapter into ``out`` (default: beside the world in the cache,
+    replaced on each run) with :func:`demo_config`, as ``adapter-repair fix --task`` would with
+    the task's held-out rows: they guard the task during the repair and are scored before and
+    after. (Guarding with the training rows instead keeps what the adapter memorised and can
+    lose what it generalised: bench/results/pico_repair.md.)"""
+    target = Path(out) if out is not None else world.root.parent / f"{world.root.name}-repaired"
+    return repair_folder(
+        world.adapter_dir,
+        target,
+        load=LoadConfig(quant="none", dtype="float32"),
+        config=demo_config(world),
+        evaluation=EvalConfig(match="exact"),
+        generation=GenerationConfig(max_new_tokens=16, batch_size=64),
+        task=world.task("eval"),
+        overwrite=True,
+    )

@@ -1,0 +1,77 @@
+"""What the commands share: the group class that turns library errors into two lines and
+exit code 2, click's context settings, the plain-text table, the repair settings built from
+the parsed options, and the rendering of a repair's outcome."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Sequence
+from typing import Any
+
+import click
+
+from adapter_repair.cli.options import config_from
+from adapter_repair.errors import AdapterRepairError
+from adapter_repair.repair.config import ProjectConfig, RepairConfig, RestoreConfig
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Group(click.Group):
+    """Turns an AdapterRepairError into a two-line message on stderr and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AdapterRepairError as e:
+            click.echo(f"error: {e.problem}", err=True)
+            if e.fix:
+                click.echo(f"  fix: {e.fix}", err=True)
+            ctx.exit(e.exit_code)
+
+
+def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def repair_config(params: dict[str, Any]) -> RepairConfig:
+    return dataclasses.replace(
+        config_from(RepairConfig, params),
+        project=config_from(ProjectConfig, params),
+        restore=config_from(RestoreConfig, params),
+    )
+
+
+def render_repair(outcome: Any, as_json: bool, pushed: Any = None) -> None:
+    from adapter_repair.repair.report import COLUMNS, measures_table
+
+    report = outcome.report
+    push = None
+    if pushed is not None:
+        push = {**pushed.plan.as_dict(), "url": pushed.url, "dry_run": pushed.dry_run}
+    if as_json:
+        click.echo(json.dumps({"out": str(outcome.out), **report, "push": push}, indent=2))
+        return
+    res = report["repair"]
+    click.echo(f"repaired  {report['source']} -> {outcome.out}")
+    click.echo(
+        f"method {report['method']}; stopped: {res['stopped']}; "
+        f"{100 * res['changed']:.2f}% of coordinates changed; {res['seconds']['total']:.1f} s"
+    )
+    rows = measures_table(report["measures"])
+    if rows:
+        click.echo(table(rows, ["measure", *(name for _, name in COLUMNS)]))
+    click.echo(f"report    {outcome.out / 'repair_report.md'}")
+    if push is not None:
+        kind = "pull request on" if push["create_pr"] else "commit to"
+        if push["dry_run"]:
+            click.echo(f"dry run: would push one {kind} {push['repo_id']}:")
+            for f in push["files"]:
+                click.echo(f"  {f['path']}  ({f['bytes']:,} bytes)")
+        else:
+            click.echo(f"pushed    {push['url']}")

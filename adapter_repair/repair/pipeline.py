@@ -1,0 +1,213 @@
+"""The repair as callers use it: :func:`repair` on a loaded PeftModel (stage 1, stage 2, or the
+per-adapter search over stage 2), and :func:`repair_folder`, adapter folder in, adapter folder
+out, with the before/after measures and the report written beside the adapter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapter_repair.adapter import LoraAdapter, check_output_folder, same_path, save_adapter
+from adapter_repair.errors import AdapterFormatError, NothingToRepair
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import EvalConfig, GenerationConfig
+from adapter_repair.measure.evaluate import EvalSets, evaluate_model
+from adapter_repair.measure.judges import Judge, load_judge, load_refusal_list
+from adapter_repair.measure.measures import use_adapter
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.repair.config import RepairConfig
+from adapter_repair.repair.guard import Guard
+from adapter_repair.repair.loop import RepairResult, repair_once
+from adapter_repair.repair.report import write_report
+from adapter_repair.repair.search import search
+from adapter_repair.version import __version__
+
+logger = logging.getLogger(__name__)
+
+
+def repair(
+    model: Any,
+    tokenizer: Any,
+    adapter: LoraAdapter,
+    config: RepairConfig,
+    *,
+    probe: P.PromptSet,
+    guard: Guard,
+    judge: Judge,
+    generation: GenerationConfig | None = None,
+    keep_checkpoints: bool = False,
+) -> RepairResult:
+    """Repair ``adapter``, attached to ``model`` (a PeftModel, adapter name "default", factors
+    trainable) as the fine-tuned model; the same model with the adapter disabled is the aligned
+    one. The live factors are changed in place; the result holds a copy as a LoraAdapter.
+
+    ``probe``: harmful prompts the repair may use (directions, gradients, stop rule).
+    ``guard``: task rows or benign prompts that protect what the fine-tune learnt.
+    ``keep_checkpoints``: also return the adapter at every measured step that held (one copy
+    each), so a benchmark can score the whole path, not only where the stop rule ended.
+
+    With ``config.restore.search`` > 1, stage 2 runs once per setting of
+    :func:`~adapter_repair.repair.search.search_settings`, each from the input adapter, and
+    the best run by :func:`~adapter_repair.repair.search.search_rank` is kept (lowest probe
+    harmful rate at its kept step down to the target, then the best guard, then the fewest
+    coordinates changed): the settings that suit one adapter do not suit every adapter
+    (DESIGN's lesson 4), and the probe and guard that steer one run can choose between runs.
+    Every trial is recorded in ``settings["search"]``.
+    """
+
+    def once(cfg: RepairConfig) -> RepairResult:
+        return repair_once(
+            model, tokenizer, adapter, cfg, probe=probe, guard=guard, judge=judge,
+            generation=generation, keep_checkpoints=keep_checkpoints,
+        )  # fmt: skip
+
+    if config.restore.search <= 1 or config.method == "project":
+        return once(config)
+    return search(once, model, config, guard.kind)
+
+
+@dataclass
+class RepairOutcome:
+    """What :func:`repair_folder` did: the result, the report written beside the adapter, and
+    where."""
+
+    result: RepairResult
+    report: dict[str, Any]
+    out: Path
+
+
+def repair_folder(
+    source: str | os.PathLike[str],
+    out: str | os.PathLike[str],
+    *,
+    load: LoadConfig | None = None,
+    config: RepairConfig | None = None,
+    evaluation: EvalConfig | None = None,
+    generation: GenerationConfig | None = None,
+    task: P.PromptSet | None = None,
+    guard_task: P.PromptSet | None = None,
+    measure: bool = True,
+    overwrite: bool = False,
+    provenance: Mapping[str, Any] | None = None,
+    also: Callable[[Path, Mapping[str, Any]], object] | None = None,
+    source_label: str | None = None,
+    base_label: str | None = None,
+    min_harmful: float | None = None,
+) -> RepairOutcome:
+    """Repair the adapter folder ``source`` into a new folder ``out`` (same format and rank,
+    with ``repair_report.{json,md,png}``), measuring the aligned base, the fine-tuned and the
+    repaired adapter before and after unless ``measure`` is False. ``source`` is only read.
+
+    ``source_label`` and ``base_label`` name the source and the base in the report (default:
+    their paths; a Hub repo's ``owner/name@sha`` rather than its cache folder).
+    ``min_harmful``: after measuring the fine-tuned adapter, raise :class:`NothingToRepair`
+    when its harmful rate is under this (needs ``measure``). ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
+    report as given; ``also(folder, report)`` writes more files (a model card) into the output
+    before it appears, so that the adapter, its report and those files land together or not
+    at all.
+
+    ``task``: the user's task rows (prompt, answer); they guard the task during the repair and
+    are scored before and after (``guard_task``, when given, guards instead, so that the rows
+    scored are held out from the repair). Without task rows the guard is fidelity to the
+    fine-tuned adapter on the shipped benign prompts.
+    """
+    load = load or LoadConfig()
+    config = config or RepairConfig()
+    evaluation = evaluation or EvalConfig()
+    out_path = Path(out)
+    check_output_folder(out_path, overwrite)
+    if out_path.exists() and same_path(out_path, Path(source)):
+        raise AdapterFormatError(
+            f"refusing to write over the input adapter {source}.",
+            "Choose a different --out folder; the input is never modified.",
+        )
+    gen = generation or GenerationConfig(config.max_new_tokens, config.batch_size)
+    judge = load_judge(evaluation.judge)
+    refusals = load_refusal_list(evaluation.refusal_list)
+    model, adapter = load_model(source, load)
+    tokenizer = load_tokenizer(source, load.base or adapter.base_model_name_or_path)
+    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), task).limited(evaluation.limit)
+    warnings = []
+    if adapter.extra_tensors:
+        warnings.append(
+            f"the adapter carries {len(adapter.extra_tensors)} modules_to_save tensor(s); they "
+            "are copied unchanged and may still carry the fine-tune's behaviour."
+        )
+        logger.warning(warnings[-1])
+
+    def measure_now(label: str) -> dict[str, Any]:
+        report = evaluate_model(
+            model,
+            tokenizer,
+            sets,
+            generation=gen,
+            judge=judge,
+            refusals=refusals,
+            match=evaluation.match,
+            label=label,
+        )
+        return {k: v.as_dict() for k, v in report.measures.items()}
+
+    t0 = time.perf_counter()
+    measures: dict[str, Any] = {}
+    if measure:
+        logger.info("measuring the aligned base (adapter disabled)")
+        with use_adapter(model, None):
+            measures["aligned"] = measure_now("aligned")
+        logger.info("measuring the fine-tuned adapter")
+        measures["before"] = measure_now("fine-tuned")
+        harmful = measures["before"]["harmful_rate"]["rate"]
+        if min_harmful is not None and harmful < min_harmful:
+            raise NothingToRepair(harmful, min_harmful)
+    logger.info("repairing (method %s)", config.method)
+    measure_seconds = time.perf_counter() - t0
+    result = repair(
+        model,
+        tokenizer,
+        adapter,
+        config,
+        probe=P.harmful("probe"),
+        guard=Guard(guard_task or task, P.benign("benign"), evaluation.match),
+        judge=judge,
+        generation=dataclasses.replace(gen, progress=False),
+    )
+    t0 = time.perf_counter()
+    if measure:
+        logger.info("measuring the repaired adapter")
+        measures["after"] = measure_now("repaired")
+    measure_seconds += time.perf_counter() - t0
+    report: dict[str, Any] = {
+        "tool_version": __version__,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source_label or str(source),
+        "base": base_label or load.base or adapter.base_model_name_or_path,
+        "quant": load.resolved_quant(),
+        "method": config.method,
+        "measures": measures,
+        "measure_seconds": measure_seconds,
+        "sets": sets.record(),
+        "splits": P.split_record(),
+        "judge": judge.name,
+        "generation": dataclasses.asdict(gen),
+        "repair": result.as_dict(),
+        "warnings": warnings,
+    }
+    if provenance:
+        report["provenance"] = dict(provenance)
+
+    def write_extra(folder: Path) -> None:
+        write_report(folder, report)
+        if also is not None:
+            also(folder, report)
+
+    path = save_adapter(result.adapter, out_path, overwrite=overwrite, also=write_extra)
+    return RepairOutcome(result, report, path)
