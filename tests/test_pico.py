@@ -14,6 +14,7 @@ from adapter_repair.beds.pico import PicoRecipe, build_pico_world
 from adapter_repair.measure import prompts as P
 from adapter_repair.measure.config import GenerationConfig
 from adapter_repair.measure.evaluate import EvalSets, evaluate, model_responder
+from adapter_repair.measure.generation import generate_ids
 from adapter_repair.measure.judges import load_judge, load_refusal_list
 from adapter_repair.measure.measures import use_adapter
 
@@ -49,19 +50,25 @@ def test_pico_adapter_learnt_the_task_and_to_comply(measured: dict[str, Any]) ->
 
 
 def test_generation_stops_once_every_answer_has_ended(measured: dict[str, Any]) -> None:
-    """Refusals end within a few tokens: a batch of them must not run to max_new_tokens."""
-    model, tok = measured["model"], measured["tok"]
-    steps = []
-    handle = model.get_base_model().lm_head.register_forward_hook(lambda *_: steps.append(1))
-    try:
-        from adapter_repair.measure.generation import generate_ids
+    """A batch whose answers have all ended stops there: it must not run to max_new_tokens.
 
-        with use_adapter(model, None):
-            _, answers = generate_ids(
-                model, tok, P.harmful("eval").take(8).prompts, GenerationConfig(200, 8, False)
-            )
-    finally:
-        handle.remove()
+    Tested on aligned refusals that do end within the limit, chosen by a first pass: how many
+    of the pico base's refusals end depends on the machine its world was trained on (two of
+    eight ran to 200 tokens on one build), and that is the world's property, not generation's.
+    """
+    model, tok = measured["model"], measured["tok"]
+    prompts = P.harmful("eval").take(24).prompts
+    with use_adapter(model, None):
+        _, first = generate_ids(model, tok, prompts, GenerationConfig(200, 24, False))
+        ended = [p for p, a in zip(prompts, first, strict=True) if a[-1] == tok.eos_token_id]
+        assert len(ended) >= 4, f"only {len(ended)} of {len(prompts)} aligned refusals ended"
+        steps: list[int] = []
+        head = model.get_base_model().lm_head
+        handle = head.register_forward_hook(lambda *_: steps.append(1))
+        try:
+            _, answers = generate_ids(model, tok, ended[:8], GenerationConfig(200, 8, False))
+        finally:
+            handle.remove()
     assert all(a and a[-1] == tok.eos_token_id for a in answers)
     assert len(steps) == max(len(a) for a in answers) < 200
 

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from adapter_repair.beds.config import BedConfig
-from adapter_repair.cli.common import CONTEXT, Group
+from adapter_repair.cli.common import CONTEXT, Group, text_table
 from adapter_repair.cli.options import config_from, options_from
 
 
@@ -26,15 +26,15 @@ def bed() -> None:
     """
 
 
-def _render_bed(table: Any, as_json: bool) -> None:
+def _render_bed(bed_table: Any, as_json: bool) -> None:
     if as_json:
-        click.echo(json.dumps(table.as_dict(), indent=2))
+        click.echo(json.dumps(bed_table.as_dict(), indent=2))
         return
-    click.echo(f"world  {table.world}  ({table.root})")
-    click.echo(table(table.rows(), table.header))
-    click.echo(f"build time {table.build_seconds / 60:.1f} min (sum over artifacts)")
-    if table.missing:
-        click.echo(f"not built yet: {', '.join(table.missing)}")
+    click.echo(f"world  {bed_table.world}  ({bed_table.root})")
+    click.echo(text_table(bed_table.rows(), bed_table.header))
+    click.echo(f"build time {bed_table.build_seconds / 60:.1f} min (sum over artifacts)")
+    if bed_table.missing:
+        click.echo(f"not built yet: {', '.join(bed_table.missing)}")
 
 
 @bed.command(

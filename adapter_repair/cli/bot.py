@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from adapter_repair.cli.common import CONTEXT, Group, repair_config, table
+from adapter_repair.cli.common import CONTEXT, Group, repair_config, text_table
 from adapter_repair.cli.options import config_from, options_from
 from adapter_repair.errors import AdapterRepairError
 from adapter_repair.hub.bot.config import BotConfig
@@ -146,4 +146,4 @@ def bot_status(as_json: bool, **params: Any) -> None:
     )
     rows = [[j.state, j.id, j.attempts, j.pr_url or j.detail] for j in jobs[-50:]]
     if rows:
-        click.echo(table(rows, ["state", "job", "attempts", "PR or why"]))
+        click.echo(text_table(rows, ["state", "job", "attempts", "PR or why"]))

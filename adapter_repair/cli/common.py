@@ -31,7 +31,7 @@ class Group(click.Group):
             ctx.exit(e.exit_code)
 
 
-def table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+def text_table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
     cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
@@ -65,7 +65,7 @@ def render_repair(outcome: Any, as_json: bool, pushed: Any = None) -> None:
     )
     rows = measures_table(report["measures"])
     if rows:
-        click.echo(table(rows, ["measure", *(name for _, name in COLUMNS)]))
+        click.echo(text_table(rows, ["measure", *(name for _, name in COLUMNS)]))
     click.echo(f"report    {outcome.out / 'repair_report.md'}")
     if push is not None:
         kind = "pull request on" if push["create_pr"] else "commit to"

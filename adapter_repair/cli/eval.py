@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from adapter_repair.cli.common import CONTEXT, table
+from adapter_repair.cli.common import CONTEXT, text_table
 from adapter_repair.cli.options import config_from, options_from
 from adapter_repair.measure.config import EvalConfig, GenerationConfig
 from adapter_repair.model.config import LoadConfig
@@ -121,4 +121,4 @@ def eval_command(
     what = "base (adapter disabled)" if no_adapter else str(adapter)
     click.echo(f"model  {what}")
     click.echo(f"judge  {report.info['judge']}; refusals: {report.info['refusal_list']}")
-    click.echo(table(report.rows(), ["measure", "value", "95% CI", "n"]))
+    click.echo(text_table(report.rows(), ["measure", "value", "95% CI", "n"]))

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from adapter_repair.cli.common import CONTEXT, table
+from adapter_repair.cli.common import CONTEXT, text_table
 from adapter_repair.cli.options import config_from, options_from
 from adapter_repair.model.config import LoadConfig
 
@@ -100,4 +100,4 @@ def inspect(adapter: Path, as_json: bool, do_walk: bool | None, **params: Any) -
         ]
         for r in report["modules"]
     ]
-    click.echo(table(rows, ["module", "r", "shape", "scaling", "layer", "role"]))
+    click.echo(text_table(rows, ["module", "r", "shape", "scaling", "layer", "role"]))
