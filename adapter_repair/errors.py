@@ -7,6 +7,10 @@ the one class.
 
 from __future__ import annotations
 
+#: The exit code of a repair that ran to its end but did not reach its target (the adapter and
+#: its report are written; nothing is pushed unless asked): not bad input (2), not success (0).
+NOT_REPAIRED_EXIT_CODE = 3
+
 
 class AdapterRepairError(Exception):
     """Bad input or an unsupported case, with the fix spelled out.

@@ -28,7 +28,7 @@ from adapter_repair.hub.bot.receiver import create_app
 from adapter_repair.hub.bot.worker import Worker
 from adapter_repair.measure.config import EvalConfig
 from adapter_repair.model.config import LoadConfig
-from adapter_repair.repair.config import RepairConfig
+from adapter_repair.repair.config import RepairConfig, RestoreConfig
 from tests.conftest import _free_port
 from tests.test_hub import fresh, publish
 
@@ -36,17 +36,22 @@ ALICE = "hf_alicewrite0000000000"
 BOT = "hf_botwrite000000000000"
 SECRET = "s3cret-webhook"
 #: quick jobs: projection, measures on 8 prompts of each set, 8 new tokens
+#: (a target of 1: the random tiny model's repair always reaches it)
 WORKER_FLAGS = ["--method", "project", "--probe-prompts", "8", "--guard-prompts", "8",
-                "--max-new-tokens", "8", "--limit", "8", "--quant", "none"]  # fmt: skip
+                "--max-new-tokens", "8", "--limit", "8", "--quant", "none",
+                "--target", "1"]  # fmt: skip
 
 
-def settings(queue_url: str, **bot: Any) -> JobSettings:
+def settings(queue_url: str, target: float = 1.0, **bot: Any) -> JobSettings:
     return JobSettings(
         BotConfig(queue=queue_url, **{"lease": 3.0, "retry_delay": 0.5, **bot}),
         LoadConfig(quant="none"),
-        RepairConfig(method="project", probe_prompts=8, guard_prompts=8, max_new_tokens=8),
+        RepairConfig(
+            method="project", probe_prompts=8, guard_prompts=8, max_new_tokens=8,
+            restore=RestoreConfig(target=target),
+        ),
         EvalConfig(limit=8),
-    )
+    )  # fmt: skip
 
 
 def payload(
@@ -269,6 +274,23 @@ def test_an_adapter_that_cannot_be_repaired_gets_one_discussion_per_reason(
     (discussion,) = hub.discussions(repo)
     assert not discussion["is_pr"] and "pickle weights only" in discussion["title"]
     assert hub.pull_requests(repo) == []
+
+
+def test_a_repair_that_misses_its_target_gets_a_discussion_with_its_numbers_not_a_pr(
+    bot_hub: Any, sqlite_queue: Queue, base_repo: str, tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    hub = bot_hub
+    jid = queued_lora(hub, sqlite_queue, base_repo, tiny_chat_adapter_dir, tmp_path)
+    repo = jid.split("@")[0]
+    Worker(sqlite_queue, settings(sqlite_queue.url, target=0.0)).run(max_idle=1)
+    job = sqlite_queue.store.get(jid)
+    assert job is not None and job.state == "skipped", job
+    assert job.detail.startswith("not repaired: probe harmful rate"), job.detail
+    assert hub.pull_requests(repo) == []
+    (discussion,) = hub.discussions(repo)
+    assert not discussion["is_pr"] and "could not repair" in discussion["title"]
+    assert job.pr_url and job.pr_url.endswith(f"/{discussion['num']}")
 
 
 def worker_process(queue_url: str, *flags: str) -> subprocess.Popen[bytes]:

@@ -27,8 +27,13 @@ def fresh(prefix: str) -> str:
 
 
 #: fast settings: projection only, no measures (the repair itself is tested elsewhere)
+#: quick repairs of the random tiny model: projection, 8 prompts, a target it always reaches
 FAST = ["--method", "project", "--no-measure", "--probe-prompts", "8", "--guard-prompts", "8",
-        "--quant", "none"]  # fmt: skip
+        "--quant", "none", "--target", "1"]  # fmt: skip
+#: a repair that cannot reach its target: no harmful answer allowed, one step
+UNREACHABLE = ["--method", "restore", "--no-measure", "--probe-prompts", "8",
+               "--guard-prompts", "8", "--max-new-tokens", "8", "--quant", "none",
+               "--target", "0", "--max-steps", "1", "--eval-every", "1"]  # fmt: skip
 
 
 def run(*args: str) -> Result:
@@ -151,6 +156,31 @@ def test_fix_dry_run_lists_the_files_and_pushes_nothing(
     assert "dry run: would push one commit to" in result.output
     assert "adapter_model.safetensors" in result.output and "README.md" in result.output
     assert not [r for r in hub.requests[n:] if r[0] != "GET" and r[0] != "HEAD"]
+
+
+def test_a_repair_that_misses_its_target_says_so_and_pushes_nothing_unless_asked(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    lora = tiny_repos["lora"]
+    n = len(hub.requests)
+    out = tmp_path / "short"
+    result = run("fix", lora, "--pr", "--out", str(out), *UNREACHABLE)
+    assert result.exit_code == 3, result.output
+    assert result.stdout.startswith("not repaired"), result.stdout
+    assert "nothing pushed" in result.stdout and "--push-unrepaired" in result.stdout
+    assert not [r for r in hub.requests[n:] if r[0] not in ("GET", "HEAD")]
+    assert hub.pull_requests(lora) == []
+    report = json.loads((out / "repair_report.json").read_text())
+    assert report["repair"]["reached"] is False and report["repair"]["target"] == 0.0
+    assert "**not repaired" in (out / "repair_report.md").read_text()
+    assert "did not reach its target" in (out / "README.md").read_text()
+
+    forced = run("fix", lora, "--pr", "--push-unrepaired", "--out", str(tmp_path / "f"),
+                 *UNREACHABLE, "--json")  # fmt: skip
+    assert forced.exit_code == 3, forced.output
+    (pr,) = hub.pull_requests(lora)
+    assert json.loads(forced.stdout)["push"]["url"].endswith(f"/discussions/{pr['num']}")
 
 
 @pytest.mark.parametrize(
@@ -318,7 +348,7 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from tests.test_repair import _check_repaired, pico_fix_args
+    from tests.test_repair import _check_repaired, exit_code_of, pico_fix_args
 
     base, lora = fresh("alice/pico-base"), fresh("alice/pico-lora")
     hub.create_repo(base)
@@ -332,11 +362,14 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     main_files = hub.files(lora)
     monkeypatch.setenv("HF_TOKEN", BOB)  # not the owner: anyone may open a PR on a public repo
     target = fresh("bob/pico-lora-safe")
+    # pushed whatever the verdict: this test is about the push (the verdict's own test is
+    # test_a_repair_that_misses_its_target_says_so_and_pushes_nothing_unless_asked)
     flags = ["--pr"] if mode == "pr" else ["--push-to", target]
+    flags.append("--push-unrepaired")
     out = tmp_path / "fixed"
     result = run("-q", "fix", lora, *flags, "--out", str(out), *pico_fix_args(pico_world))
-    assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
+    assert result.exit_code == exit_code_of(report), result.output
     _check_repaired(pico_world, report, out)
     assert report["provenance"]["source_sha"] == sha
     assert hub.files(lora) == main_files  # the source's main branch untouched

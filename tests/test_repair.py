@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM
 
 from adapter_repair.adapter import load_adapter
 from adapter_repair.cli.main import cli
+from adapter_repair.errors import NOT_REPAIRED_EXIT_CODE
 from adapter_repair.measure import prompts as P
 from adapter_repair.measure.judges import load_judge
 from adapter_repair.model.config import LoadConfig
@@ -351,7 +352,8 @@ def test_fix_writes_a_loadable_adapter_and_report_and_never_touches_the_input(
     out = tmp_path / "fixed"
     result = run(
         "fix", str(src), "--out", str(out), "--method", "project", "--no-measure",
-        "--probe-prompts", "8", "--guard-prompts", "8", "--quant", "none", "--json",
+        "--probe-prompts", "8", "--guard-prompts", "8", "--quant", "none", "--target", "1",
+        "--json",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -393,6 +395,12 @@ def test_fix_refuses_an_existing_output_and_bad_settings(
     assert not (tmp_path / "m").exists()
 
 
+def exit_code_of(report: dict[str, Any]) -> int:
+    """The exit code a repair with this report must end with: 0 when it reached its target, 3
+    (NOT_REPAIRED_EXIT_CODE) when it did not."""
+    return 0 if report["repair"]["reached"] else NOT_REPAIRED_EXIT_CODE
+
+
 def _check_repaired(world: Any, report: dict[str, Any], out: Path) -> None:
     """The issue's bar on a model that really learnt both: harm at most half, the task within
     5% relative, the output loads over the 4-bit base with the same ranks."""
@@ -414,8 +422,9 @@ def test_demo_repairs_the_pico_adapter(pico_world: Any, tmp_path: Path) -> None:
     digest = folder_digest(pico_world.adapter_dir)
     out = tmp_path / "repaired"
     result = run("demo", "--out", str(out), "--json")
-    assert result.exit_code == 0, result.output
-    _check_repaired(pico_world, json.loads(result.stdout), out)
+    report = json.loads(result.stdout)
+    assert result.exit_code == exit_code_of(report), result.output
+    _check_repaired(pico_world, report, out)
     assert folder_digest(pico_world.adapter_dir) == digest
 
 
@@ -440,6 +449,7 @@ def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world: Any, tmp_path: 
     digest = folder_digest(src)
     out = tmp_path / "fixed"
     result = run("fix", str(src), "--out", str(out), *pico_fix_args(pico_world))
-    assert result.exit_code == 0, result.output
-    _check_repaired(pico_world, json.loads(result.stdout), out)
+    report = json.loads(result.stdout)
+    assert result.exit_code == exit_code_of(report), result.output
+    _check_repaired(pico_world, report, out)
     assert folder_digest(src) == digest

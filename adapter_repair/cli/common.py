@@ -12,7 +12,7 @@ from typing import Any
 import click
 
 from adapter_repair.cli.options import config_from
-from adapter_repair.errors import AdapterRepairError
+from adapter_repair.errors import NOT_REPAIRED_EXIT_CODE, AdapterRepairError
 from adapter_repair.repair.config import ProjectConfig, RepairConfig, RestoreConfig
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -47,31 +47,44 @@ def repair_config(params: dict[str, Any]) -> RepairConfig:
     )
 
 
-def render_repair(outcome: Any, as_json: bool, pushed: Any = None) -> None:
-    from adapter_repair.repair.report import COLUMNS, measures_table
+def render_repair(
+    outcome: Any, as_json: bool, pushed: Any = None, push_skipped: str | None = None
+) -> None:
+    """The repair's result on stdout; its first line says whether it reached its target. A
+    repair that did not ends the command with exit code 3 (NOT_REPAIRED_EXIT_CODE), after
+    everything is written."""
+    from adapter_repair.repair.report import COLUMNS, measures_table, verdict
 
     report = outcome.report
+    res = report["repair"]
     push = None
     if pushed is not None:
         push = {**pushed.plan.as_dict(), "url": pushed.url, "dry_run": pushed.dry_run}
     if as_json:
-        click.echo(json.dumps({"out": str(outcome.out), **report, "push": push}, indent=2))
-        return
-    res = report["repair"]
-    click.echo(f"repaired  {report['source']} -> {outcome.out}")
-    click.echo(
-        f"method {report['method']}; stopped: {res['stopped']}; "
-        f"{100 * res['changed']:.2f}% of coordinates changed; {res['seconds']['total']:.1f} s"
-    )
-    rows = measures_table(report["measures"])
-    if rows:
-        click.echo(text_table(rows, ["measure", *(name for _, name in COLUMNS)]))
-    click.echo(f"report    {outcome.out / 'repair_report.md'}")
-    if push is not None:
-        kind = "pull request on" if push["create_pr"] else "commit to"
-        if push["dry_run"]:
-            click.echo(f"dry run: would push one {kind} {push['repo_id']}:")
-            for f in push["files"]:
-                click.echo(f"  {f['path']}  ({f['bytes']:,} bytes)")
-        else:
-            click.echo(f"pushed    {push['url']}")
+        payload = {"out": str(outcome.out), **report, "push": push, "push_skipped": push_skipped}
+        click.echo(json.dumps(payload, indent=2))
+    else:
+        line = verdict(res)
+        word, detail = line.split(": ", 1)
+        click.echo(f"{word}  {report['source']} -> {outcome.out}: {detail}")
+        click.echo(
+            f"method {report['method']}; stopped: {res['stopped']}; "
+            f"{100 * res['changed']:.2f}% of coordinates changed; "
+            f"{res['seconds']['total']:.1f} s"
+        )
+        rows = measures_table(report["measures"])
+        if rows:
+            click.echo(text_table(rows, ["measure", *(name for _, name in COLUMNS)]))
+        click.echo(f"report    {outcome.out / 'repair_report.md'}")
+        if push_skipped:
+            click.echo(push_skipped)
+        if push is not None:
+            kind = "pull request on" if push["create_pr"] else "commit to"
+            if push["dry_run"]:
+                click.echo(f"dry run: would push one {kind} {push['repo_id']}:")
+                for f in push["files"]:
+                    click.echo(f"  {f['path']}  ({f['bytes']:,} bytes)")
+            else:
+                click.echo(f"pushed    {push['url']}")
+    if not res.get("reached"):
+        click.get_current_context().exit(NOT_REPAIRED_EXIT_CODE)

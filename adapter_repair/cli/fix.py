@@ -107,4 +107,4 @@ def fix(
         overwrite=overwrite,
         push=push,
     )
-    render_repair(done.repair, as_json, done.pushed)
+    render_repair(done.repair, as_json, done.pushed, done.push_skipped)

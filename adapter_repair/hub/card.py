@@ -15,7 +15,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard
 
-from adapter_repair.repair.report import COLUMNS, ROWS, measures_table
+from adapter_repair.repair.report import COLUMNS, ROWS, measures_table, verdict
 
 START = "<!-- adapter-repair:start -->"
 END = "<!-- adapter-repair:end -->"
@@ -86,9 +86,23 @@ def section(
         START,
         "## Safety repair (adapter-repair)",
         "",
-        "This adapter was repaired with [adapter-repair](https://pypi.org/project/adapter-repair/)"
-        " so that it refuses harmful requests again while keeping its task: the same format and"
-        " rank, loadable with `PeftModel.from_pretrained` over the same base.",
+        *(
+            [
+                "This adapter was repaired with"
+                " [adapter-repair](https://pypi.org/project/adapter-repair/) so that it refuses"
+                " harmful requests again while keeping its task: the same format and rank,"
+                " loadable with `PeftModel.from_pretrained` over the same base.",
+            ]
+            if res.get("reached")
+            else [
+                "adapter-repair ([adapter-repair](https://pypi.org/project/adapter-repair/))"
+                " tried to repair this adapter and **did not reach its target**: it may still"
+                " answer harmful requests its base refuses. The numbers below say how far it"
+                " got.",
+            ]
+        ),
+        "",
+        f"**{verdict(res)}**",
         "",
     ]
     if rows:

@@ -23,6 +23,11 @@ class PushConfig:
         False, "Repair, then list what --push-to or --pr would push, without pushing."
     )
     private: bool = setting(False, "Create the --push-to repo private.")
+    push_unrepaired: bool = setting(
+        False,
+        "Push (--push-to, --pr) even when the repair did not reach its target. Default: such a "
+        "repair writes the adapter and its report locally and pushes nothing.",
+    )
 
     def __post_init__(self) -> None:
         if self.pr and self.push_to:

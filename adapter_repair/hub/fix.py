@@ -33,6 +33,7 @@ from adapter_repair.measure.prompts import PromptSet
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.repair.config import RepairConfig
 from adapter_repair.repair.pipeline import RepairOutcome, repair_folder
+from adapter_repair.repair.report import verdict
 from adapter_repair.version import __version__
 
 logger = logging.getLogger(__name__)
@@ -46,6 +47,8 @@ class FixOutcome:
     source: Pulled | None
     base: Pulled | None
     pushed: PushResult | None
+    #: why a push that was asked for was not made (the repair did not reach its target)
+    push_skipped: str | None = None
 
 
 def _is_local(path: str) -> bool:
@@ -142,7 +145,8 @@ def fix(
     into ``out`` (default :func:`default_out`), write its model card, and push it when
     ``push`` asks: to ``push.push_to`` (created when missing), or as a pull request on the
     source repo (``push.pr``); ``push.dry_run`` repairs and plans the push without sending
-    it. ``local_base=False`` takes a base named by the adapter's config from the Hub only (the
+    it. A repair that did not reach its target pushes nothing (``push_skipped`` says why)
+    unless ``push.push_unrepaired``. ``local_base=False`` takes a base named by the adapter's config from the Hub only (the
     bot). ``min_harmful``: raise :class:`~adapter_repair.errors.NothingToRepair` when the
     adapter's measured harmful rate is under it (the bot's threshold). The token comes from
     huggingface_hub (HF_TOKEN, the login cache) and never appears in logs or errors."""
@@ -217,6 +221,14 @@ def fix(
         min_harmful=min_harmful,
     )
     pushed = None
+    if target and not outcome.result.reached and not push.push_unrepaired:
+        skipped = (
+            f"nothing pushed to {target}: the repair did not reach its target "
+            f"({verdict(outcome.report['repair'])}). The adapter and its report are in "
+            f"{outcome.out}; --push-unrepaired pushes such a repair anyway."
+        )
+        logger.warning(skipped)
+        return FixOutcome(outcome, pulled, base, None, skipped)
     if target:
         plan = plan_push(
             outcome.out,

@@ -90,9 +90,22 @@ class RepairResult:
     changed: float = 0.0  #: share of adapter coordinates that differ from the input
     #: with ``keep_checkpoints``: the adapter at each measured step whose guard held
     checkpoints: dict[int, LoraAdapter] = field(default_factory=dict)
+    #: the probe harmful rate of the adapter returned (the kept step's last measurement)
+    probe_harmful: float | None = None
+
+    @property
+    def reached(self) -> bool:
+        """Whether the adapter returned refuses the probe prompts as the target asks: its
+        probe harmful rate is at most the target. A repair that did not get there (the guard
+        stopped it, or max_steps) says so rather than pass for repaired."""
+        if self.probe_harmful is None or self.target is None:
+            return False
+        return self.probe_harmful <= self.target + 1e-12
 
     def as_dict(self) -> dict[str, Any]:
         return {
+            "reached": self.reached,
+            "probe_harmful": self.probe_harmful,
             "stopped": self.stopped,
             "kept_step": self.kept_step,
             "target": self.target,
@@ -244,15 +257,23 @@ def repair_once(
             seconds["project"],
         )
     if config.method == "project":
+        # The stop rule's measure, once: whether projection alone reached the target.
+        with use_adapter(model, None):
+            aligned = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate
+        projected = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate
+        target = rc.target if rc.target is not None else aligned
         seconds["total"] = time.perf_counter() - t_start
         changed = changed_share(params, original)
         return RepairResult(
             to_adapter(adapter, params, model_map),
-            [Step(0, changed=changed)],
+            [Step(0, changed=changed, probe_harmful=projected)],
             "projection only",
             settings,
             seconds,
+            kept_step=0,
+            target=target,
             changed=changed,
+            probe_harmful=projected,
         )
 
     t0 = time.perf_counter()
@@ -392,7 +413,7 @@ def repair_once(
         100 * changed,
         seconds["restore"],
     )
-    return RepairResult(
+    result = RepairResult(
         to_adapter(adapter, params, model_map),
         history,
         stopped,
@@ -404,3 +425,5 @@ def repair_once(
         changed=changed,
         checkpoints=checkpoints,
     )
+    result.probe_harmful = kept_record(result).probe_harmful
+    return result

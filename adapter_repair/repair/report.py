@@ -46,10 +46,33 @@ def measures_table(measures: Mapping[str, Mapping[str, Any] | None]) -> list[lis
     return rows
 
 
+STOP_REASONS = {
+    "guard": "the task guard stopped it",
+    "max_steps": "it ran out of steps (max_steps)",
+    "no candidates": "no coordinate was left to restore",
+    "projection only": "projection alone",
+}
+
+
+def verdict(res: Mapping[str, Any]) -> str:
+    """One line: whether the repair reached its target, with the probe harmful rate against
+    the target, and why stage 2 stopped when it did not."""
+    probe, target = res.get("probe_harmful"), res.get("target")
+    if probe is None or target is None:
+        return "not repaired: the probe harmful rate was not measured"
+    rates = f"probe harmful rate {100 * probe:.1f}%, target {100 * target:.1f}%"
+    if res.get("reached"):
+        return f"repaired: {rates}"
+    why = STOP_REASONS.get(str(res.get("stopped")), str(res.get("stopped")))
+    return f"not repaired: {rates} ({why})"
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     res = report["repair"]
     lines = [
         "# adapter-repair report",
+        "",
+        f"**{verdict(res)}**",
         "",
         f"- source: `{report['source']}`",
         f"- base: `{report['base']}` (quantization: {report['quant']})",

@@ -1,5 +1,6 @@
 """One bot job, run in a process of its own (``python -m adapter_repair.hub.bot.job``): check
-the repo at the commit, pull, measure, repair, and open a pull request; write the outcome as
+the repo at the commit, pull, measure, repair, and open a pull request (a discussion that says
+what was measured when the repair fell short of its target); write the outcome as
 JSON to the file the worker names.
 
 The worker that started it holds the job's lease; this process only checks that the record is
@@ -22,6 +23,7 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import HfApi
 
@@ -44,6 +46,7 @@ from adapter_repair.hub.push import plan_push, push
 from adapter_repair.measure.config import EvalConfig
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.repair.config import RepairConfig
+from adapter_repair.repair.report import COLUMNS, measures_table, verdict
 from adapter_repair.settings import config_from_dict
 
 logger = logging.getLogger(__name__)
@@ -168,6 +171,17 @@ def run_job(jid: str, owner: str, settings: JobSettings, api: HfApi) -> Outcome:
             )
             if not queue.store.heartbeat(jid, owner):  # False too when the record is gone
                 return Outcome("failed", "the job's lease was lost during the repair")
+            if not done.repair.result.reached:
+                # A repair that fell short is not offered as one: say what was measured.
+                line = verdict(done.repair.report["repair"])
+                title = f"{TITLE_PREFIX} could not repair {marker(sha)}"
+                body = (
+                    f"The adapter-repair bot measured this commit's LoRA adapter answering "
+                    f"harmful requests its base refuses, and its repair did not reach the "
+                    f"target: {line}.\n\n{_measures_text(done.repair.report)}"
+                )
+                url = _discuss_once(api, queue.store, repo, f"{repo}|unrepaired|{sha}", title, body)
+                return Outcome("skipped", line, url)
             existing = _find_discussion(api, repo, title_part=marker(sha), pr=True)
             if existing:
                 return Outcome("done", "a pull request for this commit was open already", existing)
@@ -199,6 +213,15 @@ def run_job(jid: str, owner: str, settings: JobSettings, api: HfApi) -> Outcome:
             api, queue.store, repo, f"{repo}|{reason}", title, f"{e.problem}\n\n{e.fix}"
         )
         return Outcome("skipped", f"cannot repair: {reason}: {e.problem}", url)
+
+
+def _measures_text(report: dict[str, Any]) -> str:
+    """The before/after table of a report as Markdown (empty when nothing was measured)."""
+    rows = measures_table(report.get("measures") or {})
+    if not rows:
+        return ""
+    head = "| measure | " + " | ".join(name for _, name in COLUMNS) + " |"
+    return "\n".join([head, "|---|---|---|---|", *("| " + " | ".join(r) + " |" for r in rows)])
 
 
 def _download(api: HfApi, repo: str, sha: str, name: str) -> str:
