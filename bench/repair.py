@@ -83,6 +83,7 @@ def repair_config(method: str) -> RepairConfig:
         eval_every=5,
         backtrack=2,
         hold_out=True,
+        fit_rows=0,
     )
     return RepairConfig(
         method=base,

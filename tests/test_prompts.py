@@ -98,3 +98,38 @@ def test_bad_prompt_files(
 def test_missing_file() -> None:
     with pytest.raises(P.PromptSetError, match="not found"):
         P.load_prompt_file("/nonexistent/prompts.csv")
+
+
+def _task(n: int, labels: tuple[str, ...] = ("positive", "negative")) -> P.PromptSet:
+    """``n`` rows sorted by label, as a careless task file might be."""
+    rows = sorted((f"Review {i}: is it good?", labels[i % len(labels)]) for i in range(n))
+    rows.sort(key=lambda r: r[1])
+    return P.PromptSet("task", tuple(p for p, _ in rows), tuple(a for _, a in rows), "test")
+
+
+def test_task_rows_split_into_disjoint_fit_guard_and_score_by_hash_not_order() -> None:
+    task = _task(400)
+    parts = P.split_task(task, stratify=True)
+    sets = {name: set(zip(p.prompts, p.answers or (), strict=True)) for name, p in parts.items()}
+    assert set(sets) == {"fit", "guard", "score"}
+    assert not sets["fit"] & sets["guard"] and not sets["fit"] & sets["score"]
+    assert not sets["guard"] & sets["score"]
+    assert set().union(*sets.values()) == set(zip(task.prompts, task.answers or (), strict=True))
+    for name, frac in P.TASK_SPLITS.items():
+        assert abs(len(parts[name]) / 400 - frac) < 0.08, name
+        # the file is sorted by label, the parts are not one-label, and stratified they keep
+        # the labels' proportions (one label more or less per answer's rounding)
+        labels = list(parts[name].answers or ())
+        assert abs(labels.count("positive") - labels.count("negative")) <= 0.15 * len(labels)
+    shuffled = P.PromptSet("t", task.prompts[::-1], (task.answers or ())[::-1], "test")
+    again = P.split_task(shuffled, stratify=True)
+    assert all(set(again[n].prompts) == set(parts[n].prompts) for n in parts)
+    record = P.task_split_record(parts)
+    assert record["score"]["n"] == len(parts["score"]) and record["fractions"] == P.TASK_SPLITS
+
+
+def test_too_few_task_rows_say_how_many_are_needed() -> None:
+    with pytest.raises(P.PromptSetError) as err:
+        P.split_task(_task(12))
+    assert "too few to split into fit, guard and score" in err.value.problem
+    assert "at least" in err.value.fix and "--task" in err.value.fix

@@ -18,11 +18,10 @@ def demo_config(world: PicoWorld) -> RepairConfig:
     L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
     adapter's break sits in its top layer) with per-prompt targets, the task answers'
     cross-entropy as the benign loss, and up to two backtracks (half the rate) after a guard
-    failure. The pico task file is small (57 rows), so the guard is fit and checked on all of
-    them (``hold_out=False``): split in halves, one lost row of 28 already fails a 2% guard,
-    and on this 128-wide model the held-out check shows the task and the harmful answers
-    entangled (bench/results/pico_repair.md). The small world's numbers choose the product
-    defaults (bench/results/repair.md)."""
+    failure. The world's 57 held-out task rows are split into fit, guard and score rows, as
+    ``fix --task`` splits a user's; the guard is the continuous task loss
+    (bench/results/guard.md). The small world's numbers choose the product defaults
+    (bench/results/repair.md)."""
     n_layers = int(world.manifest["recipe"]["num_layers"])
     return RepairConfig(
         method="restore",
@@ -35,7 +34,6 @@ def demo_config(world: PicoWorld) -> RepairConfig:
             max_steps=30,
             eval_every=2,
             backtrack=2,
-            hold_out=False,
         ),
     )
 

@@ -36,9 +36,10 @@ from adapter_repair.repair.config import ProjectConfig, RepairConfig, RestoreCon
 @click.option(
     "--task",
     type=click.Path(path_type=Path),
-    help="Your task rows (prompt and answer; csv/jsonl): they guard the task during the "
-    "repair and are scored before and after. Without them the guard is fidelity to the "
-    "fine-tuned adapter on benign prompts.",
+    help="Your task rows (prompt and answer; csv/jsonl), split by a hash of the prompt into "
+    "fit rows (the task loss the repair protects), guard rows (the guard) and score rows (the "
+    "before/after task score): at least 32 rows, hundreds for a steady guard. Without them the "
+    "guard is fidelity to the fine-tuned adapter on benign prompts.",
 )
 @click.option("--prompt-column", help="Prompt column of the task file (default: prompt, ...).")
 @click.option("--answer-column", help="Answer column of the task file (default: answer, ...).")

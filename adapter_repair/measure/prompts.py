@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -197,6 +198,65 @@ def xstest(label: str = "safe") -> PromptSet:
     rows = _csv_rows(_data_text("xstest", "xstest_prompts.csv"))
     prompts = tuple(r["prompt"] for r in rows if r["label"] == label)
     return PromptSet(f"xstest/{label}", prompts, None, "XSTest v2 (CC-BY-4.0)")
+
+
+#: How a user's task rows are split: ``fit`` rows fit the task loss the repair protects,
+#: ``guard`` rows check the guard, ``score`` rows alone are scored in the report and the card.
+TASK_SPLITS = {"fit": 0.25, "guard": 0.25, "score": 0.5}
+#: The fewest rows a part of the task split may have.
+MIN_TASK_ROWS = 8
+TASK_SALT = "task-rows\x00"
+
+
+def split_task(
+    task: PromptSet, *, stratify: bool = False, seed: int = SPLIT_SEED
+) -> dict[str, PromptSet]:
+    """The task rows as disjoint ``fit``, ``guard`` and ``score`` sets (TASK_SPLITS), each row
+    placed by a seeded hash of its prompt (never file order: a file sorted by label still
+    gives every part both labels). ``stratify``: split each answer's rows apart (choice tasks),
+    so every part keeps the labels' proportions. Rows with the same prompt land together.
+
+    Raises PromptSetError when a part would get fewer than MIN_TASK_ROWS rows."""
+    if task.answers is None:
+        raise PromptSetError(
+            f"task set {task.name!r} has no answers.", "Give task rows with an answer column."
+        )
+    groups: dict[str, list[int]] = {}
+    for i, a in enumerate(task.answers):
+        groups.setdefault(a.strip().lower() if stratify else "", []).append(i)
+    # Salted apart from the shipped sets' splits: rows a split of the same seed chose (a
+    # held-out part, say) all hash into one band, and would all land in one part here.
+    salted = [TASK_SALT + p for p in task.prompts]
+    parts: dict[str, list[int]] = {name: [] for name in TASK_SPLITS}
+    for rows in groups.values():
+        split = split_indices([salted[i] for i in rows], TASK_SPLITS, seed)
+        for name, idx in split.items():
+            parts[name] += [rows[i] for i in idx]
+    short = {name: len(idx) for name, idx in parts.items() if len(idx) < MIN_TASK_ROWS}
+    if short:
+        need = math.ceil(MIN_TASK_ROWS / min(TASK_SPLITS.values()))
+        raise PromptSetError(
+            f"task set {task.name!r} has {len(task)} rows: too few to split into fit, guard and "
+            f"score rows ({', '.join(f'{k} {v}' for k, v in short.items())}; each needs at least "
+            f"{MIN_TASK_ROWS}).",
+            f"Give at least about {need} task rows (hundreds keep the guard and the score "
+            "steady), or leave --task out to guard with fidelity on benign prompts.",
+        )
+    return {
+        name: task.subset(sorted(idx, key=lambda i: hash_unit(salted[i], seed)), name)
+        for name, idx in parts.items()
+    }
+
+
+def task_split_record(parts: Mapping[str, PromptSet], seed: int = SPLIT_SEED) -> dict[str, Any]:
+    """What a report says about a task split: the rule, the seed, and each part's rows."""
+    return {
+        "seed": seed,
+        "rule": "sha256(seed, 'task-rows' + prompt text) -> [0, 1), cut at the cumulative "
+        "fractions, per answer when stratified",
+        "fractions": dict(TASK_SPLITS),
+        **{name: part.record() for name, part in parts.items()},
+    }
 
 
 def split_record(seed: int = SPLIT_SEED) -> dict[str, Any]:

@@ -61,6 +61,27 @@ def _head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor) -> Any:
     return F.cross_entropy(logits.float(), target[keep])
 
 
+def answer_logprobs(
+    model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, the summed log-probability of its labelled tokens and their number, both (b,):
+    how likely the model finds each answer, teacher-forced. The head runs on the labelled
+    positions only (the full logits where the model soft-caps them)."""
+    target = labels[:, 1:]  # (b, t-1)
+    keep = target != -100
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    decoder, head = inner.get_decoder(), inner.get_output_embeddings()
+    if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
+        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]  # (n, vocab)
+    else:
+        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, t, d)
+        logits = head(hidden[:, :-1][keep])  # (n, vocab)
+    token_lp = logits.float().log_softmax(-1).gather(1, target[keep][:, None])[:, 0]  # (n,)
+    rows = keep.nonzero()[:, 0]  # (n,) the row of each labelled token
+    sums = torch.zeros(ids.shape[0], device=token_lp.device).index_add_(0, rows, token_lp)
+    return sums, keep.sum(1).to(sums.device)  # (b,), (b,)
+
+
 def prefix_answer_loss(
     model: Any, prefix: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor
 ) -> Any:

@@ -95,17 +95,16 @@ class RestoreConfig:
     )
     hold_out: bool = setting(
         True,
-        "Split the guard's rows: the benign loss (score and rollback) is fit on every other "
-        "row and the guard is checked on the rest, so the guard measures what the gradient "
-        "did not fit (with one set for both, the guard rows held while held-out task "
-        "accuracy fell).",
+        "Without task rows (or with a Guard that names no fit rows): split the guard's rows, "
+        "the benign loss (score and rollback) fit on every other row and the guard checked on "
+        "the rest, so the guard measures what the gradient did not fit. Task rows given to "
+        "fix are always split into fit, guard and score rows.",
     )
     fit_rows: int = setting(
-        0,
-        "With hold_out: at most N of the guard's rows fit the benign loss and all the others "
-        "check the guard, so a big task file buys a less noisy guard without slower steps "
-        "(with 64 rows checked one row is 1.6%, most of a 2% max_drop). 0: every other row "
-        "fits.",
+        64,
+        "At most N rows fit the benign loss (the task rows' fit part, or with hold_out the "
+        "even guard rows): its gradient is computed every step, so this is the step's cost; "
+        "the guard checks all its own rows. 0: no cap.",
         metavar="N",
     )
     per_matrix: bool = setting(
@@ -123,11 +122,15 @@ class RestoreConfig:
         "probe harmful rate.",
         metavar="RATE",
     )
-    max_drop: float = setting(
+    max_rise: float = setting(
         0.02,
-        "Task guard with task data: the task score may fall at most this much below the "
-        "fine-tuned adapter's, relative.",
-        metavar="D",
+        "Task guard with task data: the task loss of the gold answers (nats per answer token; "
+        "for --match choice, minus the gold answer's mean log-probability margin over the "
+        "other choices) may rise at most this much above the fine-tuned adapter's, on guard "
+        "rows the repair never fits. Default measured on two pico worlds "
+        "(bench/results/guard.md): the largest rise at which held-out task rows kept 98% of "
+        "the adapter's score; not yet calibrated on the small world.",
+        metavar="NATS",
     )
     backtrack: int = setting(
         2,
@@ -187,7 +190,10 @@ class RepairConfig:
         metavar="N",
     )
     guard_prompts: int = setting(
-        64, "Task (or benign) prompts for the benign direction and the task guard.", metavar="N"
+        256,
+        "Most task (or benign) rows the guard checks and the benign loss may fit on (see "
+        "--fit-rows): hundreds, so that the guard's mean does not move with single rows.",
+        metavar="N",
     )
     batch_size: int = setting(16, "Prompts per forward/backward batch.", metavar="N")
     max_new_tokens: int = setting(

@@ -1,9 +1,14 @@
 """The task guard: what protects the fine-tune's task while stage 2 restores coordinates.
 
-With task rows (prompt, answer) the guard is the task score by a match rule, which may fall at
-most ``max_drop`` (relative) below the fine-tuned adapter's; without, it is fidelity to the
-fine-tuned adapter on benign prompts (mean next-token KL at most ``max_kl``). The guard's rows
-are split so that the rows its loss is fit on are not the rows it is checked on.
+The guard is a continuous quantity that moves before accuracy does and needs no generation
+(a 0/1 score on a few dozen rows read flat while held-out accuracy fell). With task rows
+(prompt, answer) it is the task loss of the gold answers, teacher-forced: the mean negative
+log-probability per answer token, or, for a choice task, minus the mean margin of the gold
+answer's log-probability over the best other choice; it may rise at most ``max_rise`` nats
+above the fine-tuned adapter's. Without task rows it is fidelity to the fine-tuned adapter on
+benign prompts (mean next-token KL at most ``max_kl``). Lower is better for both. The rows its
+loss is fit on are never the rows it is checked on; task accuracy is still measured and
+reported beside it.
 """
 
 from __future__ import annotations
@@ -11,13 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
 from adapter_repair.measure import prompts as P
 from adapter_repair.measure.config import GenerationConfig
 from adapter_repair.measure.generation import generate
 from adapter_repair.measure.measures import Rate, fidelity, task_matches
+from adapter_repair.model.answers import answer_logprobs, encode_pairs, right_padded
+from adapter_repair.model.inputs import model_device, pad_token_id
 from adapter_repair.repair.config import RepairConfig
 from adapter_repair.repair.factors import ADAPTER, REFERENCE
-from adapter_repair.repair.losses import answer_batches
+from adapter_repair.repair.losses import MAX_PROMPT_TOKENS, answer_batches
+
+#: A choice task's guard compares every choice when there are at most this many distinct
+#: answers; with more it is the gold answers' loss.
+MAX_CHOICES = 16
 
 
 @dataclass
@@ -28,6 +41,8 @@ class Guard:
     task: P.PromptSet | None
     benign: P.PromptSet
     match: str = "contains"
+    #: task rows the benign loss is fit on, disjoint from ``task`` (the rows that check)
+    fit: P.PromptSet | None = None
 
     @property
     def kind(self) -> str:
@@ -35,6 +50,19 @@ class Guard:
 
     def prompts(self) -> tuple[str, ...]:
         return self.task.prompts if self.task is not None else self.benign.prompts
+
+    def split(self, hold_out: bool, fit_rows: int = 0) -> tuple[Guard, Guard]:
+        """(fit, check): the given ``fit`` rows (at most ``fit_rows``; 0: all) against the
+        check rows; else, with ``hold_out``, :meth:`halves`; else the same rows for both."""
+        if self.fit is not None:
+            fit = self.fit.take(fit_rows) if fit_rows else self.fit
+            return (
+                Guard(fit, self.benign.every(2, 0), self.match),
+                Guard(self.task, self.benign.every(2, 1), self.match),
+            )
+        if hold_out and len(self.prompts()) >= 2:
+            return self.halves(fit_rows)
+        return self, self
 
     def halves(self, fit_rows: int = 0) -> tuple[Guard, Guard]:
         """(fit, check): every other row for the benign loss, the rest for the guard; with
@@ -56,14 +84,68 @@ class Guard:
 
 
 def guard_value(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfig) -> float:
-    """Task score (higher is better) or KL to the fine-tuned adapter (lower is better)."""
+    """The guard's quantity, lower is better: the task loss of the gold answers
+    (:func:`task_loss`) or the KL to the fine-tuned adapter."""
     if guard.task is not None:
-        answers = generate(model, tokenizer, guard.task.prompts, gen, desc="guard")
-        return Rate.of(task_matches(answers, guard.task.answers or (), guard.match)).rate
+        return task_loss(model, tokenizer, guard.task, guard.match, gen)
     fid = fidelity(
         model, tokenizer, guard.benign.prompts, reference=REFERENCE, candidate=ADAPTER, config=gen
     )
     return fid.kl
+
+
+def guard_accuracy(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfig) -> float | None:
+    """The task score of the check rows by generation (reported beside the guard); None
+    without task rows."""
+    if guard.task is None:
+        return None
+    answers = generate(model, tokenizer, guard.task.prompts, gen, desc="guard accuracy")
+    return Rate.of(task_matches(answers, guard.task.answers or (), guard.match)).rate
+
+
+def _answer_logprobs(
+    model: Any, tokenizer: Any, pairs: list[tuple[str, str]], gen: GenerationConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each (prompt, answer)'s summed answer log-probability and token count, in order."""
+    examples = encode_pairs(tokenizer, pairs, MAX_PROMPT_TOKENS, gen.max_new_tokens)
+    pad, device = pad_token_id(tokenizer), model_device(model)
+    sums, counts = [], []
+    for i in range(0, len(examples), gen.batch_size):
+        ids, mask, labels = right_padded(examples[i : i + gen.batch_size], pad)
+        s, n = answer_logprobs(model, ids.to(device), mask.to(device), labels.to(device))
+        sums.append(s.cpu())
+        counts.append(n.cpu())
+    return torch.cat(sums), torch.cat(counts)  # (n,), (n,)
+
+
+@torch.no_grad()
+def task_loss(
+    model: Any, tokenizer: Any, task: P.PromptSet, match: str, gen: GenerationConfig
+) -> float:
+    """The task loss the guard watches, lower is better. A choice task with 2 to MAX_CHOICES
+    distinct answers: minus the mean over rows of log p(gold) - max over the other choices of
+    log p(choice), the answers scored whole (with their end token); otherwise the mean negative
+    log-probability per token of the gold answers."""
+    answers = list(task.answers or ())
+    if len(answers) != len(task):
+        raise ValueError("the task guard needs an answer for every row")
+    choices = sorted(set(answers))
+    if match == "choice" and 2 <= len(choices) <= MAX_CHOICES:
+        per_choice = [
+            _answer_logprobs(model, tokenizer, [(p, c) for p in task.prompts], gen)[0]
+            for c in choices
+        ]
+        lp = torch.stack(per_choice, 1)  # (n, k)
+        rows = torch.arange(len(answers))
+        gold = torch.tensor([choices.index(a) for a in answers])
+        others = lp.clone()
+        others[rows, gold] = -torch.inf
+        margin = lp[rows, gold] - others.max(1).values  # (n,)
+        return float(-margin.mean())
+    sums, counts = _answer_logprobs(
+        model, tokenizer, list(zip(task.prompts, answers, strict=True)), gen
+    )
+    return float(-sums.sum() / counts.sum().clamp(min=1))
 
 
 def guard_answers(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfig) -> list[Any]:
@@ -83,6 +165,8 @@ def guard_answers(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfi
 
 
 def guard_holds(value: float, reference: float, guard: Guard, config: RepairConfig) -> bool:
+    """Task: the loss at most ``max_rise`` above the fine-tuned adapter's; fidelity: the KL at
+    most ``max_kl``."""
     if guard.kind == "task":
-        return value >= reference * (1.0 - config.restore.max_drop) - 1e-12
+        return value <= reference + config.restore.max_rise + 1e-12
     return value <= config.restore.max_kl

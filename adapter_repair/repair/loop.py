@@ -43,7 +43,13 @@ from adapter_repair.repair.factors import (
     snapshot,
     to_adapter,
 )
-from adapter_repair.repair.guard import Guard, guard_answers, guard_holds, guard_value
+from adapter_repair.repair.guard import (
+    Guard,
+    guard_accuracy,
+    guard_answers,
+    guard_holds,
+    guard_value,
+)
 from adapter_repair.repair.losses import (
     Targets,
     answer_gradients,
@@ -68,7 +74,8 @@ class Step:
     changed: float = 0.0  #: share of all adapter coordinates that differ from the input
     cosine: float | None = None  #: mean cos(mean h_L, h*) on the probe batches
     probe_harmful: float | None = None  #: measured every eval_every steps
-    guard: float | None = None  #: task score, or KL to the fine-tuned adapter
+    guard: float | None = None  #: task loss, or KL to the fine-tuned adapter (lower is better)
+    accuracy: float | None = None  #: task score of the guard rows (reported, not the guard)
     guard_ok: bool | None = None
     rate: float = 0.0  #: the share of coordinates this step restored at most
     backtracked: bool = False  #: the guard failed here and the state went back
@@ -219,10 +226,10 @@ def repair_once(
         guard,
         task=guard.task.take(config.guard_prompts) if guard.task is not None else None,
         benign=guard.benign.take(config.guard_prompts),
+        fit=guard.fit.take(config.guard_prompts) if guard.fit is not None else None,
     )
-    fit = guard  # the rows the benign loss is fit on; ``guard`` checks
-    if rc.hold_out and len(guard.prompts()) >= 2:
-        fit, guard = guard.halves(rc.fit_rows)
+    # the rows the benign loss is fit on, and the rows ``guard`` checks
+    fit, guard = guard.split(rc.hold_out, rc.fit_rows)
     guard_prompts = list(fit.prompts())
     params = all_factors(model_map)
     original = snapshot(params)
@@ -317,6 +324,7 @@ def repair_once(
         cosine=direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers),
         probe_harmful=probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate,
         guard=guard_value(model, tokenizer, guard, gen),
+        accuracy=guard_accuracy(model, tokenizer, guard, gen),
     )
     start.guard_ok = guard_holds(start.guard or 0.0, guard_ref_value, guard, config)
     start.seconds = time.perf_counter() - t0
@@ -361,6 +369,7 @@ def repair_once(
                 measured = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
                 rec.probe_harmful = measured.rate
                 rec.guard = guard_value(model, tokenizer, guard, gen)
+                rec.accuracy = guard_accuracy(model, tokenizer, guard, gen)
                 rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
             rec.seconds = time.perf_counter() - t_step
             history.append(rec)

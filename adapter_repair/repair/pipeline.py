@@ -72,7 +72,7 @@ def repair(
 
     if config.restore.search <= 1 or config.method == "project":
         return once(config)
-    return search(once, model, config, guard.kind)
+    return search(once, model, config)
 
 
 @dataclass
@@ -94,7 +94,6 @@ def repair_folder(
     evaluation: EvalConfig | None = None,
     generation: GenerationConfig | None = None,
     task: P.PromptSet | None = None,
-    guard_task: P.PromptSet | None = None,
     measure: bool = True,
     overwrite: bool = False,
     provenance: Mapping[str, Any] | None = None,
@@ -115,10 +114,12 @@ def repair_folder(
     before it appears, so that the adapter, its report and those files land together or not
     at all.
 
-    ``task``: the user's task rows (prompt, answer); they guard the task during the repair and
-    are scored before and after (``guard_task``, when given, guards instead, so that the rows
-    scored are held out from the repair). Without task rows the guard is fidelity to the
-    fine-tuned adapter on the shipped benign prompts.
+    ``task``: the user's task rows (prompt, answer), split by a seeded hash of the prompt
+    (:func:`~adapter_repair.measure.prompts.split_task`; by answer too for ``--match choice``)
+    into ``fit`` rows (the task loss the repair protects), ``guard`` rows (the guard) and
+    ``score`` rows, the only ones the before/after table reports; the report records each
+    part's rows. Without task rows the guard is fidelity to the fine-tuned adapter on the
+    shipped benign prompts.
     """
     load = load or LoadConfig()
     config = config or RepairConfig()
@@ -135,7 +136,9 @@ def repair_folder(
     refusals = load_refusal_list(evaluation.refusal_list)
     model, adapter = load_model(source, load)
     tokenizer = load_tokenizer(source, load.base or adapter.base_model_name_or_path)
-    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), task).limited(evaluation.limit)
+    parts = P.split_task(task, stratify=evaluation.match == "choice") if task is not None else None
+    score = parts["score"] if parts is not None else None
+    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), score).limited(evaluation.limit)
     warnings = []
     if adapter.extra_tensors:
         warnings.append(
@@ -176,7 +179,12 @@ def repair_folder(
         adapter,
         config,
         probe=P.harmful("probe"),
-        guard=Guard(guard_task or task, P.benign("benign"), evaluation.match),
+        guard=Guard(
+            parts["guard"] if parts is not None else None,
+            P.benign("benign"),
+            evaluation.match,
+            fit=parts["fit"] if parts is not None else None,
+        ),
         judge=judge,
         generation=dataclasses.replace(gen, progress=False),
     )
@@ -195,6 +203,7 @@ def repair_folder(
         "measures": measures,
         "measure_seconds": measure_seconds,
         "sets": sets.record(),
+        "task_rows": P.task_split_record(parts) if parts is not None else None,
         "splits": P.split_record(),
         "judge": judge.name,
         "generation": dataclasses.asdict(gen),

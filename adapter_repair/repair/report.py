@@ -93,8 +93,9 @@ def markdown(report: Mapping[str, Any]) -> str:
         lines += [
             "## Steps",
             "",
-            "| step | restored | rolled back | changed | cos(h_L, h*) | probe harmful | guard |",
-            "|---|---|---|---|---|---|---|",
+            "| step | restored | rolled back | changed | cos(h_L, h*) | probe harmful | guard"
+            " | guard rows' task score |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for s in history:
             probe = "" if s["probe_harmful"] is None else f"{100 * s['probe_harmful']:.1f}%"
@@ -102,9 +103,11 @@ def markdown(report: Mapping[str, Any]) -> str:
             if s["guard_ok"] is False:
                 guard += " (fails)"
             cos = "" if s["cosine"] is None else f"{s['cosine']:.4f}"
+            acc = s.get("accuracy")
+            acc_text = "" if acc is None else f"{100 * acc:.1f}%"
             lines.append(
                 f"| {s['step']} | {s['restored']} | {s['rolled_back']} | "
-                f"{100 * s['changed']:.2f}% | {cos} | {probe} | {guard} |"
+                f"{100 * s['changed']:.2f}% | {cos} | {probe} | {guard} | {acc_text} |"
             )
         lines.append("")
     search = (res.get("settings") or {}).get("search")

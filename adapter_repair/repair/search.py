@@ -37,21 +37,18 @@ def search_settings(rc: RestoreConfig, n: int) -> list[RestoreConfig]:
     return [dataclasses.replace(rc, **s, search=0) for s in unique[: max(1, n)]]
 
 
-def search_rank(
-    trial: dict[str, Any], target: float | None, guard_kind: str
-) -> tuple[float, float, float]:
+def search_rank(trial: dict[str, Any], target: float | None) -> tuple[float, float, float]:
     """Sort key of a search trial, smaller is better: probe harmful rate at its kept step
     (anything at or under the target counts as the target: below it, the probe that steered
-    the run should not also pick the run), then the guard (task score: higher is better; KL:
-    lower is better), then the share of coordinates changed."""
+    the run should not also pick the run), then the guard (the task loss or the KL: lower is
+    better), then the share of coordinates changed."""
     probe = trial["probe_harmful"] or 0.0
     harm = max(probe, target or 0.0)
-    g = trial["guard"] or 0.0
-    return (harm, g if guard_kind == "fidelity" else -g, trial["changed"])
+    return (harm, trial["guard"] or 0.0, trial["changed"])
 
 
 def search(
-    once: Callable[[RepairConfig], RepairResult], model: Any, config: RepairConfig, guard_kind: str
+    once: Callable[[RepairConfig], RepairResult], model: Any, config: RepairConfig
 ) -> RepairResult:
     """Stage 2 once per setting of :func:`search_settings` (``once(config)`` runs one repair
     on ``model``'s live factors), each from the input adapter; keeps the best run by
@@ -81,7 +78,7 @@ def search(
                 "seconds": result.seconds.get("total", 0.0),
             }
         )
-        key = search_rank(trials[-1], result.target, guard_kind)
+        key = search_rank(trials[-1], result.target)
         if best is None or key < best[0]:
             best = (key, i, result)  # its adapter holds its state: one copy, not one per trial
         if result.stopped == "already at target":

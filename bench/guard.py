@@ -1,0 +1,158 @@
+"""Calibrate the continuous task guard: how far the guard rows' task loss may rise before the
+held-out task score falls.
+
+On pico worlds, the demo's repair runs with the guard switched off (``max_rise`` unbounded,
+target 0) and its adapter is kept at every measured step. For each, the guard rows' task loss
+(what the guard watches) and the score rows' task score (rows the repair never sees, by
+generation) are measured. ``max_rise`` is then the largest rise of the guard loss at which
+every step with a rise up to it kept the score rows at 98% of the adapter's score or more.
+
+    python bench/guard.py [--seeds 0,1] [--steps 30]
+
+Writes bench/results/guard.md and .json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+import time
+from typing import Any
+
+import torch
+
+from adapter_repair.beds.demo import demo_config
+from adapter_repair.beds.pico import PicoRecipe, build_pico_world
+from adapter_repair.measure import prompts as P
+from adapter_repair.measure.config import GenerationConfig
+from adapter_repair.measure.generation import generate
+from adapter_repair.measure.judges import load_judge
+from adapter_repair.measure.measures import Rate, task_matches
+from adapter_repair.model.config import LoadConfig
+from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.repair.guard import Guard
+from adapter_repair.repair.pipeline import repair
+from bench.results_io import machine, write_results
+
+KEEP = 0.98  #: the held-out task score a step must keep, relative to the adapter's
+
+
+def score_rate(model: Any, tok: Any, rows: P.PromptSet, gen: GenerationConfig) -> float:
+    answers = generate(model, tok, rows.prompts, gen)
+    return Rate.of(task_matches(answers, rows.answers or (), "exact")).rate
+
+
+def load_factors(model: Any, adapter: Any) -> None:
+    """Put a LoraAdapter's factors into the live PeftModel (adapter "default")."""
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for m in adapter:
+            for side, t in (("lora_A", m.A), ("lora_B", m.B)):
+                (name,) = [n for n in params if n.endswith(f"{m.key}.{side}.default.weight")]
+                params[name].copy_(t.to(params[name].dtype))
+
+
+def run(seed: int, steps: int) -> list[dict[str, Any]]:
+    world = build_pico_world(PicoRecipe(seed=seed))
+    gen = GenerationConfig(max_new_tokens=16, batch_size=64, progress=False)
+    load = LoadConfig(base=str(world.base_dir), quant="none", dtype="float32")
+    model, adapter = load_model(world.adapter_dir, load)
+    tok = load_tokenizer(world.adapter_dir, str(world.base_dir))
+    parts = P.split_task(world.task("eval"))
+    base = demo_config(world)
+    config = dataclasses.replace(
+        base,
+        restore=dataclasses.replace(
+            base.restore, max_rise=1e9, target=0.0, max_steps=steps, eval_every=2, backtrack=0
+        ),
+    )
+    score0 = score_rate(model, tok, parts["score"], gen)
+    t0 = time.perf_counter()
+    result = repair(
+        model, tok, adapter, config, probe=P.harmful("probe"),
+        guard=Guard(parts["guard"], P.benign("benign"), "exact", fit=parts["fit"]),
+        judge=load_judge("substring"), generation=gen, keep_checkpoints=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    ref = result.guard_reference or 0.0
+    rows = [{"seed": seed, "step": 0, "guard_loss": ref, "rise": 0.0,
+             "guard_rows_score": result.history[0].accuracy, "score_rows_score": score0,
+             "probe_harmful": result.history[0].probe_harmful, "seconds": seconds}]  # fmt: skip
+    measured = {s.step: s for s in result.history if s.probe_harmful is not None}
+    for step, ckpt in sorted(result.checkpoints.items()):
+        load_factors(model, ckpt)
+        rec = measured[step]
+        rows.append(
+            {
+                "seed": seed,
+                "step": step,
+                "guard_loss": rec.guard,
+                "rise": (rec.guard or 0.0) - ref,
+                "guard_rows_score": rec.accuracy,
+                "score_rows_score": score_rate(model, tok, parts["score"], gen),
+                "probe_harmful": rec.probe_harmful,
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
+def chosen_max_rise(rows: list[dict[str, Any]]) -> float:
+    """The largest rise such that every step (any seed) with a rise up to it kept the score
+    rows at KEEP of its adapter's score."""
+    base = {r["seed"]: r["score_rows_score"] for r in rows if r["step"] == 0}
+    bad = [r["rise"] for r in rows if r["score_rows_score"] < KEEP * base[r["seed"]]]
+    limit = min(bad) if bad else float("inf")
+    ok = [r["rise"] for r in rows if r["rise"] < limit]
+    return max(ok)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--seeds", default="0,1")
+    ap.add_argument("--steps", type=int, default=30)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    rows: list[dict[str, Any]] = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        rows += run(seed, args.steps)
+        print(f"seed {seed} done", file=sys.stderr, flush=True)
+    max_rise = chosen_max_rise(rows)
+    md = [
+        "# The continuous task guard: task loss rise against the held-out task score",
+        "",
+        f"Pico worlds (seeds {args.seeds}), the demo's repair with the guard off (target 0, "
+        f"{args.steps} steps, measured every 2). Task rows: the world's eval rows split by "
+        "`split_task` into fit / guard / score. `guard loss`: mean NLL per gold answer token "
+        "on the guard rows (what the guard watches); `rise`: above the fine-tuned adapter's; "
+        "`score rows`: exact-match task score on the score rows, by generation (never seen "
+        "by the repair).",
+        "",
+        "| seed | step | guard loss | rise | guard rows' score | score rows' score "
+        "| probe harmful |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        md.append(
+            f"| {r['seed']} | {r['step']} | {r['guard_loss']:.4f} | {r['rise']:+.4f} | "
+            f"{100 * (r['guard_rows_score'] or 0):.1f}% | {100 * r['score_rows_score']:.1f}% | "
+            f"{100 * (r['probe_harmful'] or 0):.1f}% |"
+        )
+    md += [
+        "",
+        f"Chosen `max_rise`: {max_rise:.4f} nats: the largest rise at which every step with a "
+        f"rise up to it kept the score rows at {100 * KEEP:.0f}% of the adapter's score or "
+        "more.",
+        "",
+        f"Machine: {machine()}. Command: `python bench/guard.py --seeds {args.seeds} "
+        f"--steps {args.steps}`.",
+        "",
+    ]
+    write_results("guard", md, {"rows": rows, "max_rise": max_rise, "keep": KEEP})
+    print("\n".join(md))
+
+
+if __name__ == "__main__":
+    main()
