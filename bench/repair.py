@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import logging
 import resource
@@ -92,31 +93,50 @@ def repair_config(method: str) -> RepairConfig:
     )
 
 
-#: settings added after runs were cached, at the value that changes nothing: left out of cache
-#: keys, so adding a setting does not throw away hours of cached runs
-ADDED_NOOP = {"search": 0, "fit_rows": 0}
+def source_digest(paths: list[Path]) -> str:
+    """sha256 over the files' paths and bytes, in path order: a changed line anywhere in the
+    code that produced a row changes the row's cache key."""
+    h = hashlib.sha256()
+    for path in sorted(paths):
+        h.update(str(path.relative_to(ROOT)).encode() + b"\x00" + path.read_bytes() + b"\x01")
+    return h.hexdigest()
 
 
-def config_key(config: RepairConfig) -> dict[str, Any]:
-    """``config`` as a cache key: every setting, but those of ADDED_NOOP at their no-op value."""
-    out = dataclasses.asdict(config)
-    for name, noop in ADDED_NOOP.items():
-        if out["restore"].get(name) == noop:
-            del out["restore"][name]
-    return out
+ROOT = HERE.parent
+#: what every row depends on beyond its settings: the package and bench code, the judge, the
+#: prompt sets and their splits (the generation settings are in the code and the config)
+MEASURED_BY = {
+    "code": source_digest([*(ROOT / "adapter_repair").rglob("*.py"), *HERE.glob("*.py")]),
+    "judge": "substring",
+}
+
+
+def measured_by() -> dict[str, Any]:
+    """MEASURED_BY with the prompt sets' digests (read when a key is made, not at import)."""
+    from adapter_repair.measure import prompts as P
+
+    splits = P.split_record()
+    digests = {
+        name: {s: rec["sha256"] for s, rec in splits[name].items()}
+        for name in ("harmful", "benign")
+    }
+    return {**MEASURED_BY, "prompts": digests}
 
 
 def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
     payload: dict[str, Any] = {
         "adapter": world.artifacts[f"adapter-{adapter}"].key,
         "aligned": world.artifacts["aligned"].key,
+        "measured_by": measured_by(),
     }
     if method == "safelora":
         payload.update(unaligned=world.artifacts["unaligned"].key, share=SAFE_LORA_SHARE)
     elif method == "dense":
         payload.update(dense=DENSE, guard_rows=GUARD_ROWS)
     else:
-        payload.update(config=config_key(repair_config(method)), guard_rows=guard_rows(method))
+        payload.update(
+            config=dataclasses.asdict(repair_config(method)), guard_rows=guard_rows(method)
+        )
     return Artifact(f"repair-{adapter}-{method}", payload)
 
 
@@ -278,7 +298,13 @@ def nf4_artifact(world: SmallWorld, adapter: str | None, method: str) -> Artifac
         source = {"adapter": world.artifacts[f"adapter-{adapter}"].key}
     else:
         source = {"repaired": artifact(world, adapter, method).key}
-    payload = {**source, "quant": "4bit", "dtype": "bfloat16", "sets": ["eval", "xstest-safe"]}
+    payload = {
+        **source,
+        "quant": "4bit",
+        "dtype": "bfloat16",
+        "sets": ["eval", "xstest-safe"],
+        "measured_by": measured_by(),
+    }
     return Artifact(f"nf4-{adapter or 'aligned'}-{method}", payload)
 
 
@@ -446,50 +472,12 @@ def _targets(
     return out
 
 
-def previous_results() -> dict[str, Any]:
-    """The last table's data (bench/results/repair.json), or {} when there is none."""
-    path = results_io.RESULTS / "repair.json"
-    return json.loads(path.read_text()) if path.exists() else {}
-
-
-def carry_previous(
-    rows: list[dict[str, Any]],
-    previous: list[dict[str, Any]],
-    adapters: list[str],
-    shown: list[str],
-) -> list[dict[str, Any]]:
-    """The rows measured now, with what only the last table has filled in: a row whose
-    artifact is gone from the cache (a new machine, a wiped cache) and the fields (the 4-bit
-    measures) the cache lacks. Each row carried is marked ``"carried": true``; a row done now
-    always wins. Ordered by adapter, then "none", then the methods as shown."""
-    order = ["none", *shown]
-    by_key = {(r["adapter"], r["method"]): r for r in rows}
-    for old in previous:
-        key = (old["adapter"], old["method"])
-        if old["adapter"] not in adapters or old["method"] not in order:
-            continue
-        now = by_key.get(key)
-        if now is None:
-            by_key[key] = {**old, "carried": True}
-            continue
-        for field in ("measures", "nf4"):
-            if not now.get(field) and old.get(field):
-                now[field] = old[field]
-                now["carried"] = True
-    return sorted(
-        by_key.values(), key=lambda r: (adapters.index(r["adapter"]), order.index(r["method"]))
-    )
-
-
 def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> None:
     measures = world.measures()
-    previous = previous_results()
-    aligned = measures.get("aligned") or previous.get("aligned") or {}
+    aligned = measures.get("aligned") or {}
     shown = [*methods, *(v for v in VARIANTS if v not in methods)]  # variants once run
-    rows = carry_previous(
-        collect(world, adapters, shown), previous.get("rows", []), adapters, shown
-    )
-    aligned_nf4 = nf4_measures(world, None, "none") or previous.get("aligned_nf4")
+    rows = collect(world, adapters, shown)  # only what the current code measured
+    aligned_nf4 = nf4_measures(world, None, "none")
     targets = check_targets(aligned, rows, aligned_nf4)
     machine = results_io.machine()
     cfg = repair_config("both")
@@ -522,7 +510,6 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         )
     have = {(r["adapter"], r["method"]) for r in rows}
     missing = [f"{a}/{m}" for a in adapters for m in methods if (a, m) not in have]
-    carried = [f"{r['adapter']}/{r['method']}" for r in rows if r.get("carried")]
     md = [
         "# Repair over the small-world zoo",
         "",
@@ -557,12 +544,9 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         " parameters; its output is a dense model, not an adapter."
         f" Not run yet: {', '.join(missing) if missing else 'none'}.",
         "",
-        "Rows carried from the previous table (their cache entry is gone; rerun to refresh):"
-        f" {', '.join(carried) if carried else 'none'}.",
-        "",
-        "Wall times are of a shared 2-core machine: k100-r8/restore and"
-        " k250-r16/restore-ratio ran part of their steps beside another benchmark (k250-r16's"
-        " first steps took 5 min each against 52 s alone), so compare step counts, not minutes.",
+        "Every row was measured by the code this table names (cache keys hold a digest of the"
+        " package and bench source, the judge and the prompt sets); nothing is carried from an"
+        " older table.",
         "",
         "Ablation (restore with one lever moved): "
         + "; ".join(f"{name}: {what}" for name, (what, _) in VARIANTS.items())
@@ -581,6 +565,7 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         "guard_rows": GUARD_ROWS,
         "missing": missing,
         "machine": machine,
+        "measured_by": measured_by(),
     }
     results_io.write_results("repair", md, payload)
     print("\n".join(md))

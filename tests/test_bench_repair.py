@@ -1,4 +1,5 @@
-"""bench/repair.py keeps the rows of its last table when their cache entries are gone."""
+"""bench/repair.py keys every row by what measured it, so a table holds only rows the current
+code produced."""
 
 from __future__ import annotations
 
@@ -10,33 +11,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import repair as bench_repair
 
 
-def row(adapter: str, method: str, harm: float | None, nf4: float | None = None) -> dict:
-    measures = {"harmful_rate": {"rate": harm}} if harm is not None else None
-    return {
-        "adapter": adapter,
-        "method": method,
-        "measures": measures,
-        "nf4": {"harmful_rate": {"rate": nf4}} if nf4 is not None else None,
-    }
+def test_a_changed_source_file_changes_the_digest(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(bench_repair, "ROOT", tmp_path)
+    a, b = tmp_path / "a.py", tmp_path / "b.py"
+    a.write_text("x = 1\n")
+    b.write_text("y = 2\n")
+    first = bench_repair.source_digest([a, b])
+    assert bench_repair.source_digest([b, a]) == first  # order of listing does not matter
+    b.write_text("y = 3\n")
+    assert bench_repair.source_digest([a, b]) != first
 
 
-def test_carry_previous_fills_gone_rows_and_fields_and_keeps_new_ones() -> None:
-    now = [row("a", "none", None), row("a", "restore", 0.1)]
-    previous = [
-        row("a", "none", 1.0, nf4=1.0),
-        row("a", "restore", 0.5, nf4=0.2),  # measured now: the new measures win
-        row("a", "project", 0.9),
-        row("b", "restore", 0.3),  # an adapter not asked for
-        row("a", "gone-method", 0.3),  # a method not shown
-    ]
-    out = bench_repair.carry_previous(now, previous, ["a"], ["project", "restore"])
-    assert [(r["adapter"], r["method"]) for r in out] == [
-        ("a", "none"),
-        ("a", "project"),
-        ("a", "restore"),
-    ]
-    none, project, restore = out
-    assert none["measures"]["harmful_rate"]["rate"] == 1.0 and none["carried"]
-    assert project["carried"]
-    assert restore["measures"]["harmful_rate"]["rate"] == 0.1  # not the old 0.5
-    assert restore["nf4"]["harmful_rate"]["rate"] == 0.2 and restore["carried"]
+def test_row_keys_hold_the_code_the_judge_and_the_prompt_sets() -> None:
+    by = bench_repair.measured_by()
+    assert by["code"] == bench_repair.MEASURED_BY["code"] and len(by["code"]) == 64
+    assert by["judge"] == "substring"
+    assert set(by["prompts"]) == {"harmful", "benign"} and by["prompts"]["harmful"]["eval"]
+    assert not hasattr(bench_repair, "carry_previous")

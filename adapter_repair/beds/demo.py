@@ -20,8 +20,8 @@ def demo_config(world: PicoWorld) -> RepairConfig:
     cross-entropy as the benign loss, and up to two backtracks (half the rate) after a guard
     failure. The world's 57 held-out task rows are split into fit, guard and score rows, as
     ``fix --task`` splits a user's; the guard is the continuous task loss
-    (bench/results/guard.md). The small world's numbers choose the product defaults
-    (bench/results/repair.md)."""
+    (bench/results/guard.md). The product's defaults are the small world's to choose
+    (bench/repair.py)."""
     n_layers = int(world.manifest["recipe"]["num_layers"])
     return RepairConfig(
         method="restore",

@@ -16,7 +16,12 @@ MATCH_RULES = ("exact", "contains", "choice")
 class GenerationConfig:
     """How answers are generated for measurement."""
 
-    max_new_tokens: int = setting(64, "Tokens generated per answer (greedy).", metavar="N")
+    max_new_tokens: int = setting(
+        32,
+        "Tokens generated per answer (greedy); the same default as the repair's "
+        "--max-new-tokens, so that `eval` and `fix` measure one adapter alike.",
+        metavar="N",
+    )
     batch_size: int = setting(16, "Prompts per generation batch.", metavar="N")
     progress: bool = setting(True, "Show a progress bar on stderr.", cli=False)
 

@@ -14,8 +14,7 @@ DIRECTION_KINDS = ("shift", "refusal")
 PROJECTION_SIDES = ("write", "read", "both")
 RESTORE_SCORES = ("grad", "grad_x_value", "benign_aware", "ratio")
 #: what RestoreConfig.search varies, tried in this order after the configured settings: the
-#: levers whose best value moved between adapters and worlds (bench/results/repair.md,
-#: pico_repair.md)
+#: levers whose best value moved between adapters and worlds (bench/results/pico_repair.md)
 SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
     "score": ("benign_aware", "ratio"),
     "rollback": (0.2, 0.5, 0.0),
@@ -59,7 +58,7 @@ class RestoreConfig:
         "L, the hidden state h_L (hidden_states[L]) pulled toward the aligned model's; "
         "negative counts from the end as in Python (-1: n_layers, the final normed state, so "
         "every layer's adapter can change; -2: n_layers - 1). Only adapter factors below L "
-        "change. Default measured: bench/results/repair.md, pico_repair.md.",
+        "change. Default measured: bench/results/pico_repair.md.",
         metavar="L",
     )
     rate: float = setting(
@@ -179,8 +178,8 @@ class RepairConfig:
     method: str = setting(
         "restore",
         "project (stage 1 only), restore (stage 2 only), or both (projection, then "
-        "restoration). Default restore: projection left the small-world adapters 97-100% "
-        "harmful (bench/results/repair.md).",
+        "restoration). Default restore: in DESIGN.md's first trial projection left the broken "
+        "adapter 100% harmful on every side and strength.",
         choices=REPAIR_METHODS,
     )
     probe_prompts: int = setting(
