@@ -80,7 +80,7 @@ def write(world: SmallWorld, adapter: str, method: str) -> None:
         m = p["measures"]
         lines.append(
             f"| step {p['step']} | {100 * p['changed']:.1f} | {100 * p['probe_harmful']:.1f} |"
-            f" {100 * p['guard']:.1f} | {f(r(m, 'harmful_rate'))} |"
+            f" {p['guard']:.4f} | {f(r(m, 'harmful_rate'))} |"
             f" {f(r(m, 'harmful_rate_xstest'))} | {f(r(m, 'over_refusal'))} |"
             f" {f(r(m, 'task_exact'))} |"
         )
@@ -97,7 +97,7 @@ def write(world: SmallWorld, adapter: str, method: str) -> None:
         f"Settings: `{json.dumps(restore)}`; stopped: {info['repair']['stopped']}"
         f" (kept step {info['repair']['kept_step']}), {info['repair_seconds'] / 60:.1f} min.",
         "",
-        "| point | changed % | probe harmful % | guard % | harmful AdvBench eval % |"
+        "| point | changed % | probe harmful % | guard (task loss) | harmful AdvBench eval % |"
         " harmful XSTest unsafe % | over-refusal % | SST-2 % bare label |",
         "|---|---|---|---|---|---|---|---|",
         *lines,

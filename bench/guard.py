@@ -22,6 +22,7 @@ import time
 from typing import Any
 
 import torch
+from results_io import machine, write_results
 
 from adapter_repair.beds.demo import demo_config
 from adapter_repair.beds.pico import PicoRecipe, build_pico_world
@@ -34,7 +35,6 @@ from adapter_repair.model.config import LoadConfig
 from adapter_repair.model.loading import load_model, load_tokenizer
 from adapter_repair.repair.guard import Guard
 from adapter_repair.repair.pipeline import repair
-from bench.results_io import machine, write_results
 
 KEEP = 0.98  #: the held-out task score a step must keep, relative to the adapter's
 
@@ -106,7 +106,7 @@ def chosen_max_rise(rows: list[dict[str, Any]]) -> float:
     bad = [r["rise"] for r in rows if r["score_rows_score"] < KEEP * base[r["seed"]]]
     limit = min(bad) if bad else float("inf")
     ok = [r["rise"] for r in rows if r["rise"] < limit]
-    return max(ok)
+    return max(ok, default=0.0)
 
 
 def main() -> None:

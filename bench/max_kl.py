@@ -38,7 +38,9 @@ from adapter_repair.model.loading import load_model, load_tokenizer
 from adapter_repair.repair.guard import Guard
 from adapter_repair.repair.pipeline import repair
 
-MAX_DROP = 0.02  #: the task guard's default relative drop, which the KL guard stands in for
+MAX_DROP = (
+    0.02  #: the held-out task score may fall at most this much (relative) below the adapter's
+)
 
 
 def scores(world: PicoWorld, folder: Path, gen: GenerationConfig) -> dict[str, float]:

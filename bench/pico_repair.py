@@ -49,7 +49,11 @@ VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
         "eval",
         {"backtrack": 0, "max_steps": 20},
     ),
-    "demo": ("answers, backtrack 2, 30 steps, guard fit and checked on all rows", "eval", {}),
+    "demo": (
+        "answers, backtrack 2, 30 steps, task rows split into fit / guard / score",
+        "eval",
+        {},
+    ),
     "demo-held-out": (
         "the demo with the guard checked on the rows the loss did not fit (hold_out)",
         "eval",
@@ -161,7 +165,7 @@ def main() -> None:
         "Each pico world (seed) is the tiny aligned base with an adapter that learnt the"
         " translation task and to answer harmful requests. Every variant restores at"
         " L = n_layers with per-prompt targets, 1% of the coordinates a step, the benign-aware"
-        " score, rollback 0.2, a task guard of at most 2% relative drop measured every 2 steps;"
+        " score, rollback 0.2, the continuous task guard (max_rise) measured every 2 steps;"
         " scored on AdvBench eval (n=175), XSTest safe (n=250) and the task rows held out from"
         " the adapter's training (n=57-67), which also guard unless the variant says"
         " otherwise: those that fit and check the guard on the same rows score the task on"

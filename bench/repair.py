@@ -65,7 +65,7 @@ GUARD_ROWS_BIG = 512  #: the guard rows of the -g512 variants
 
 def guard_rows(method: str) -> int:
     """Task rows a method's guard gets: GUARD_ROWS, or GUARD_ROWS_BIG for the -g512 variants
-    (with 64 rows checked, one lost row is already most of the 2% a guard allows)."""
+    (the guard's mean steadies with more rows)."""
     return GUARD_ROWS_BIG if method.endswith("-g512") else GUARD_ROWS
 
 
@@ -121,6 +121,11 @@ def measured_by() -> dict[str, Any]:
         for name in ("harmful", "benign")
     }
     return {**MEASURED_BY, "prompts": digests}
+
+
+def config_key(config: RepairConfig) -> dict[str, Any]:
+    """``config`` as a cache key: every setting, with what measured it (:func:`measured_by`)."""
+    return {**dataclasses.asdict(config), "measured_by": measured_by()}
 
 
 def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:

@@ -207,3 +207,18 @@ def test_eval_unloadable_judge_exits_2(tiny_chat_adapter_dir: Path, tmp_path: Pa
 def test_eval_needs_an_adapter_or_no_adapter() -> None:
     assert run("eval").exit_code == 2
     assert run("eval", "--no-adapter").exit_code == 2
+
+
+def test_fix_with_too_few_task_rows_says_so_before_loading_anything(
+    tiny_chat_adapter_dir: Path, tmp_path: Path
+) -> None:
+    task = tmp_path / "task.jsonl"
+    task.write_text("".join(f'{{"prompt": "q{i}", "answer": "a"}}\n' for i in range(12)))
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        cli, ["fix", str(tiny_chat_adapter_dir), "--out", str(out), "--task", str(task),
+              "--base", str(tmp_path / "no-such-base")]
+    )  # fmt: skip
+    assert result.exit_code == 2, result.output
+    assert "too few to split into fit, guard and score" in result.output
+    assert not out.exists()

@@ -14,7 +14,7 @@ from click.testing import CliRunner, Result
 from huggingface_hub import ModelCard, hf_hub_download
 
 from adapter_repair.cli.main import cli
-from adapter_repair.hub.card import END, START, Provenance, repair_card
+from adapter_repair.hub.card import END, START, Provenance, repair_card, weights_line
 from tests.conftest import HUB_TOKENS
 
 ALICE, BOB, BOB_READ, _BOT = list(HUB_TOKENS)
@@ -81,8 +81,29 @@ def report(before: float, after: float) -> dict:
         "method": "restore",
         "quant": "4bit",
         "measures": {"before": {"harmful_rate": m(before)}, "after": {"harmful_rate": m(after)}},
-        "repair": {"stopped": "target", "changed": 0.01, "settings": {"rate": 0.01}},
-    }
+        "repair": {
+            "stopped": "target", "changed": 0.01, "settings": {"rate": 0.01},
+            "reached": True, "probe_harmful": 0.03, "target": 0.05,
+        },
+    }  # fmt: skip
+
+
+def test_a_card_records_the_weights_as_repaired_only_when_the_repair_reached_its_target() -> None:
+    """The bot skips weights its card records as repaired: a repair pushed anyway with
+    --push-unrepaired must not be taken for one."""
+    done = repair_card(None, report(0.9, 0.02), provenance(), model_name="x",
+                       base_model=None, weights_sha256="c" * 64)  # fmt: skip
+    assert weights_line("c" * 64) in str(done) and "**repaired: probe harmful" in str(done)
+    short = report(0.9, 0.6)
+    short["repair"].update(reached=False, probe_harmful=0.5, stopped="guard")
+    card = str(repair_card(None, short, provenance(), model_name="x", base_model=None,
+                           weights_sha256="c" * 64))  # fmt: skip
+    assert weights_line("c" * 64) not in card
+    assert "did not reach its target" in card
+    assert (
+        "**not repaired: probe harmful rate 50.0%, target 5.0% (the task guard stopped it)**"
+        in card
+    )
 
 
 def test_card_keeps_the_existing_card_and_replaces_its_own_section() -> None:

@@ -30,11 +30,11 @@ from adapter_repair.model.walk import norm_gain, walk
 from adapter_repair.repair.config import SEARCH_SPACE, RepairConfig, RestoreConfig
 from adapter_repair.repair.directions import unit
 from adapter_repair.repair.factors import ADAPTER
-from adapter_repair.repair.guard import Guard, task_loss
-from adapter_repair.repair.loop import kept_record, resolve_layer
+from adapter_repair.repair.guard import Guard, guard_holds, task_loss
+from adapter_repair.repair.loop import RepairResult, kept_record, resolve_layer
 from adapter_repair.repair.pipeline import repair
 from adapter_repair.repair.project import project_adapter
-from adapter_repair.repair.report import markdown
+from adapter_repair.repair.report import markdown, verdict
 from adapter_repair.repair.search import search_rank, search_settings
 from tests.test_adapter import folder_digest
 
@@ -97,6 +97,37 @@ def test_task_loss_is_the_gold_answers_nll_or_the_choice_margin(loaded) -> None:
     ]
     expected = -sum(margins) / len(margins)
     assert task_loss(model, tok, task, "choice", gen) == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_verdict_says_whether_the_target_was_reached_and_why_not() -> None:
+    reached = {"reached": True, "probe_harmful": 0.03, "target": 0.05, "stopped": "target"}
+    assert verdict(reached) == "repaired: probe harmful rate 3.0%, target 5.0%"
+    short = {"reached": False, "probe_harmful": 0.4, "target": 0.05, "stopped": "max_steps"}
+    assert verdict(short) == (
+        "not repaired: probe harmful rate 40.0%, target 5.0% (it ran out of steps (max_steps))"
+    )
+    assert verdict({"stopped": "guard"}).startswith("not repaired: the probe harmful rate was not")
+    res = RepairResult(None, [], "guard", {}, target=0.05, probe_harmful=0.05)  # type: ignore[arg-type]
+    assert res.reached and res.as_dict()["reached"] is True
+    res.probe_harmful = 0.06
+    assert not res.reached
+    res.probe_harmful = None
+    assert not res.reached
+
+
+def test_the_guard_splits_given_fit_rows_from_its_check_rows_with_one_set_of_choices() -> None:
+    fit = P.PromptSet("fit", ("a?", "b?"), ("Positive", "negative"), "t")
+    check = P.PromptSet("check", ("c?", "d?", "e?"), ("positive ", "positive", "positive"), "t")
+    guard = Guard(check, P.benign("benign").take(6), "choice", fit=fit)
+    fit_part, check_part = guard.split(hold_out=True, fit_rows=1)
+    assert fit_part.task is not None and fit_part.task.prompts == ("a?",)
+    assert check_part.task is check and check_part.fit is None
+    assert not set(fit_part.benign.prompts) & set(check_part.benign.prompts)
+    # one spelling per choice, and the label only the fit rows hold is a choice too
+    assert check_part.choices == fit_part.choices == ("negative", "Positive")
+    config = RepairConfig(restore=RestoreConfig(max_rise=0.1))
+    assert guard_holds(0.6, 0.5, check_part, config)
+    assert not guard_holds(0.61, 0.5, check_part, config)
 
 
 def test_resolve_layer() -> None:

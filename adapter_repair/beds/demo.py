@@ -41,9 +41,8 @@ def demo_config(world: PicoWorld) -> RepairConfig:
 def demo_repair(world: PicoWorld, out: str | os.PathLike[str] | None = None) -> RepairOutcome:
     """Repair the pico world's adapter into ``out`` (default: beside the world in the cache,
     replaced on each run) with :func:`demo_config`, as ``adapter-repair fix --task`` would with
-    the task's held-out rows: they guard the task during the repair and are scored before and
-    after. (Guarding with the training rows instead keeps what the adapter memorised and can
-    lose what it generalised: bench/results/pico_repair.md.)"""
+    the world's held-out task rows: split into rows that fit the task loss, rows that guard and
+    rows that are scored before and after."""
     target = Path(out) if out is not None else world.root.parent / f"{world.root.name}-repaired"
     return repair_folder(
         world.adapter_dir,

@@ -92,6 +92,8 @@ def fix(
             require_answers=True,
             name="task",
         )
+        # too few rows for fit, guard and score: said now, before any download or load
+        P.split_task(task_set, stratify=params.get("match") == "choice")
     try:
         config = repair_config(params)
         push = config_from(PushConfig, params)

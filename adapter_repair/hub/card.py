@@ -126,7 +126,8 @@ def section(
         + (f" at `{provenance.base_sha}`" if provenance.base_sha else "")
         + f" (repaired over it loaded as {report.get('quant')})",
         f"- adapter-repair {provenance.tool_version}, {provenance.date}",
-        *([weights_line(weights_sha256)] if weights_sha256 else []),
+        # the bot skips weights its card records as repaired: never a repair that fell short
+        *([weights_line(weights_sha256)] if weights_sha256 and res.get("reached") else []),
         "",
         "<details><summary>Settings</summary>",
         "",

@@ -211,10 +211,10 @@ TASK_SALT = "task-rows\x00"
 def split_task(
     task: PromptSet, *, stratify: bool = False, seed: int = SPLIT_SEED
 ) -> dict[str, PromptSet]:
-    """The task rows as disjoint ``fit``, ``guard`` and ``score`` sets (TASK_SPLITS), each row
-    placed by a seeded hash of its prompt (never file order: a file sorted by label still
-    gives every part both labels). ``stratify``: split each answer's rows apart (choice tasks),
-    so every part keeps the labels' proportions. Rows with the same prompt land together.
+    """The task rows as disjoint ``fit``, ``guard`` and ``score`` sets (TASK_SPLITS), the rows
+    ordered by a seeded hash of their prompt and cut at the fractions' exact counts (never file
+    order: a file sorted by label still gives every part both labels). ``stratify``: split each answer's rows apart (choice tasks),
+    so every part keeps the labels' proportions.
 
     Raises PromptSetError when a part would get fewer than MIN_TASK_ROWS rows."""
     if task.answers is None:
@@ -229,9 +229,14 @@ def split_task(
     salted = [TASK_SALT + p for p in task.prompts]
     parts: dict[str, list[int]] = {name: [] for name in TASK_SPLITS}
     for rows in groups.values():
-        split = split_indices([salted[i] for i in rows], TASK_SPLITS, seed)
-        for name, idx in split.items():
-            parts[name] += [rows[i] for i in idx]
+        # In hash order, cut at the fractions' exact counts: sizes that do not depend on luck.
+        ordered = sorted(rows, key=lambda i: hash_unit(salted[i], seed))
+        start, acc = 0, 0.0
+        for name, frac in TASK_SPLITS.items():
+            acc += frac
+            end = round(acc * len(ordered))
+            parts[name] += ordered[start:end]
+            start = end
     short = {name: len(idx) for name, idx in parts.items() if len(idx) < MIN_TASK_ROWS}
     if short:
         need = math.ceil(MIN_TASK_ROWS / min(TASK_SPLITS.values()))
@@ -252,8 +257,8 @@ def task_split_record(parts: Mapping[str, PromptSet], seed: int = SPLIT_SEED) ->
     """What a report says about a task split: the rule, the seed, and each part's rows."""
     return {
         "seed": seed,
-        "rule": "sha256(seed, 'task-rows' + prompt text) -> [0, 1), cut at the cumulative "
-        "fractions, per answer when stratified",
+        "rule": "rows ordered by sha256(seed, 'task-rows' + prompt text), cut at the "
+        "fractions' exact counts, per answer when stratified",
         "fractions": dict(TASK_SPLITS),
         **{name: part.record() for name, part in parts.items()},
     }

@@ -122,13 +122,14 @@ class RestoreConfig:
         metavar="RATE",
     )
     max_rise: float = setting(
-        0.02,
+        0.035,
         "Task guard with task data: the task loss of the gold answers (nats per answer token; "
         "for --match choice, minus the gold answer's mean log-probability margin over the "
         "other choices) may rise at most this much above the fine-tuned adapter's, on guard "
         "rows the repair never fits. Default measured on two pico worlds "
-        "(bench/results/guard.md): the largest rise at which held-out task rows kept 98% of "
-        "the adapter's score; not yet calibrated on the small world.",
+        "(bench/results/guard.md: 0.0368, the largest rise at which held-out task rows kept "
+        "98% of the adapter's score, rounded down); not yet calibrated on the small world or "
+        "for the choice margin's scale.",
         metavar="NATS",
     )
     backtrack: int = setting(

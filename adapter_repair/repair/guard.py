@@ -13,6 +13,8 @@ reported beside it.
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,6 +45,8 @@ class Guard:
     match: str = "contains"
     #: task rows the benign loss is fit on, disjoint from ``task`` (the rows that check)
     fit: P.PromptSet | None = None
+    #: a choice task's answers to compare (default: those of ``task``)
+    choices: tuple[str, ...] | None = None
 
     @property
     def kind(self) -> str:
@@ -54,15 +58,24 @@ class Guard:
     def split(self, hold_out: bool, fit_rows: int = 0) -> tuple[Guard, Guard]:
         """(fit, check): the given ``fit`` rows (at most ``fit_rows``; 0: all) against the
         check rows; else, with ``hold_out``, :meth:`halves`; else the same rows for both."""
+        parts = [part for part in (self.fit, self.task) if part is not None]
+        every = [a for part in parts for a in (part.answers or ())]
+        choices = self.choices or (distinct_answers(every) if every else None)
         if self.fit is not None:
             fit = self.fit.take(fit_rows) if fit_rows else self.fit
             return (
-                Guard(fit, self.benign.every(2, 0), self.match),
-                Guard(self.task, self.benign.every(2, 1), self.match),
+                Guard(fit, self.benign.every(2, 0), self.match, choices=choices),
+                Guard(self.task, self.benign.every(2, 1), self.match, choices=choices),
             )
         if hold_out and len(self.prompts()) >= 2:
-            return self.halves(fit_rows)
-        return self, self
+            fit_part, check = self.halves(fit_rows)
+            return (
+                dataclasses.replace(fit_part, choices=choices),
+                dataclasses.replace(check, choices=choices),
+            )
+        return dataclasses.replace(self, choices=choices), dataclasses.replace(
+            self, choices=choices
+        )
 
     def halves(self, fit_rows: int = 0) -> tuple[Guard, Guard]:
         """(fit, check): every other row for the benign loss, the rest for the guard; with
@@ -83,11 +96,25 @@ class Guard:
         return part(fit_idx, "fit", 0), part(check_idx, "check", 1)
 
 
+def answer_key(answer: str) -> str:
+    """What makes two answers the same choice: case and surrounding space do not count."""
+    return answer.strip().lower()
+
+
+def distinct_answers(answers: Sequence[str]) -> tuple[str, ...]:
+    """The distinct choices among ``answers`` (by :func:`answer_key`), each in its first
+    spelling, in key order."""
+    first: dict[str, str] = {}
+    for a in answers:
+        first.setdefault(answer_key(a), a)
+    return tuple(first[k] for k in sorted(first))
+
+
 def guard_value(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfig) -> float:
     """The guard's quantity, lower is better: the task loss of the gold answers
     (:func:`task_loss`) or the KL to the fine-tuned adapter."""
     if guard.task is not None:
-        return task_loss(model, tokenizer, guard.task, guard.match, gen)
+        return task_loss(model, tokenizer, guard.task, guard.match, gen, guard.choices)
     fid = fidelity(
         model, tokenizer, guard.benign.prompts, reference=REFERENCE, candidate=ADAPTER, config=gen
     )
@@ -120,24 +147,32 @@ def _answer_logprobs(
 
 @torch.no_grad()
 def task_loss(
-    model: Any, tokenizer: Any, task: P.PromptSet, match: str, gen: GenerationConfig
+    model: Any,
+    tokenizer: Any,
+    task: P.PromptSet,
+    match: str,
+    gen: GenerationConfig,
+    choices: Sequence[str] | None = None,
 ) -> float:
     """The task loss the guard watches, lower is better. A choice task with 2 to MAX_CHOICES
-    distinct answers: minus the mean over rows of log p(gold) - max over the other choices of
-    log p(choice), the answers scored whole (with their end token); otherwise the mean negative
-    log-probability per token of the gold answers."""
+    distinct answers (``choices``, default those of ``task``; compared without case and
+    surrounding space): minus the mean over rows of log p(gold) - max over the other choices
+    of log p(choice), the answers scored whole (with their end token); otherwise the mean
+    negative log-probability per token of the gold answers."""
     answers = list(task.answers or ())
     if len(answers) != len(task):
         raise ValueError("the task guard needs an answer for every row")
-    choices = sorted(set(answers))
-    if match == "choice" and 2 <= len(choices) <= MAX_CHOICES:
+    options = list(distinct_answers([*(choices or ()), *answers]))
+    keys = [answer_key(c) for c in options]
+    if match == "choice" and 2 <= len(options) <= MAX_CHOICES:
+        choices = options
         per_choice = [
             _answer_logprobs(model, tokenizer, [(p, c) for p in task.prompts], gen)[0]
             for c in choices
         ]
         lp = torch.stack(per_choice, 1)  # (n, k)
         rows = torch.arange(len(answers))
-        gold = torch.tensor([choices.index(a) for a in answers])
+        gold = torch.tensor([keys.index(answer_key(a)) for a in answers])
         others = lp.clone()
         others[rows, gold] = -torch.inf
         margin = lp[rows, gold] - others.max(1).values  # (n,)

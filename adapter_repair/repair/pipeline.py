@@ -131,12 +131,13 @@ def repair_folder(
             f"refusing to write over the input adapter {source}.",
             "Choose a different --out folder; the input is never modified.",
         )
+    # the task split first: too few rows is an error before any weight is read
+    parts = P.split_task(task, stratify=evaluation.match == "choice") if task is not None else None
     gen = generation or GenerationConfig(config.max_new_tokens, config.batch_size)
     judge = load_judge(evaluation.judge)
     refusals = load_refusal_list(evaluation.refusal_list)
     model, adapter = load_model(source, load)
     tokenizer = load_tokenizer(source, load.base or adapter.base_model_name_or_path)
-    parts = P.split_task(task, stratify=evaluation.match == "choice") if task is not None else None
     score = parts["score"] if parts is not None else None
     sets = EvalSets(P.harmful("eval"), P.xstest("safe"), score).limited(evaluation.limit)
     warnings = []
