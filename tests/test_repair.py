@@ -419,6 +419,7 @@ def test_fix_writes_a_loadable_adapter_and_report_and_never_touches_the_input(
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["repair"]["stopped"] == "projection only"
+    assert report["other_precision"] is None  # nothing is measured with --no-measure
     assert folder_digest(src) == digest
     for name in ("adapter_config.json", "adapter_model.safetensors", "repair_report.json"):
         assert (out / name).is_file(), name
@@ -471,6 +472,12 @@ def _check_output(world: Any, report: dict[str, Any], out: Path) -> None:
     assert before["harmful_rate"]["rate"] >= 0.9 and before["task_score"]["rate"] >= 0.9
     assert after["harmful_rate"]["rate"] <= before["harmful_rate"]["rate"]
     assert after["task_score"]["rate"] >= 0.95 * before["task_score"]["rate"]
+    assert after["harmful_rate_xstest"]["n"] == 200  # a second source's wording, beside AdvBench
+    other = report["other_precision"]  # the repair ran unquantized: measured over 4-bit too
+    assert other["quant"] == "4bit"
+    for col in ("aligned", "before", "after"):
+        assert other[col]["harmful_rate"]["n"] == after["harmful_rate"]["n"]
+        assert other[col]["harmful_rate_xstest"]["n"] == 200
     rows = report["task_rows"]
     assert all(rows[k]["n"] >= P.MIN_TASK_ROWS for k in ("fit", "guard", "score"))
     assert after["task_score"]["n"] == rows["score"]["n"]  # the score rows alone are scored

@@ -75,6 +75,12 @@ def render_repair(
         rows = measures_table(report["measures"])
         if rows:
             click.echo(text_table(rows, ["measure", *(name for _, name in COLUMNS)]))
+        other = report.get("other_precision")
+        if other:
+            click.echo(f"over the base at the other precision (quant {other['quant']}):")
+            click.echo(
+                text_table(measures_table(other), ["measure", *(name for _, name in COLUMNS)])
+            )
         click.echo(f"report    {outcome.out / 'repair_report.md'}")
         if push_skipped:
             click.echo(push_skipped)

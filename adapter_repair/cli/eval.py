@@ -55,7 +55,7 @@ from adapter_repair.model.config import LoadConfig
 @click.option(
     "--answer-column", help="Answer column of task files (default: answer, target, output, ...)."
 )
-@options_from(EvalConfig)
+@options_from(EvalConfig, exclude=("other_precision",))
 @options_from(GenerationConfig)
 @options_from(LoadConfig)
 @click.option(
@@ -78,8 +78,9 @@ def eval_command(
 
     Answers are greedy, through the model's chat template. The harmful rate is the share of
     AdvBench's held-out eval requests (or --harmful) that the model answers, judged by refusal
-    substrings or a guard model, with a 95% Wilson interval; over-refusal is the share of
-    XSTest's 250 safe prompts (or --safe) it refuses.
+    substrings or a guard model, with a 95% Wilson interval, and beside it the share of
+    XSTest's 200 unsafe prompts it answers (another source's wording); over-refusal is the
+    share of XSTest's 250 safe prompts (or --safe) it refuses.
     """
     from adapter_repair.measure import prompts as P
     from adapter_repair.measure.evaluate import EvalSets, default_sets, measure_model
@@ -105,6 +106,7 @@ def eval_command(
         safe=read(safe, "safe") or defaults.safe,
         task=read(task, "task", require_answers=True),
         benign=read(benign, "benign") or defaults.benign,
+        unsafe=defaults.unsafe,
     )
     report = measure_model(
         None if adapter is None else str(adapter),

@@ -25,6 +25,7 @@ SOURCE_URL = "https://pypi.org/project/adapter-repair/"
 #: measure key -> (dataset type, dataset name) of the model-index entry
 DATASETS = {
     "harmful_rate": ("walledai/AdvBench", "AdvBench (eval split)"),
+    "harmful_rate_xstest": ("natolambert/xstest-v2-copy", "XSTest (unsafe prompts)"),
     "over_refusal": ("natolambert/xstest-v2-copy", "XSTest (safe prompts)"),
     "task_score": ("custom", "task rows given to the repair"),
     "fidelity": ("custom", "benign prompts, agreement with the fine-tuned adapter"),

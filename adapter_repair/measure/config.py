@@ -57,3 +57,11 @@ class EvalConfig:
         metavar="N",
     )
     fidelity_prompts: int = setting(64, "Benign prompts for fidelity to --reference.", metavar="N")
+    other_precision: bool = setting(
+        True,
+        "fix: also measure the harmful rates (AdvBench eval, XSTest unsafe) of the aligned "
+        "base, the fine-tuned and the repaired adapter over the base at the other precision: "
+        "4-bit NF4 when the repair ran unquantized, unquantized when it ran over 4- or 8-bit "
+        "(one adapter refused 3.4% merged in bf16 and 34.3% over 4-bit: "
+        "bench/results/precision.md). Loads the base a second time, after the first is freed.",
+    )

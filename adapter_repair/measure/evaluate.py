@@ -36,6 +36,9 @@ class EvalSets:
     safe: P.PromptSet | None = None
     task: P.PromptSet | None = None
     benign: P.PromptSet | None = None
+    #: harmful requests from a second source (XSTest's unsafe prompts): a harmful rate that
+    #: does not share AdvBench's wording, reported beside it
+    unsafe: P.PromptSet | None = None
 
     def limited(self, n: int | None) -> EvalSets:
         return EvalSets(
@@ -43,19 +46,27 @@ class EvalSets:
             self.safe.take(n) if self.safe else None,
             self.task.take(n) if self.task else None,
             self.benign,
+            self.unsafe.take(n) if self.unsafe else None,
         )
 
     def record(self) -> dict[str, Any]:
         return {
             k: (v.record() if v is not None else None)
-            for k, v in (("harmful", self.harmful), ("safe", self.safe), ("task", self.task))
+            for k, v in (
+                ("harmful", self.harmful),
+                ("unsafe", self.unsafe),
+                ("safe", self.safe),
+                ("task", self.task),
+            )
         }
 
 
 def default_sets(task: P.PromptSet | None = None) -> EvalSets:
-    """AdvBench ``eval`` for harm, XSTest's safe prompts for over-refusal, ``benign`` for
-    fidelity, and the task set when there is one."""
-    return EvalSets(P.harmful("eval"), P.xstest("safe"), task, P.benign("benign"))
+    """AdvBench ``eval`` and XSTest's unsafe prompts for harm, XSTest's safe prompts for
+    over-refusal, ``benign`` for fidelity, and the task set when there is one."""
+    return EvalSets(
+        P.harmful("eval"), P.xstest("safe"), task, P.benign("benign"), P.xstest("unsafe")
+    )
 
 
 @dataclass
@@ -123,6 +134,14 @@ def evaluate(
         {"prompt": p, "response": r, "harmful": v}
         for p, r, v in zip(sets.harmful.prompts, answers, verdicts, strict=True)
     ]
+    if sets.unsafe is not None:
+        answers = respond(sets.unsafe.prompts, "harmful xstest")
+        verdicts = judge.harmful(sets.unsafe.prompts, answers)
+        report.measures["harmful_rate_xstest"] = Rate.of(verdicts)
+        report.samples["harmful_xstest"] = [
+            {"prompt": p, "response": r, "harmful": v}
+            for p, r, v in zip(sets.unsafe.prompts, answers, verdicts, strict=True)
+        ]
     if sets.safe is not None:
         answers = respond(sets.safe.prompts, "over-refusal")
         refused = [refusals.refused(r) for r in answers]

@@ -74,6 +74,17 @@ def to_adapter(
     return model_map.annotate(out)
 
 
+def put_adapter(params: dict[str, torch.nn.Parameter], adapter: LoraAdapter) -> None:
+    """Write ``adapter``'s factors into the live ones (``params`` from :func:`all_factors`),
+    in their dtype and device: the live model becomes that adapter."""
+    with torch.no_grad():
+        for m in adapter:
+            for side, t in (("lora_A", m.A), ("lora_B", m.B)):
+                p = params.get(f"{m.key}.{side}")
+                if p is not None:
+                    p.copy_(t.to(device=p.device, dtype=p.dtype))
+
+
 def add_reference(model: Any) -> None:
     """Load a copy of the adapter as it came in under the name "reference", for the fidelity
     guard (PEFT keeps the active adapter "default")."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import gc
 import logging
 import os
 import time
@@ -24,7 +25,9 @@ from adapter_repair.measure.judges import Judge, load_judge, load_refusal_list
 from adapter_repair.measure.measures import use_adapter
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.model.walk import walk
 from adapter_repair.repair.config import RepairConfig
+from adapter_repair.repair.factors import all_factors, put_adapter
 from adapter_repair.repair.guard import Guard
 from adapter_repair.repair.loop import RepairResult, repair_once
 from adapter_repair.repair.report import write_report
@@ -85,6 +88,46 @@ class RepairOutcome:
     out: Path
 
 
+def measure_other_precision(
+    source: str | os.PathLike[str],
+    load: LoadConfig,
+    repaired: LoraAdapter,
+    sets: EvalSets,
+    gen: GenerationConfig,
+    judge: Judge,
+    refusals: Any,
+    match: str,
+) -> dict[str, Any]:
+    """The harmful rates (``sets``' harmful and unsafe prompts) of the aligned base, the
+    fine-tuned and the ``repaired`` adapter over the base loaded at the other precision: 4-bit
+    NF4 when ``load`` is unquantized, else unquantized in ``load``'s dtype. A QLoRA adapter is
+    used both ways, and its refusals differ between them."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # what the first model held, before the second load
+    quant = "4bit" if load.resolved_quant() == "none" else "none"
+    logger.info("measuring at the other precision (quant %s)", quant)
+    model, _ = load_model(source, dataclasses.replace(load, quant=quant))
+    tokenizer = load_tokenizer(source, load.base or repaired.base_model_name_or_path)
+    harm_only = EvalSets(sets.harmful, unsafe=sets.unsafe)
+
+    def rates(label: str) -> dict[str, Any]:
+        report = evaluate_model(
+            model, tokenizer, harm_only, generation=gen, judge=judge, refusals=refusals,
+            match=match, label=f"{label} ({quant})",
+        )  # fmt: skip
+        return {k: v.as_dict() for k, v in report.measures.items()}
+
+    out: dict[str, Any] = {"quant": quant}
+    with use_adapter(model, None):
+        out["aligned"] = rates("aligned")
+    out["before"] = rates("fine-tuned")
+    put_adapter(all_factors(walk(model)), repaired)
+    out["after"] = rates("repaired")
+    return out  # the model goes with this frame
+
+
 def repair_folder(
     source: str | os.PathLike[str],
     out: str | os.PathLike[str],
@@ -139,7 +182,9 @@ def repair_folder(
     model, adapter = load_model(source, load)
     tokenizer = load_tokenizer(source, load.base or adapter.base_model_name_or_path)
     score = parts["score"] if parts is not None else None
-    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), score).limited(evaluation.limit)
+    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), score, unsafe=P.xstest("unsafe")).limited(
+        evaluation.limit
+    )
     warnings = []
     if adapter.extra_tensors:
         warnings.append(
@@ -190,9 +235,16 @@ def repair_folder(
         generation=dataclasses.replace(gen, progress=False),
     )
     t0 = time.perf_counter()
+    other: dict[str, Any] | None = None
     if measure:
         logger.info("measuring the repaired adapter")
         measures["after"] = measure_now("repaired")
+        if evaluation.other_precision:
+            del model  # the second load comes after the first is freed
+            gc.collect()
+            other = measure_other_precision(
+                source, load, result.adapter, sets, gen, judge, refusals, evaluation.match
+            )
     measure_seconds += time.perf_counter() - t0
     report: dict[str, Any] = {
         "tool_version": __version__,
@@ -202,6 +254,7 @@ def repair_folder(
         "quant": load.resolved_quant(),
         "method": config.method,
         "measures": measures,
+        "other_precision": other,
         "measure_seconds": measure_seconds,
         "sets": sets.record(),
         "task_rows": P.task_split_record(parts) if parts is not None else None,

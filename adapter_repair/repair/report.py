@@ -23,6 +23,7 @@ PLOT_NAME = "repair_report.png"
 #: measure key -> (row label, lower is better)
 ROWS = {
     "harmful_rate": ("harmful rate (AdvBench eval)", True),
+    "harmful_rate_xstest": ("harmful rate (XSTest unsafe)", True),
     "over_refusal": ("over-refusal (XSTest safe)", True),
     "task_score": ("task score", False),
 }
@@ -88,6 +89,16 @@ def markdown(report: Mapping[str, Any]) -> str:
     ]
     lines += ["| " + " | ".join(r) + " |" for r in measures_table(report["measures"])]
     lines += ["", "Rates with 95% Wilson intervals.", ""]
+    other = report.get("other_precision")
+    if other:
+        lines += [
+            f"Harmful rates over the base at the other precision (quantization: {other['quant']}):",
+            "",
+            "| measure | " + " | ".join(name for _, name in COLUMNS) + " |",
+            "|---|---|---|---|",
+            *("| " + " | ".join(r) + " |" for r in measures_table(other)),
+            "",
+        ]
     history = res.get("history") or []
     if len(history) > 1:
         lines += [

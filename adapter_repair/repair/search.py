@@ -10,11 +10,9 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-import torch
-
 from adapter_repair.model.walk import walk
 from adapter_repair.repair.config import SEARCH_SPACE, RepairConfig, RestoreConfig
-from adapter_repair.repair.factors import all_factors, load_state, snapshot
+from adapter_repair.repair.factors import all_factors, load_state, put_adapter, snapshot
 from adapter_repair.repair.loop import RepairResult, kept_record
 
 logger = logging.getLogger(__name__)
@@ -85,12 +83,7 @@ def search(
             break  # nothing searched changes that: every trial would stop the same way
     assert best is not None
     _, chosen, result = best
-    for m in result.adapter:  # the live model back to the chosen run's factors
-        for side, t in (("lora_A", m.A), ("lora_B", m.B)):
-            p = params.get(f"{m.key}.{side}")
-            if p is not None:
-                with torch.no_grad():
-                    p.copy_(t.to(device=p.device, dtype=p.dtype))
+    put_adapter(params, result.adapter)  # the live model back to the chosen run's factors
     result.settings["search"] = {"n": config.restore.search, "trials": trials, "chosen": chosen}
     result.seconds["search"] = sum(t["seconds"] for t in trials)
     result.seconds["total"] = result.seconds["search"]
