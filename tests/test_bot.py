@@ -36,10 +36,11 @@ ALICE = "hf_alicewrite0000000000"
 BOT = "hf_botwrite000000000000"
 SECRET = "s3cret-webhook"
 #: quick jobs: projection, measures on 8 prompts of each set, 8 new tokens
-#: (a target of 1: the random tiny model's repair always reaches it)
+#: (a target of 1: the random tiny model's repair always reaches it; no second precision's
+#: measures: these tests are about the bot)
 WORKER_FLAGS = ["--method", "project", "--probe-prompts", "8", "--guard-prompts", "8",
                 "--max-new-tokens", "8", "--limit", "8", "--quant", "none",
-                "--target", "1"]  # fmt: skip
+                "--target", "1", "--no-other-precision"]  # fmt: skip
 
 
 def settings(queue_url: str, target: float = 1.0, **bot: Any) -> JobSettings:
@@ -50,7 +51,7 @@ def settings(queue_url: str, target: float = 1.0, **bot: Any) -> JobSettings:
             method="project", probe_prompts=8, guard_prompts=8, max_new_tokens=8,
             restore=RestoreConfig(target=target),
         ),
-        EvalConfig(limit=8),
+        EvalConfig(limit=8, other_precision=False),
     )  # fmt: skip
 
 
@@ -427,7 +428,7 @@ def test_an_adapter_that_still_refuses_is_skipped_silently_unless_asked_to_comme
     quiet = dataclasses.replace(
         quiet,
         repair=dataclasses.replace(quiet.repair, max_new_tokens=16),
-        evaluation=EvalConfig(limit=16),
+        evaluation=EvalConfig(limit=16, other_precision=False),
     )
     Worker(sqlite_queue, quiet).run(max_idle=1)
     job = sqlite_queue.store.get(jid)
