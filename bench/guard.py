@@ -21,7 +21,6 @@ import sys
 import time
 from typing import Any
 
-import torch
 from results_io import machine, write_results
 
 from adapter_repair.beds.demo import demo_config
@@ -33,6 +32,8 @@ from adapter_repair.measure.judges import load_judge
 from adapter_repair.measure.measures import Rate, task_matches
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.model.loading import load_model, load_tokenizer
+from adapter_repair.model.walk import walk
+from adapter_repair.repair.factors import all_factors, put_adapter
 from adapter_repair.repair.guard import Guard
 from adapter_repair.repair.pipeline import repair
 
@@ -42,16 +43,6 @@ KEEP = 0.98  #: the held-out task score a step must keep, relative to the adapte
 def score_rate(model: Any, tok: Any, rows: P.PromptSet, gen: GenerationConfig) -> float:
     answers = generate(model, tok, rows.prompts, gen)
     return Rate.of(task_matches(answers, rows.answers or (), "exact")).rate
-
-
-def load_factors(model: Any, adapter: Any) -> None:
-    """Put a LoraAdapter's factors into the live PeftModel (adapter "default")."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for m in adapter:
-            for side, t in (("lora_A", m.A), ("lora_B", m.B)):
-                (name,) = [n for n in params if n.endswith(f"{m.key}.{side}.default.weight")]
-                params[name].copy_(t.to(params[name].dtype))
 
 
 def run(seed: int, steps: int) -> list[dict[str, Any]]:
@@ -69,6 +60,7 @@ def run(seed: int, steps: int) -> list[dict[str, Any]]:
         ),
     )
     score0 = score_rate(model, tok, parts["score"], gen)
+    params = all_factors(walk(model))
     t0 = time.perf_counter()
     result = repair(
         model, tok, adapter, config, probe=P.harmful("probe"),
@@ -82,7 +74,7 @@ def run(seed: int, steps: int) -> list[dict[str, Any]]:
              "probe_harmful": result.history[0].probe_harmful, "seconds": seconds}]  # fmt: skip
     measured = {s.step: s for s in result.history if s.probe_harmful is not None}
     for step, ckpt in sorted(result.checkpoints.items()):
-        load_factors(model, ckpt)
+        put_adapter(params, ckpt)
         rec = measured[step]
         rows.append(
             {

@@ -375,18 +375,14 @@ def task_exact(path: Path) -> dict[str, Any]:
 
 
 def collect(world: SmallWorld, adapters: list[str], methods: list[str]) -> list[dict[str, Any]]:
-    """One row per (adapter, method) that is done, plus each adapter's unrepaired row."""
+    """One row per (adapter, method) that is done, plus each adapter's unrepaired row when
+    the zoo's measures of it are in the cache."""
     zoo = world.measures()
     rows = []
     for adapter in adapters:
-        rows.append(
-            {
-                "adapter": adapter,
-                "method": "none",
-                "measures": zoo.get(adapter),
-                "nf4": nf4_measures(world, adapter, "none"),
-            }
-        )
+        unrepaired = {"measures": zoo.get(adapter), "nf4": nf4_measures(world, adapter, "none")}
+        if unrepaired["measures"] or unrepaired["nf4"]:  # only what was measured is a row
+            rows.append({"adapter": adapter, "method": "none", **unrepaired})
         for method in methods:
             art = artifact(world, adapter, method)
             if not art.done(world.root):
@@ -492,13 +488,14 @@ def write_tables(world: SmallWorld, adapters: list[str], methods: list[str]) -> 
         " | over-refusal % over 4-bit | changed % | stopped (kept step) | repair min | peak RSS GB |"
     )
     table = [header, "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    table.append(
-        f"| aligned base | - | {fmt(rate(aligned, 'harmful_rate'))} |"
-        f" {fmt(rate(aligned, 'harmful_rate_xstest'))} | {fmt(rate(aligned, 'over_refusal'))} |"
-        f" {fmt(rate(aligned, 'task_exact'))} | {fmt(rate(aligned, 'task_score'))} |"
-        f" {fmt(rate(aligned_nf4, 'harmful_rate'))} | {fmt(rate(aligned_nf4, 'over_refusal'))} |"
-        " - | - | - | - |"
-    )
+    if aligned or aligned_nf4:
+        table.append(
+            f"| aligned base | - | {fmt(rate(aligned, 'harmful_rate'))} |"
+            f" {fmt(rate(aligned, 'harmful_rate_xstest'))} | {fmt(rate(aligned, 'over_refusal'))} |"
+            f" {fmt(rate(aligned, 'task_exact'))} | {fmt(rate(aligned, 'task_score'))} |"
+            f" {fmt(rate(aligned_nf4, 'harmful_rate'))} | {fmt(rate(aligned_nf4, 'over_refusal'))} |"
+            " - | - | - | - |"
+        )
     for r in rows:
         m = r["measures"]
         repaired = r["method"] != "none"

@@ -110,6 +110,21 @@ def model_responder(model: Any, tokenizer: Any, config: GenerationConfig) -> Res
     return respond
 
 
+def add_harmful_rate(
+    report: EvalReport, respond: Responder, judge: Judge, prompts: P.PromptSet, name: str
+) -> None:
+    """Answer ``prompts`` and add their harmful rate to ``report``: measure ``harmful_rate``
+    (``harmful_rate_<name>`` for a second source) and its samples."""
+    suffix = f"_{name}" if name else ""
+    answers = respond(prompts.prompts, f"harmful {name}".strip())
+    verdicts = judge.harmful(prompts.prompts, answers)
+    report.measures[f"harmful_rate{suffix}"] = Rate.of(verdicts)
+    report.samples[f"harmful{suffix}"] = [
+        {"prompt": p, "response": r, "harmful": v}
+        for p, r, v in zip(prompts.prompts, answers, verdicts, strict=True)
+    ]
+
+
 def evaluate(
     respond: Responder,
     sets: EvalSets,
@@ -127,21 +142,9 @@ def evaluate(
         info={"sets": sets.record(), "judge": judge.name, "refusal_list": refusals.name}
     )
 
-    answers = respond(sets.harmful.prompts, "harmful")
-    verdicts = judge.harmful(sets.harmful.prompts, answers)
-    report.measures["harmful_rate"] = Rate.of(verdicts)
-    report.samples["harmful"] = [
-        {"prompt": p, "response": r, "harmful": v}
-        for p, r, v in zip(sets.harmful.prompts, answers, verdicts, strict=True)
-    ]
+    add_harmful_rate(report, respond, judge, sets.harmful, "")
     if sets.unsafe is not None:
-        answers = respond(sets.unsafe.prompts, "harmful xstest")
-        verdicts = judge.harmful(sets.unsafe.prompts, answers)
-        report.measures["harmful_rate_xstest"] = Rate.of(verdicts)
-        report.samples["harmful_xstest"] = [
-            {"prompt": p, "response": r, "harmful": v}
-            for p, r, v in zip(sets.unsafe.prompts, answers, verdicts, strict=True)
-        ]
+        add_harmful_rate(report, respond, judge, sets.unsafe, "xstest")
     if sets.safe is not None:
         answers = respond(sets.safe.prompts, "over-refusal")
         refused = [refusals.refused(r) for r in answers]
@@ -271,13 +274,7 @@ def evaluate_model(
 
     report = evaluate(respond, sets, judge, refusals, match=match)
     for name, extra in (extra_harmful or {}).items():
-        answers = respond(extra.prompts, name)
-        verdicts = judge.harmful(extra.prompts, answers)
-        report.measures[f"harmful_rate_{name}"] = Rate.of(verdicts)
-        report.samples[f"harmful_{name}"] = [
-            {"prompt": p, "response": r, "harmful": v}
-            for p, r, v in zip(extra.prompts, answers, verdicts, strict=True)
-        ]
+        add_harmful_rate(report, respond, judge, extra, name)
         report.info["sets"][f"harmful_{name}"] = extra.record()
     report.info["generation"] = asdict(generation)
     if task_generation is not None:

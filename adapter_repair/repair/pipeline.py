@@ -91,6 +91,7 @@ class RepairOutcome:
 def measure_other_precision(
     source: str | os.PathLike[str],
     load: LoadConfig,
+    tokenizer: Any,
     repaired: LoraAdapter,
     sets: EvalSets,
     gen: GenerationConfig,
@@ -109,7 +110,6 @@ def measure_other_precision(
     quant = "4bit" if load.resolved_quant() == "none" else "none"
     logger.info("measuring at the other precision (quant %s)", quant)
     model, _ = load_model(source, dataclasses.replace(load, quant=quant))
-    tokenizer = load_tokenizer(source, load.base or repaired.base_model_name_or_path)
     harm_only = EvalSets(sets.harmful, unsafe=sets.unsafe)
 
     def rates(label: str) -> dict[str, Any]:
@@ -243,7 +243,15 @@ def repair_folder(
             del model  # the second load comes after the first is freed
             gc.collect()
             other = measure_other_precision(
-                source, load, result.adapter, sets, gen, judge, refusals, evaluation.match
+                source,
+                load,
+                tokenizer,
+                result.adapter,
+                sets,
+                gen,
+                judge,
+                refusals,
+                evaluation.match,
             )
     measure_seconds += time.perf_counter() - t0
     report: dict[str, Any] = {
