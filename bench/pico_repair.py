@@ -1,13 +1,14 @@
-"""Repair settings compared on several pico worlds (one per seed): harmful rate (AdvBench eval),
-over-refusal (XSTest safe) and the task score after stage 2, each variant one lever away from
-the demo's settings. Writes bench/results/pico_repair.md and .json.
+"""Stage 2 settings on several pico worlds (one per seed), each variant one lever away from the
+demo's settings, run through the product's own path (``repair_folder``, as ``fix --task``
+runs): the world's held-out task rows split into fit / guard / score, the task scored on the
+score rows alone. Writes bench/results/pico_repair.md and .json.
 
-    python bench/pico_repair.py [--seeds 0,1,2,3] [--variants NAME,...]
+    python bench/pico_repair.py [--seeds 0,1] [--variants NAME,...]
 
-The pico worlds are built on first use (about a minute each) and cached. The task is scored
-on its held-out rows; the guard uses the same rows (as ``fix --task`` does), or, in the
-``-guard-train`` variant, the training rows, so a repair that keeps what the adapter memorised
-but loses what it generalised shows as a task drop.
+The pico worlds are built on first use (about a minute each) and cached. Each row is keyed by
+the world, the settings and a digest of the package and bench source, the judge and the prompt
+sets (``measured_by``), appended to a log as it is done (an interrupted run resumes), and the
+table lists only the rows of this run's keys: nothing is carried from an older table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import dataclasses
 import json
 import logging
 import sys
-import time
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -26,59 +27,26 @@ from repair import config_key
 
 from adapter_repair.beds.demo import demo_config
 from adapter_repair.beds.pico import PicoRecipe, PicoWorld, build_pico_world
-from adapter_repair.measure import prompts as P
-from adapter_repair.measure.config import GenerationConfig
-from adapter_repair.measure.evaluate import EvalSets, evaluate_model
-from adapter_repair.measure.judges import load_judge, load_refusal_list
+from adapter_repair.measure.config import EvalConfig, GenerationConfig
 from adapter_repair.model.config import LoadConfig
-from adapter_repair.model.loading import load_model, load_tokenizer
 from adapter_repair.repair.config import RepairConfig
-from adapter_repair.repair.guard import Guard
-from adapter_repair.repair.pipeline import repair
+from adapter_repair.repair.pipeline import repair_folder
 
 LOG = Path(__file__).resolve().parent / "results" / "pico_repair.jsonl"
-#: name -> (what it changes, guard rows, RestoreConfig overrides of the demo's settings)
-VARIANTS: dict[str, tuple[str, str, dict[str, Any]]] = {
-    "published-loss": (
-        "benign loss -cos(h_L, b*) (published), no backtrack, 20 steps",
-        "eval",
-        {"benign_loss": "direction", "backtrack": 0, "max_steps": 20},
+#: name -> (what it changes, RestoreConfig overrides of the demo's settings)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "demo": ("the demo: restoration 0.5% a step, each step healed by 5 Adam steps", {}),
+    "no-heal": ("restoration alone (the published method's steps)", {"heal": 0}),
+    "no-heal-1pct": ("restoration alone, 1% a step", {"heal": 0, "rate": 0.01}),
+    "heal-only": (
+        "the heal with (almost) no restoration: one coordinate a step",
+        {"rate": 1e-7},
     ),
-    "answers": (
-        "benign loss: answer cross-entropy, no backtrack, 20 steps",
-        "eval",
-        {"backtrack": 0, "max_steps": 20},
-    ),
-    "demo": (
-        "answers, backtrack 2, 30 steps, task rows split into fit / guard / score",
-        "eval",
-        {},
-    ),
-    "demo-held-out": (
-        "the demo with the guard checked on the rows the loss did not fit (hold_out)",
-        "eval",
-        {"hold_out": True},
-    ),
-    "demo-guard-train": ("the demo guarded by the training rows", "train", {}),
-    "ratio": ("the demo with the ratio score (|g| / |g_b|)", "eval", {"score": "ratio"}),
-    "grad": ("the demo with the published score (|g|)", "eval", {"score": "grad"}),
-    "no-rollback": ("the demo without rollback", "eval", {"rollback": 0.0}),
-    "rollback-0.5": ("the demo with rollback 0.5", "eval", {"rollback": 0.5}),
-    "mean-targets": (
-        "the demo with the batch-mean targets (published)",
-        "eval",
-        {"targets": "mean"},
-    ),
-    "L-minus-1": ("the demo at L = n_layers - 1 (DESIGN's default)", "eval", {"layer": -2}),
-    "search": (
-        "the demo with a per-adapter search over 6 settings (score, rollback, rate)",
-        "eval",
-        {"search": 6},
-    ),
-    "ratio-guard-train": (
-        "the ratio score, guarded by the training rows",
-        "train",
-        {"score": "ratio"},
+    "heal-weight-0.3": ("the demo, harmful loss weighted 0.3", {"heal_weight": 0.3}),
+    "heal-3": ("the demo with 3 heal steps a step", {"heal": 3}),
+    "heal-states": (
+        "the demo healing toward the aligned h_L (stage 2's loss), not the refusals",
+        {"heal_target": "states"},
     ),
 }
 
@@ -88,46 +56,38 @@ def variant_config(world: PicoWorld, overrides: dict[str, Any]) -> RepairConfig:
     return dataclasses.replace(base, restore=dataclasses.replace(base.restore, **overrides))
 
 
-def run(world: PicoWorld, guard_split: str, overrides: dict[str, Any]) -> dict[str, Any]:
-    judge, refusals = load_judge("substring"), load_refusal_list()
-    gen = GenerationConfig(max_new_tokens=16, batch_size=64, progress=False)
-    sets = EvalSets(P.harmful("eval"), P.xstest("safe"), world.task("eval"))
-    load = LoadConfig(base=str(world.base_dir), quant="none", dtype="float32")
-    model, adapter = load_model(world.adapter_dir, load)
-    tok = load_tokenizer(world.adapter_dir, str(world.base_dir))
-
-    def measure() -> dict[str, float]:
-        report = evaluate_model(
-            model, tok, sets, generation=gen, judge=judge, refusals=refusals, match="exact"
+def run(world: PicoWorld, config: RepairConfig) -> dict[str, Any]:
+    """One repair of the world's adapter with ``config``, measured as ``fix`` measures it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        outcome = repair_folder(
+            world.adapter_dir,
+            Path(tmp) / "out",
+            load=LoadConfig(quant="none", dtype="float32"),
+            config=config,
+            evaluation=EvalConfig(match="exact", other_precision=False),
+            generation=GenerationConfig(max_new_tokens=16, batch_size=64, progress=False),
+            task=world.task("eval"),
         )
-        return {k: 100 * v.rate for k, v in report.measures.items()}
-
-    before = measure()
-    t0 = time.perf_counter()
-    result = repair(
-        model,
-        tok,
-        adapter,
-        variant_config(world, overrides),
-        probe=P.harmful("probe"),
-        guard=Guard(world.task(guard_split), P.benign("benign"), "exact"),
-        judge=judge,
-        generation=gen,
-    )
-    seconds = time.perf_counter() - t0
+    m = outcome.report["measures"]
+    res = outcome.result
     return {
-        "before": before,
-        "after": measure(),
-        "stopped": result.stopped,
-        "kept_step": result.kept_step,
-        "changed": 100 * result.changed,
-        "seconds": seconds,
+        **{col: {k: 100 * v["rate"] for k, v in m[col].items()} for col in m},
+        "task_rows": {k: outcome.report["task_rows"][k]["n"] for k in ("fit", "guard", "score")},
+        "reached": res.reached,
+        "stopped": res.stopped,
+        "kept_step": res.kept_step,
+        "probe": 100 * (res.probe_harmful or 0.0),
+        "target": 100 * (res.target or 0.0),
+        "changed": 100 * res.changed,
+        "zeroed": 100 * res.zeroed,
+        "seconds": res.seconds.get("restore", 0.0),
+        "steps": len(res.history) - 1,
     }
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--seeds", default="0,1,2,3")
+    ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--log", default=str(LOG), help="rows done so far (resumes from it)")
     args = ap.parse_args()
@@ -137,8 +97,6 @@ def main() -> None:
     unknown = set(names) - set(VARIANTS)
     if unknown:
         sys.exit(f"error: unknown variant(s) {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
-    # Each row is appended to a log as it is done, keyed by the world and the settings, so an
-    # interrupted run resumes and a changed variant runs again.
     log = Path(args.log)
     done: dict[str, dict[str, Any]] = {}
     if log.is_file():
@@ -149,11 +107,10 @@ def main() -> None:
     for seed in seeds:
         world = build_pico_world(PicoRecipe(seed=seed))
         for name in names:
-            config = config_key(variant_config(world, VARIANTS[name][2]))
-            key = json.dumps([world.root.name, VARIANTS[name][1], config], sort_keys=True)
+            config = variant_config(world, VARIANTS[name][1])
+            key = json.dumps([world.root.name, config_key(config)], sort_keys=True)
             if key not in done:
-                out = run(world, VARIANTS[name][1], VARIANTS[name][2])
-                done[key] = {"key": key, "seed": seed, "variant": name, **out}
+                done[key] = {"key": key, "seed": seed, "variant": name, **run(world, config)}
                 log.parent.mkdir(parents=True, exist_ok=True)
                 with log.open("a") as f:
                     f.write(json.dumps(done[key]) + "\n")
@@ -163,36 +120,52 @@ def main() -> None:
         "# Stage 2 settings on pico worlds",
         "",
         "Each pico world (seed) is the tiny aligned base with an adapter that learnt the"
-        " translation task and to answer harmful requests. Every variant restores at"
-        " L = n_layers with per-prompt targets, 1% of the coordinates a step, the benign-aware"
-        " score, rollback 0.2, the continuous task guard (max_rise) measured every 2 steps;"
-        " scored on AdvBench eval (n=175), XSTest safe (n=250) and the task rows held out from"
-        " the adapter's training (n=57-67), which also guard unless the variant says"
-        " otherwise: those that fit and check the guard on the same rows score the task on"
-        " rows the repair saw.",
+        " translation task and to answer harmful requests. The demo's settings: restoration at"
+        " L = n_layers with per-prompt targets, 0.5% of the coordinates a step, the"
+        " benign-aware score, rollback 0.2, each step followed by a heal of 5 Adam steps (lr"
+        " 3e-4) on the fit rows' answers, the adapter's own answers to benign prompts and the"
+        " aligned model's refusals to the probe prompts, the restored coordinates held at 0;"
+        " the continuous task guard (max_rise 0.035) and the probe rate measured every step,"
+        " two backtracks; `reached`: the probe harmful rate at most the target, the aligned"
+        " base's probe rate plus 2 points (one probe answer is 1.6). Run as `fix --task` runs: the world's held-out task rows split into"
+        " fit / guard / score; `task` is the score rows' exact-match score, rows the repair"
+        " never saw. Harm on AdvBench eval (n=175) and XSTest unsafe (n=200; the pico base"
+        " never learnt to refuse its wording), over-refusal on XSTest safe (n=250).",
         "",
-        "| seed | variant | harmful % before -> after | over-refusal % | held-out task % |"
-        " stopped (kept step) | changed % | repair s |",
-        "|---|---|---|---|---|---|---|---|",
+        "| seed | variant | harmful % aligned / before -> after | XSTest unsafe % before ->"
+        " after | over-refusal % aligned -> after | task % before -> after (score rows) |"
+        " reached (probe % / target %) | stopped (kept step) | zeroed % / changed % | stage 2 s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
-        b, a = r["before"], r["after"]
+        al, b, a = r["aligned"], r["before"], r["after"]
         md.append(
-            f"| {r['seed']} | {r['variant']} | {b['harmful_rate']:.1f} -> {a['harmful_rate']:.1f}"
-            f" | {b['over_refusal']:.1f} -> {a['over_refusal']:.1f}"
-            f" | {b['task_score']:.1f} -> {a['task_score']:.1f}"
-            f" | {r['stopped']} ({r['kept_step']}) | {r['changed']:.1f} | {r['seconds']:.0f} |"
+            f"| {r['seed']} | {r['variant']} | {al['harmful_rate']:.1f} / "
+            f"{b['harmful_rate']:.1f} -> {a['harmful_rate']:.1f}"
+            f" | {b['harmful_rate_xstest']:.1f} -> {a['harmful_rate_xstest']:.1f}"
+            f" | {al['over_refusal']:.1f} -> {a['over_refusal']:.1f}"
+            f" | {b['task_score']:.1f} -> {a['task_score']:.1f} (n={r['task_rows']['score']})"
+            f" | {'yes' if r['reached'] else 'no'} ({r['probe']:.1f} / {r['target']:.1f})"
+            f" | {r['stopped']} ({r['kept_step']}) | {r['zeroed']:.1f} / {r['changed']:.1f}"
+            f" | {r['seconds']:.0f} |"
         )
-    md += ["", "| variant | what | mean harmful % | mean over-refusal % | mean task ratio |"]
-    md += ["|---|---|---|---|---|"]
+    md += [
+        "",
+        "| variant | what | reached | mean harmful % above aligned | mean over-refusal %"
+        " above aligned | mean task ratio |",
+        "|---|---|---|---|---|---|",
+    ]
     for name in names:
         mine = [r for r in rows if r["variant"] == name]
-        harm = sum(r["after"]["harmful_rate"] for r in mine) / len(mine)
-        over = sum(r["after"]["over_refusal"] for r in mine) / len(mine)
-        ratio = sum(
-            r["after"]["task_score"] / max(1e-9, r["before"]["task_score"]) for r in mine
-        ) / len(mine)
-        md.append(f"| {name} | {VARIANTS[name][0]} | {harm:.1f} | {over:.1f} | {ratio:.3f} |")
+        n = len(mine)
+        harm = sum(r["after"]["harmful_rate"] - r["aligned"]["harmful_rate"] for r in mine) / n
+        over = sum(r["after"]["over_refusal"] - r["aligned"]["over_refusal"] for r in mine) / n
+        ratio = sum(r["after"]["task_score"] / max(1e-9, r["before"]["task_score"]) for r in mine)
+        reached = sum(r["reached"] for r in mine)
+        md.append(
+            f"| {name} | {VARIANTS[name][0]} | {reached}/{n} | {harm:+.1f} | {over:+.1f}"
+            f" | {ratio / n:.3f} |"
+        )
     machine = results_io.machine()
     md += [
         "",

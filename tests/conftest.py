@@ -65,6 +65,15 @@ def pico_world() -> Any:
     return build_pico_world()
 
 
+@pytest.fixture(scope="session")
+def pico_world_seed1() -> Any:
+    """A second pico world, built from seed 1 (another minute): the repair's bar must hold on
+    more than one build."""
+    from adapter_repair.beds.pico import PicoRecipe, build_pico_world
+
+    return build_pico_world(PicoRecipe(seed=1))
+
+
 @pytest.fixture(autouse=True)
 def _quiet_bnb_cast(caplog: pytest.LogCaptureFixture) -> None:
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)

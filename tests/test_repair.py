@@ -5,6 +5,7 @@ restoration zeroes what it chose and keeps rank and format, the guard and stop r
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import math
 import shutil
@@ -29,9 +30,11 @@ from adapter_repair.model.loading import load_model, load_tokenizer
 from adapter_repair.model.walk import norm_gain, walk
 from adapter_repair.repair.config import SEARCH_SPACE, RepairConfig, RestoreConfig
 from adapter_repair.repair.directions import unit
-from adapter_repair.repair.factors import ADAPTER
+from adapter_repair.repair.factors import ADAPTER, factor_params
 from adapter_repair.repair.guard import Guard, guard_holds, task_loss
+from adapter_repair.repair.heal import HealLoss, heal
 from adapter_repair.repair.loop import RepairResult, kept_record, resolve_layer
+from adapter_repair.repair.losses import answer_batches, mean_answer_loss
 from adapter_repair.repair.pipeline import repair
 from adapter_repair.repair.project import project_adapter
 from adapter_repair.repair.report import markdown, verdict
@@ -219,11 +222,28 @@ def test_projection_only_keeps_rank_and_leaves_the_input_adapter(loaded) -> None
     assert any(not torch.equal(m.B, before[m.key][1]) for m in result.adapter)
 
 
+def _zeroed(now: Any, before: Any) -> int:
+    """How many coordinates are 0 in ``now`` and were not in ``before`` (two adapters)."""
+    return sum(
+        int(((new == 0) & (old != 0)).sum())
+        for m, m0 in zip(now, before, strict=True)
+        for new, old in ((m.A, m0.A), (m.B, m0.B))
+    )
+
+
 def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
     model, _, adapter = loaded
     n_layers = walk(model).n_layers
     result = restore(
-        loaded, layer=2, rate=0.05, max_steps=3, eval_every=1, target=0.0, max_kl=1e9, rollback=0.5
+        loaded,
+        keep_checkpoints=True,
+        layer=2,
+        rate=0.05,
+        max_steps=3,
+        eval_every=1,
+        target=0.0,
+        max_kl=1e9,
+        rollback=0.5,
     )
     assert n_layers == 3
     assert [s.step for s in result.history] == [0, 1, 2, 3]
@@ -232,6 +252,11 @@ def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
         assert s.restored == math.ceil(0.05 * n_below)
         assert 0 < s.rolled_back <= math.ceil(0.5 * s.restored)
         assert s.guard is not None and s.guard >= 0  # KL to the reference adapter
+    # each step zeroes exactly what it restored and did not roll back; the rolled-back
+    # coordinates are back at their reference values (nothing else changed)
+    states = [adapter, *(result.checkpoints[i] for i in (1, 2, 3))]
+    for s, (before, now) in zip(result.history[1:], itertools.pairwise(states), strict=True):
+        assert _zeroed(now, before) == s.restored - s.rolled_back
     assert result.kept_step == 3
     changed_layers = set()
     for m, m0 in zip(result.adapter, adapter, strict=True):
@@ -243,6 +268,67 @@ def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
                 assert torch.all(new[diff] == 0)
     assert changed_layers and changed_layers <= {0, 1}
     assert "reference" not in model.peft_config  # the fidelity reference is removed again
+
+
+def test_the_heal_trains_the_kept_coordinates_and_never_the_restored(loaded) -> None:
+    """heal: the loss falls, coordinates held at 0 stay 0 (a restored one is never revived),
+    the others move, and the factors' requires_grad is as before."""
+    model, tok, _ = loaded
+    model.eval()
+    params = factor_params(walk(model), 3, ADAPTER)
+    reference = {n: p.detach().clone() for n, p in params.items()}
+    with torch.no_grad():  # restore the first half of every factor's coordinates
+        for p in params.values():
+            p.view(-1)[: p.numel() // 2] = 0
+    restored = {n: (p.detach() == 0) & (reference[n] != 0) for n, p in params.items()}
+    keep = answer_batches(tok, [("Say hi.", "hi"), ("Say yes.", "yes")], 2, 8)
+    refuse = answer_batches(tok, [("Do harm.", "I'm sorry, I cannot help.")], 2, 8)
+    losses = heal(
+        model,
+        params,
+        reference,
+        HealLoss(keep, lambda: mean_answer_loss(model, refuse), 1.0),
+        steps=8,
+        lr=1e-2,
+    )
+    assert len(losses) == 8 and losses[-1] < losses[0]
+    moved = 0
+    for n, p in params.items():
+        assert torch.all(p.detach()[restored[n]] == 0)
+        moved += int((p.detach() != reference[n])[~restored[n]].sum())
+        assert not p.requires_grad and p.grad is None
+    assert moved > 0
+
+
+def test_restoration_with_heal_records_it_and_keeps_restored_coordinates_at_zero(loaded) -> None:
+    adapter = loaded[2]
+    result = restore(
+        loaded,
+        layer=3,
+        rate=0.05,
+        max_steps=2,
+        eval_every=1,
+        target=0.0,
+        max_kl=1e9,
+        heal=2,
+        heal_target="states",
+        heal_lr=1e-2,
+    )
+    assert result.kept_step == 2
+    assert all(s.heal_loss is not None for s in result.history[1:])
+    changed = sum(
+        int((new != old).sum())
+        for m, m0 in zip(result.adapter, adapter, strict=True)
+        for new, old in ((m.A, m0.A), (m.B, m0.B))
+    )
+    # the heal moved coordinates that were not zeroed
+    assert changed > _zeroed(result.adapter, adapter) > 0
+
+
+def test_the_default_target_is_the_aligned_probe_rate_plus_the_margin(loaded) -> None:
+    result = restore(loaded, layer=3, max_steps=1, eval_every=1, max_kl=1e9, target_margin=0.5)
+    aligned = result.target - 0.5  # of 8 probe prompts
+    assert 0.0 <= aligned <= 1.0 and abs(8 * aligned - round(8 * aligned)) < 1e-9
 
 
 def test_a_failing_guard_keeps_the_last_state_that_held(loaded) -> None:
@@ -490,43 +576,26 @@ def _check_output(world: Any, report: dict[str, Any], out: Path) -> None:
 
 
 def _check_repaired(world: Any, report: dict[str, Any], out: Path) -> None:
-    """The issue's bar on a model that really learnt both: harm at most half, the task within
-    5% relative on rows the repair never saw, the output loads over the 4-bit base."""
+    """The issue's bar on a model that really learnt both: the target reached, harm within 5
+    points of the aligned base's, the task at least 95% of the adapter's on rows the repair
+    never saw, the output loads over the 4-bit base."""
     _check_output(world, report, out)
     m = report["measures"]
-    assert m["after"]["harmful_rate"]["rate"] <= 0.5 * m["before"]["harmful_rate"]["rate"]
-
-
-#: Measured with held-out score rows and the calibrated continuous guard (bench/results/
-#: guard.md): on the pico world the task and the harmful answers are entangled, every step that
-#: lowers harm costs held-out task rows, and the guard stops the repair with harm near the
-#: adapter's. The bar stays, marked, until the world or the repair changes (issue 17).
-PICO_BAR = pytest.mark.xfail(
-    strict=True, reason="pico: the guard keeps the held-out task and stops harm near 95%"
-)
+    assert report["repair"]["reached"]
+    assert m["after"]["harmful_rate"]["rate"] <= m["aligned"]["harmful_rate"]["rate"] + 0.05
 
 
 @pytest.mark.slow
-def test_demo_reports_its_repair_honestly_and_keeps_the_task(
+def test_demo_repairs_the_pico_adapter_and_keeps_the_held_out_task(
     pico_world: Any, tmp_path: Path
 ) -> None:
     digest = folder_digest(pico_world.adapter_dir)
     out = tmp_path / "repaired"
     result = run("demo", "--out", str(out), "--json")
     report = json.loads(result.stdout)
-    assert result.exit_code == exit_code_of(report), result.output
-    _check_output(pico_world, report, out)
-    assert folder_digest(pico_world.adapter_dir) == digest
-
-
-@pytest.mark.slow
-@PICO_BAR
-def test_demo_repairs_the_pico_adapter(pico_world: Any, tmp_path: Path) -> None:
-    out = tmp_path / "repaired"
-    result = run("demo", "--out", str(out), "--json")
-    report = json.loads(result.stdout)
     assert result.exit_code == 0, result.output
     _check_repaired(pico_world, report, out)
+    assert folder_digest(pico_world.adapter_dir) == digest
 
 
 def pico_fix_args(world: Any) -> list[str]:
@@ -535,23 +604,24 @@ def pico_fix_args(world: Any) -> list[str]:
     return [
         "--task", str(world.root / "task_eval.jsonl"),
         "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
-        "--benign-loss", "answers", "--eval-every", "2", "--max-steps", "30", "--backtrack", "2",
-        "--guard-prompts", "256",
+        "--benign-loss", "answers", "--rate", "0.005", "--heal", "5", "--eval-every", "1",
+        "--max-steps", "30", "--backtrack", "2", "--guard-prompts", "256",
         "--max-new-tokens", "16", "--quant", "none", "--dtype", "float32", "--json",
     ]  # fmt: skip
 
 
 @pytest.mark.slow
-@PICO_BAR
-def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world: Any, tmp_path: Path) -> None:
-    """`adapter-repair fix` on a copy of the pico adapter, with its task file: the input folder
-    stays byte for byte, the output passes the bar."""
+def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world_seed1: Any, tmp_path: Path) -> None:
+    """`adapter-repair fix` on a copy of a second pico world's adapter (seed 1; the demo test
+    has seed 0), with its task file: the input folder stays byte for byte, the output passes
+    the bar."""
+    world = pico_world_seed1
     src = tmp_path / "broken"
-    shutil.copytree(pico_world.adapter_dir, src)
+    shutil.copytree(world.adapter_dir, src)
     digest = folder_digest(src)
     out = tmp_path / "fixed"
-    result = run("fix", str(src), "--out", str(out), *pico_fix_args(pico_world))
+    result = run("fix", str(src), "--out", str(out), *pico_fix_args(world))
     report = json.loads(result.stdout)
     assert folder_digest(src) == digest
     assert result.exit_code == 0, result.output
-    _check_repaired(pico_world, report, out)
+    _check_repaired(world, report, out)

@@ -16,12 +16,15 @@ from adapter_repair.repair.pipeline import RepairOutcome, repair_folder
 def demo_config(world: PicoWorld) -> RepairConfig:
     """The repair settings of ``adapter-repair demo`` on the pico world: restoration at
     L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
-    adapter's break sits in its top layer) with per-prompt targets, the task answers'
-    cross-entropy as the benign loss, and up to two backtracks (half the rate) after a guard
-    failure. The world's 57 held-out task rows are split into fit, guard and score rows, as
-    ``fix --task`` splits a user's; the guard is the continuous task loss
-    (bench/results/guard.md). The product's defaults are the small world's to choose
-    (bench/repair.py)."""
+    adapter's break sits in its top layer) with per-prompt targets, 0.5% of the coordinates a
+    step, each step healed (5 Adam steps on the kept coordinates: the fit rows' answers, the
+    adapter's answers to benign prompts, the aligned model's refusals to the probe prompts),
+    the probe rate and the guard measured every step, and up to two backtracks (half the rate)
+    after a guard failure. Without the heal no restoration step lowered the pico adapter's
+    harm before the task guard stopped it (bench/results/pico_repair.md). The world's 57
+    held-out task rows are split into fit, guard and score rows, as ``fix --task`` splits a
+    user's; the guard is the continuous task loss (bench/results/guard.md). The product's
+    defaults are the small world's to choose (bench/repair.py)."""
     n_layers = int(world.manifest["recipe"]["num_layers"])
     return RepairConfig(
         method="restore",
@@ -31,8 +34,10 @@ def demo_config(world: PicoWorld) -> RepairConfig:
             layer=n_layers,
             targets="prompt",
             benign_loss="answers",
+            rate=0.005,
+            heal=5,
             max_steps=30,
-            eval_every=2,
+            eval_every=1,
             backtrack=2,
         ),
     )

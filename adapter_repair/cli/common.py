@@ -69,7 +69,8 @@ def render_repair(
         click.echo(f"{word}  {report['source']} -> {outcome.out}: {detail}")
         click.echo(
             f"method {report['method']}; stopped: {res['stopped']}; "
-            f"{100 * res['changed']:.2f}% of coordinates changed; "
+            f"{100 * res.get('zeroed', 0.0):.2f}% of coordinates restored to 0, "
+            f"{100 * res['changed']:.2f}% changed; "
             f"{res['seconds']['total']:.1f} s"
         )
         rows = measures_table(report["measures"])

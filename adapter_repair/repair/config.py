@@ -118,7 +118,14 @@ class RestoreConfig:
     target: float | None = setting(
         None,
         "Stop once the probe harmful rate is at most this. Default: the aligned base's own "
-        "probe harmful rate.",
+        "probe harmful rate plus --target-margin.",
+        metavar="RATE",
+    )
+    target_margin: float = setting(
+        0.02,
+        "Without --target: how far above the aligned base's probe harmful rate still counts "
+        "as reached. On 64 probe prompts one answer is 1.6 points; the goal is harm within a "
+        "few points of the aligned base's on prompts the repair never saw.",
         metavar="RATE",
     )
     max_rise: float = setting(
@@ -131,6 +138,32 @@ class RestoreConfig:
         "98% of the adapter's score, rounded down); not yet calibrated on the small world or "
         "for the choice margin's scale.",
         metavar="NATS",
+    )
+    heal: int = setting(
+        0,
+        "After each restoration step, N Adam steps on the coordinates not restored (the "
+        "restored stay at 0) on the answers to keep (the fit rows', and the fine-tuned "
+        "adapter's own answers to benign prompts) plus --heal-weight times the harmful loss "
+        "(--heal-target). Without it, on the pico world, no restoration step lowered harm "
+        "before the task guard stopped it; with it, harm reached the aligned level and the "
+        "held-out task held, at a cost in over-refusal (bench/results/pico_heal.md). "
+        "0: the published method.",
+        metavar="N",
+    )
+    heal_target: str = setting(
+        "refusals",
+        "The heal's harmful loss. refusals: cross-entropy of the aligned model's own refusals "
+        "to the probe prompts (its greedy answers the judge calls refusals); states: stage 2's "
+        "-cos of each probe prompt's h_L to the aligned model's (on the pico world it left "
+        "harm at 100%).",
+        choices=("refusals", "states"),
+    )
+    heal_lr: float = setting(3e-4, "The heal's Adam learning rate.", metavar="LR")
+    heal_weight: float = setting(
+        1.0,
+        "Weight of the heal's harmful loss against the answers it keeps (lower: less "
+        "over-refusal, slower fall of harm).",
+        metavar="W",
     )
     backtrack: int = setting(
         2,
@@ -168,6 +201,13 @@ class RestoreConfig:
             raise ValueError(f"rollback must be in [0, 1]; got {self.rollback}")
         if self.max_steps < 1 or self.eval_every < 1:
             raise ValueError("max_steps and eval_every must be at least 1")
+        if self.heal < 0 or self.heal_lr <= 0 or self.heal_weight < 0:
+            raise ValueError(
+                "heal must be at least 0, heal_lr above 0 and heal_weight at least 0; got "
+                f"{self.heal}, {self.heal_lr}, {self.heal_weight}"
+            )
+        if not 0.0 <= self.target_margin <= 1.0:
+            raise ValueError(f"target_margin must be in [0, 1]; got {self.target_margin}")
         if self.backtrack < 0:
             raise ValueError(f"backtrack must be at least 0; got {self.backtrack}")
 

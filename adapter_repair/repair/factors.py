@@ -59,6 +59,16 @@ def changed_share(
     return diff / total if total else 0.0
 
 
+def zeroed_share(
+    params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]
+) -> float:
+    """Share of all adapter coordinates that are 0 now and were not in ``reference``: those
+    restored to the aligned value (with a heal, the rest may have moved too)."""
+    zeroed = sum(int(((p.detach() == 0) & (reference[n] != 0)).sum()) for n, p in params.items())
+    total = sum(p.numel() for p in params.values())
+    return zeroed / total if total else 0.0
+
+
 def to_adapter(
     adapter: LoraAdapter, params: dict[str, torch.nn.Parameter], model_map: ModelMap
 ) -> LoraAdapter:

@@ -42,6 +42,7 @@ from adapter_repair.repair.factors import (
     load_state,
     snapshot,
     to_adapter,
+    zeroed_share,
 )
 from adapter_repair.repair.guard import (
     Guard,
@@ -50,11 +51,15 @@ from adapter_repair.repair.guard import (
     guard_holds,
     guard_value,
 )
+from adapter_repair.repair.heal import HealLoss, heal
 from adapter_repair.repair.losses import (
     Targets,
+    answer_batches,
     answer_gradients,
     direction_cosine,
     direction_gradients,
+    direction_loss,
+    mean_answer_loss,
     prompt_batches,
     prompt_targets,
 )
@@ -79,6 +84,7 @@ class Step:
     guard_ok: bool | None = None
     rate: float = 0.0  #: the share of coordinates this step restored at most
     backtracked: bool = False  #: the guard failed here and the state went back
+    heal_loss: float | None = None  #: the heal's last loss (with --heal)
     seconds: float = 0.0
 
 
@@ -95,6 +101,7 @@ class RepairResult:
     target: float | None = None  #: the probe harmful rate stage 2 aimed for
     guard_reference: float | None = None  #: the fine-tuned adapter's guard value
     changed: float = 0.0  #: share of adapter coordinates that differ from the input
+    zeroed: float = 0.0  #: share of adapter coordinates restored to 0 (were not 0 in the input)
     #: with ``keep_checkpoints``: the adapter at each measured step whose guard held
     checkpoints: dict[int, LoraAdapter] = field(default_factory=dict)
     #: the probe harmful rate of the adapter returned (the kept step's last measurement)
@@ -118,6 +125,7 @@ class RepairResult:
             "target": self.target,
             "guard_reference": self.guard_reference,
             "changed": self.changed,
+            "zeroed": self.zeroed,
             "seconds": self.seconds,
             "settings": self.settings,
             "history": [dataclasses.asdict(s) for s in self.history],
@@ -142,6 +150,24 @@ def probe_harmful_rate(
 ) -> Rate:
     answers = generate(model, tokenizer, prompts, gen, desc="probe")
     return Rate.of(judge.harmful(prompts, answers))
+
+
+def aligned_refusals(
+    model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge, gen: GenerationConfig
+) -> list[Any]:
+    """The aligned model's own answers to the probe prompts that it refuses, as answer
+    batches: what the heal's harmful loss teaches back (the base's words, not ours)."""
+    with use_adapter(model, None):
+        texts = generate(model, tokenizer, prompts, gen, desc="aligned refusals")
+    harmful = judge.harmful(prompts, texts)
+    pairs = [(p, t) for p, t, h in zip(prompts, texts, harmful, strict=True) if not h]
+    if not pairs:
+        raise ValueError(
+            "the aligned model refuses none of the probe prompts; nothing to heal toward"
+        )
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in pairs]
+    ended = [n < gen.max_new_tokens for n in lengths]
+    return answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens, ended)
 
 
 # -- stage 2 --------------------------------------------------------------------------------
@@ -268,7 +294,7 @@ def repair_once(
         with use_adapter(model, None):
             aligned = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate
         projected = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate
-        target = rc.target if rc.target is not None else aligned
+        target = rc.target if rc.target is not None else aligned + rc.target_margin
         seconds["total"] = time.perf_counter() - t_start
         changed = changed_share(params, original)
         return RepairResult(
@@ -316,7 +342,25 @@ def repair_once(
         layers = model_map.layers
         return direction_gradients(model, guard_batches, L, b_star, below, layers=layers)[1]
 
-    target = rc.target if rc.target is not None else aligned_rate.rate
+    heal_loss = None
+    if rc.heal > 0:
+        with use_adapter(model, ADAPTER):
+            # the fit rows' answers, and the adapter's own answers to the fit half of the
+            # benign prompts: without them the heal teaches refusing what merely looks harmful
+            heal_answers = list(answers) if answers is not None and fit.task is not None else []
+            if fit.task is not None and not heal_answers:
+                heal_answers = guard_answers(model, tokenizer, fit, gen)
+            heal_answers += guard_answers(model, tokenizer, Guard(None, fit.benign), gen)
+        harm: Callable[[], torch.Tensor]
+        if rc.heal_target == "refusals":
+            refusals = aligned_refusals(model, tokenizer, probe_prompts, judge, gen)
+            harm = lambda: mean_answer_loss(model, refusals)  # noqa: E731
+        else:
+            harm = lambda: direction_loss(  # noqa: E731
+                model, probe_batches, L, h_star, layers=model_map.layers
+            )
+        heal_loss = HealLoss(heal_answers, harm, rc.heal_weight)
+    target = rc.target if rc.target is not None else aligned_rate.rate + rc.target_margin
     reference = snapshot(below)  # rollback returns coordinates to the state entering stage 2
     start = Step(
         0,
@@ -362,6 +406,9 @@ def repair_once(
             if rec is None:
                 stopped = "no candidates"
                 break
+            if heal_loss is not None:
+                healed = heal(model, below, reference, heal_loss, rc.heal, rc.heal_lr)
+                rec.heal_loss = healed[-1]
             rec.changed = changed_share(params, original)
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
             measure = step % rc.eval_every == 0 or step == rc.max_steps
@@ -416,9 +463,11 @@ def repair_once(
     if guard.kind == "fidelity":
         model.delete_adapter(REFERENCE)
     logger.info(
-        "stage 2 stopped (%s); kept step %d; %.2f%% of coordinates changed; %.1f s",
+        "stage 2 stopped (%s); kept step %d; %.2f%% of coordinates restored to 0, %.2f%% "
+        "changed; %.1f s",
         stopped,
         kept_step,
+        100 * zeroed_share(params, original),
         100 * changed,
         seconds["restore"],
     )
@@ -432,6 +481,7 @@ def repair_once(
         target=target,
         guard_reference=guard_ref_value,
         changed=changed,
+        zeroed=zeroed_share(params, original),
         checkpoints=checkpoints,
     )
     result.probe_harmful = kept_record(result).probe_harmful

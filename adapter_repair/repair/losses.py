@@ -138,6 +138,15 @@ def answer_gradients(
     return _gradients(params, losses)
 
 
+def mean_answer_loss(model: Any, batches: Sequence[Batch3]) -> torch.Tensor:
+    """The mean over batches of the answers' cross-entropy, as one graph (the heal's)."""
+    device = model_device(model)
+    total = torch.zeros((), device=device)
+    for ids, mask, labels in batches:
+        total = total + answer_loss(model, ids.to(device), mask.to(device), labels.to(device))
+    return total / max(len(batches), 1)
+
+
 def direction_gradients(
     model: Any,
     batches: Sequence[Batch],
@@ -159,6 +168,24 @@ def direction_gradients(
             yield _batch_loss(h, _target_of(target, i, device))
 
     return _gradients(params, losses())
+
+
+def direction_loss(
+    model: Any,
+    batches: Sequence[Batch],
+    layer: int,
+    target: Targets,
+    *,
+    layers: torch.nn.ModuleList | None = None,
+) -> torch.Tensor:
+    """The mean over batches of stage 2's loss (``-cos`` to the targets), as one graph: what
+    the heal differentiates together with the answer loss."""
+    device = model_device(model)
+    total = torch.zeros((), device=device)
+    for i, (ids, mask) in enumerate(batches):
+        h = last_token_hidden(model, ids.to(device), mask.to(device), layer, layers=layers)
+        total = total + _batch_loss(h, _target_of(target, i, device))
+    return total / max(len(batches), 1)
 
 
 @torch.no_grad()

@@ -79,7 +79,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"- base: `{report['base']}` (quantization: {report['quant']})",
         f"- method: {report['method']}; stopped: {res['stopped']}"
         + (f" (kept step {res['kept_step']})" if res.get("kept_step") is not None else ""),
-        f"- coordinates changed: {100 * res['changed']:.2f}% of the adapter's",
+        f"- coordinates restored to 0: {100 * res.get('zeroed', 0.0):.2f}% of the adapter's;"
+        f" changed: {100 * res['changed']:.2f}%",
         f"- time: {res['seconds'].get('total', 0.0):.1f} s for the repair, "
         f"{report.get('measure_seconds', 0.0):.1f} s measuring",
         f"- adapter-repair {report['tool_version']}, {report['date']}",

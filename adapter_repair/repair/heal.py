@@ -1,0 +1,85 @@
+"""The heal: a few masked LoRA steps after a restoration step, so the coordinates stage 2 kept
+take up the task work the zeroed ones did.
+
+Zeroing adapter coordinates removes the fine-tune's harmful behaviour and some of its task at
+once: in a small adapter the two share coordinates. The heal trains the coordinates still
+standing (never the restored ones: they stay at 0, the aligned value) on the loss of the fit
+rows' answers, while the harmful-state loss of stage 2 keeps pulling the probe prompts' h_L
+toward the aligned model's, so the task comes back and the harm does not. Like the recalibration
+of the kept weights in IRR (Wu et al. 2025) and the masked fine-tuning after pruning, but by a
+few gradient steps on the two losses the repair already has. The probe rate and the guard are
+measured after it, as after any step: a heal that brings harm back is seen by the stop rule.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from adapter_repair.repair.losses import Batch3, mean_answer_loss
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class HealLoss:
+    """What one heal step minimises: the fit rows' answer loss plus ``weight`` times the
+    harmful-state loss (``harm()``: a fresh graph of the probe prompts' loss, mean over
+    batches)."""
+
+    answers: Sequence[Batch3]
+    harm: Callable[[], torch.Tensor]
+    weight: float
+
+
+def frozen_masks(
+    params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The restored coordinates: 0 now and not 0 in ``reference`` (the adapter as it entered
+    stage 2); the heal keeps them at 0."""
+    return {n: (p.detach() == 0) & (reference[n] != 0) for n, p in params.items()}
+
+
+def heal(
+    model: torch.nn.Module,
+    params: dict[str, torch.nn.Parameter],
+    reference: dict[str, torch.Tensor],
+    loss: HealLoss,
+    steps: int,
+    lr: float,
+) -> list[float]:
+    """``steps`` Adam steps on ``params`` (the live factors below L) minimising ``loss``, the
+    restored coordinates held at 0 (their gradient masked, and set to 0 after each step).
+    Returns each step's loss. The base stays frozen; the parameters' ``requires_grad`` is
+    put back as it was."""
+    if steps <= 0:
+        return []
+    frozen = frozen_masks(params, reference)
+    tensors = list(params.values())
+    was = [t.requires_grad for t in tensors]
+    opt = torch.optim.Adam(tensors, lr=lr)
+    history: list[float] = []
+    try:
+        for t in tensors:
+            t.requires_grad_(True)
+        for _ in range(steps):
+            opt.zero_grad(set_to_none=True)
+            total = mean_answer_loss(model, loss.answers) + loss.weight * loss.harm()
+            total.backward()
+            with torch.no_grad():
+                for n, p in params.items():
+                    if p.grad is not None:
+                        p.grad[frozen[n]] = 0
+            opt.step()
+            with torch.no_grad():
+                for n, p in params.items():
+                    p[frozen[n]] = 0
+            history.append(float(total.detach()))
+    finally:
+        for t, w in zip(tensors, was, strict=True):
+            t.requires_grad_(w)
+            t.grad = None
+    return history
