@@ -44,6 +44,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "heal-weight-0.3": ("the demo, harmful loss weighted 0.3", {"heal_weight": 0.3}),
     "heal-3": ("the demo with 3 heal steps a step", {"heal": 3}),
+    "fisher": (
+        "the demo with the second-order score (g x value against 1/2 F value^2) and its rollback",
+        {"score": "fisher"},
+    ),
+    "no-heal-fisher": (
+        "restoration alone with the second-order score and its rollback",
+        {"heal": 0, "score": "fisher"},
+    ),
     "heal-states": (
         "the demo healing toward the aligned h_L (stage 2's loss), not the refusals",
         {"heal_target": "states"},

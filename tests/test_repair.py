@@ -382,6 +382,21 @@ def test_answer_loss_guards_with_the_fine_tuned_answers(loaded) -> None:
             assert torch.all(new[new != old] == 0)
 
 
+def test_the_fisher_score_restores_and_rolls_back_by_task_cost(loaded) -> None:
+    """score=fisher: the Fisher of the fine-tuned adapter's own benign answers (no task rows)
+    ranks and rolls back; every change is still a zeroing."""
+    adapter = loaded[2]
+    result = restore(
+        loaded, layer=3, rate=0.05, max_steps=2, eval_every=1, target=0.0, max_kl=1e9,
+        rollback=0.5, score="fisher",
+    )  # fmt: skip
+    assert result.kept_step == 2
+    assert all(0 < s.rolled_back <= math.ceil(0.5 * s.restored) for s in result.history[1:])
+    for m, m0 in zip(result.adapter, adapter, strict=True):
+        for new, old in ((m.A, m0.A), (m.B, m0.B)):
+            assert torch.all(new[new != old] == 0)
+
+
 def test_checkpoints_hold_the_adapter_at_each_measured_step(loaded) -> None:
     adapter = loaded[2]
     result = restore(

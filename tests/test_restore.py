@@ -19,6 +19,7 @@ from adapter_repair.repair.losses import (
     answer_gradients,
     direction_cosine,
     direction_gradients,
+    fisher_diagonal,
     prompt_batches,
     prompt_targets,
 )
@@ -114,3 +115,25 @@ def test_answer_gradients_are_the_gradients_of_the_answer_cross_entropy(
         assert p.grad is not None
         torch.testing.assert_close(grads[n], p.grad.float(), rtol=1e-4, atol=1e-6)
         p.grad = None
+
+
+def test_the_fisher_diagonal_is_the_mean_squared_per_row_gradient(
+    tiny_chat_dir: Path, tiny_chat_adapter_dir: Path
+) -> None:
+    model, _ = load_model(tiny_chat_adapter_dir, LoadConfig(base=str(tiny_chat_dir), quant="none"))
+    tok = load_tokenizer(tiny_chat_adapter_dir, str(tiny_chat_dir))
+    params = factor_params(walk(model), walk(model).n_layers)
+    pairs = [(p, f"answer number {i}") for i, p in enumerate(PROMPTS[:3])]
+    fisher = fisher_diagonal(model, answer_batches(tok, pairs, 2, max_answer_tokens=8), params)
+    squares = [
+        {
+            n: g.square()
+            for n, g in answer_gradients(model, answer_batches(tok, [pair], 1, 8), params)[
+                1
+            ].items()
+        }
+        for pair in pairs
+    ]  # one row at a time: the rows' squared gradients, averaged
+    for n in params:
+        torch.testing.assert_close(fisher[n], sum(s[n] for s in squares) / 3, rtol=1e-4, atol=1e-9)
+    assert any(bool((f > 0).any()) for f in fisher.values())

@@ -111,3 +111,26 @@ def test_choose_restored_takes_candidates_only_and_the_benign_score_spares_the_t
     assert aware["A"].tolist() == [False, True, False, True]
     with pytest.raises(ValueError, match="benign_grads"):
         S.choose_restored(values, grads, rate=0.5)
+
+
+def test_the_fisher_score_weighs_harm_removed_against_the_task_loss_it_costs() -> None:
+    values = {"A": torch.tensor([1.0, 1.0, 2.0, -1.0])}
+    grads = {"A": torch.tensor([2.0, 2.0, 1.0, -1.0])}
+    # zeroing A[0] costs the task most (F 100); A[1] removes as much harm at no cost
+    fisher = {"A": torch.tensor([100.0, 0.0, 0.0, 0.0])}
+    assert torch.equal(S.zeroing_cost(values["A"], fisher["A"]), torch.tensor([50.0, 0, 0, 0]))
+    first = S.choose_restored(values, grads, rate=0.5, rule="grad")
+    assert first["A"].tolist() == [True, True, False, False]
+    second = S.choose_restored(values, grads, rate=0.5, rule="fisher", fisher=fisher)
+    # g x value: 2, 2, 2, 1; A[0]'s cost sends it below A[3]
+    assert second["A"].tolist() == [False, True, True, False]
+    with pytest.raises(ValueError, match="Fisher"):
+        S.choose_restored(values, grads, rate=0.5, rule="fisher")
+
+
+def test_the_fisher_rollback_returns_the_zeroed_coordinates_of_highest_task_cost() -> None:
+    reference = {"a": torch.tensor([1.0, 2.0, -1.0, 1.0])}
+    zeroed = {"a": torch.tensor([True, True, True, False])}
+    fisher = {"a": torch.tensor([1.0, 1.0, 9.0, 99.0])}  # costs 0.5, 2, 4.5 (and 49.5 unzeroed)
+    back = S.rollback_by_cost(zeroed, reference, fisher, share=0.5)  # ceil(1.5) = 2 of 3
+    assert back["a"].tolist() == [False, True, True, False]

@@ -12,7 +12,7 @@ from adapter_repair.settings import check_choices, setting
 REPAIR_METHODS = ("project", "restore", "both")
 DIRECTION_KINDS = ("shift", "refusal")
 PROJECTION_SIDES = ("write", "read", "both")
-RESTORE_SCORES = ("grad", "grad_x_value", "benign_aware", "ratio")
+RESTORE_SCORES = ("grad", "grad_x_value", "benign_aware", "ratio", "fisher")
 #: what RestoreConfig.search varies, tried in this order after the configured settings: the
 #: levers whose best value moved between adapters and worlds (bench/results/pico_repair.md)
 SEARCH_SPACE: dict[str, tuple[Any, ...]] = {
@@ -73,7 +73,10 @@ class RestoreConfig:
         "How coordinates are ranked: grad (|g|, the published method), grad_x_value (|g x "
         "value|), benign_aware (|g| damped where zeroing would hurt the benign/task loss), or "
         "ratio (|g| / |g_b|, both scaled by their mean: harm removed per unit of task "
-        "sensitivity, whatever the sign).",
+        "sensitivity, whatever the sign), or fisher (second order: g x value, the harm "
+        "zeroing removes, against 1/2 F value^2, the task loss it costs, F the empirical "
+        "Fisher of per-row answer gradients, recomputed each step; its rollback returns the "
+        "zeroed coordinates of highest cost).",
         choices=RESTORE_SCORES,
     )
     targets: str = setting(

@@ -59,12 +59,19 @@ from adapter_repair.repair.losses import (
     direction_cosine,
     direction_gradients,
     direction_loss,
+    fisher_diagonal,
     mean_answer_loss,
     prompt_batches,
     prompt_targets,
 )
 from adapter_repair.repair.project import project_adapter, projection_directions
-from adapter_repair.repair.select import BENIGN_SCORES, choose_restored, rollback_mask
+from adapter_repair.repair.select import (
+    BENIGN_SCORES,
+    FISHER_SCORES,
+    choose_restored,
+    rollback_by_cost,
+    rollback_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +192,7 @@ def restore_step(
     config: RepairConfig,
     step: int,
     rate: float,
+    fisher: Callable[[], dict[str, torch.Tensor]] | None = None,
 ) -> Step | None:
     """Stage 2, steps 1-5, once: gradients toward h*, the benign gradient where the score or
     the rollback needs it, zero the chosen coordinates, roll back the share the benign gradient
@@ -195,9 +203,20 @@ def restore_step(
     g_b = None
     if rc.score in BENIGN_SCORES:
         g_b = benign_gradients()
+    f_ii = None
+    if rc.score in FISHER_SCORES:
+        if fisher is None:
+            raise ValueError(f"the {rc.score} score needs answer rows for the Fisher")
+        f_ii = fisher()
     values = {n: p.detach().float().cpu() for n, p in below.items()}
     chosen = choose_restored(
-        values, g, rate, rule=rc.score, benign_grads=g_b, per_matrix=rc.per_matrix
+        values,
+        g,
+        rate,
+        rule=rc.score,
+        benign_grads=g_b,
+        per_matrix=rc.per_matrix,
+        fisher=f_ii,
     )
     n_chosen = sum(int(m.sum()) for m in chosen.values())
     if n_chosen == 0:
@@ -207,9 +226,11 @@ def restore_step(
             p[chosen[n].to(p.device)] = 0
     rolled = 0
     if rc.rollback > 0:
-        g_after = benign_gradients()
         ref_cpu = {n: t.float().cpu() for n, t in reference.items()}
-        back = rollback_mask(chosen, ref_cpu, g_after, rc.rollback)
+        if f_ii is not None:
+            back = rollback_by_cost(chosen, ref_cpu, f_ii, rc.rollback)
+        else:
+            back = rollback_mask(chosen, ref_cpu, benign_gradients(), rc.rollback)
         with torch.no_grad():
             for n, p in below.items():
                 m = back[n].to(p.device)
@@ -342,6 +363,17 @@ def repair_once(
         layers = model_map.layers
         return direction_gradients(model, guard_batches, L, b_star, below, layers=layers)[1]
 
+    fisher_fn = None
+    if rc.score in FISHER_SCORES:
+        fisher_rows = answers
+        if fisher_rows is None:
+            with use_adapter(model, ADAPTER):
+                fisher_rows = guard_answers(model, tokenizer, fit, gen)
+        rows = fisher_rows
+
+        def fisher_fn() -> dict[str, torch.Tensor]:
+            return fisher_diagonal(model, rows, below)
+
     heal_loss = None
     if rc.heal > 0:
         with use_adapter(model, ADAPTER):
@@ -402,6 +434,7 @@ def repair_once(
                 config,
                 step,
                 rate,
+                fisher_fn,
             )
             if rec is None:
                 stopped = "no candidates"

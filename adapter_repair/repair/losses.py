@@ -188,6 +188,28 @@ def direction_loss(
     return total / max(len(batches), 1)
 
 
+def fisher_diagonal(
+    model: Any, batches: Sequence[Batch3], params: dict[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
+    """The empirical diagonal Fisher of the answer loss: the mean over rows of each row's
+    squared gradient with respect to ``params`` (float32, on CPU). One backward pass per row:
+    a batch's summed gradient would square away the rows' disagreement."""
+    device = model_device(model)
+    total: dict[str, torch.Tensor] = {}
+    n = 0
+    for ids, mask, labels in batches:
+        for i in range(ids.shape[0]):
+            row = [t[i : i + 1].to(device) for t in (ids, mask, labels)]
+            # a generator: the loss is built once _gradients has turned requires_grad on
+            _, grads = _gradients(params, (answer_loss(model, *row) for _ in range(1)))
+            for name, g in grads.items():
+                total[name] = total[name] + g.square() if name in total else g.square()
+            n += 1
+    if n == 0:
+        raise ValueError("the Fisher needs at least one answer row")
+    return {name: t / n for name, t in total.items()}
+
+
 @torch.no_grad()
 def direction_cosine(
     model: Any,

@@ -14,8 +14,9 @@ from collections.abc import Mapping
 
 import torch
 
-SCORES = ("grad", "grad_x_value", "benign_aware", "ratio")
+SCORES = ("grad", "grad_x_value", "benign_aware", "ratio", "fisher")
 BENIGN_SCORES = ("benign_aware", "ratio")  #: the scores that need a benign gradient
+FISHER_SCORES = ("fisher",)  #: the scores that need the task loss's diagonal Fisher
 #: ratio score: normalised benign magnitudes below this count as this (no division by ~0)
 RATIO_FLOOR = 0.1
 
@@ -34,6 +35,8 @@ def score(
     benign_grad: torch.Tensor | None = None,
     grad_scale: float = 1.0,
     benign_scale: float = 1.0,
+    fisher: torch.Tensor | None = None,
+    cost_scale: float = 1.0,
 ) -> torch.Tensor:
     """Score of zeroing each coordinate (higher first).
 
@@ -44,7 +47,16 @@ def score(
     RATIO_FLOOR), both normalised the same way, whatever the sign: zeroing is a full step, not an
     infinitesimal one, so a coordinate the benign loss is sensitive to is a risk either way (the
     first trial's "harmful grad / benign grad", which kept the task whole; DESIGN.md).
+    ``fisher``: a second-order trade: the harmful loss zeroing removes to first order, g x
+    value (``grad_scale``: its mean over the candidates), against the task loss it costs to
+    second order, 1/2 F_ii value^2 with F the task loss's empirical diagonal Fisher
+    (``cost_scale``: its mean), as (benefit / grad_scale) / (cost / cost_scale + 1).
     """
+    if rule == "fisher":
+        if fisher is None:
+            raise ValueError("the fisher score needs the task loss's diagonal Fisher")
+        benefit = (grad * value).abs() / grad_scale
+        return benefit / (zeroing_cost(value, fisher) / cost_scale + 1.0)
     if rule == "grad":
         return grad.abs()
     if rule == "grad_x_value":
@@ -59,6 +71,12 @@ def score(
         harms_benign = torch.sign(benign_grad) != torch.sign(value)
         return g / (torch.where(harms_benign, b, 0.0) + 1.0)
     raise ValueError(f"score must be one of {', '.join(SCORES)}; got {rule!r}")
+
+
+def zeroing_cost(value: torch.Tensor, fisher: torch.Tensor) -> torch.Tensor:
+    """The task loss that zeroing each coordinate costs to second order, 1/2 F_ii value^2 (the
+    task loss's gradient is about 0 where the fine-tune left it)."""
+    return 0.5 * fisher * value.square()
 
 
 def mean_abs(tensors: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]) -> float:
@@ -128,6 +146,22 @@ def rollback_mask(
     return global_top(magnitude, eligible, math.ceil(share * n_eligible))
 
 
+def rollback_by_cost(
+    zeroed: Mapping[str, torch.Tensor],
+    reference: Mapping[str, torch.Tensor],
+    fisher: Mapping[str, torch.Tensor],
+    share: float = 0.2,
+) -> dict[str, torch.Tensor]:
+    """The rollback of the ``fisher`` score: of the coordinates zeroed in this step, the top
+    ``share`` (ceil) by the task loss their zeroing cost, 1/2 F_ii reference^2."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"rollback share must be in [0, 1]; got {share}")
+    eligible = {n: zeroed[n] & (reference[n] != 0) for n in zeroed}
+    n_eligible = sum(int(m.sum()) for m in eligible.values())
+    cost = {n: zeroing_cost(reference[n], fisher[n]) for n in eligible}
+    return global_top(cost, eligible, math.ceil(share * n_eligible))
+
+
 def choose_restored(
     values: Mapping[str, torch.Tensor],
     grads: Mapping[str, torch.Tensor],
@@ -136,6 +170,7 @@ def choose_restored(
     rule: str = "benign_aware",
     benign_grads: Mapping[str, torch.Tensor] | None = None,
     per_matrix: bool = False,
+    fisher: Mapping[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """One restoration step's choice (stage 2, steps 2-3): the candidates of every factor
     matrix, scored by ``rule`` and taken globally, k = ceil(rate x all coordinates).
@@ -146,7 +181,15 @@ def choose_restored(
     masks = {n: candidates(values[n], grads[n]) for n in values}
     if rule in BENIGN_SCORES and benign_grads is None:
         raise ValueError(f"the {rule} score needs benign_grads")
-    g_scale = mean_abs(grads, masks)
+    if rule in FISHER_SCORES and fisher is None:
+        raise ValueError(f"the {rule} score needs the task loss's diagonal Fisher")
+    if rule in FISHER_SCORES:
+        assert fisher is not None
+        benefit = {n: grads[n] * values[n] for n in values}
+        g_scale = mean_abs(benefit, masks)
+        c_scale = mean_abs({n: zeroing_cost(values[n], fisher[n]) for n in values}, masks)
+    else:
+        g_scale, c_scale = mean_abs(grads, masks), 1.0
     b_scale = mean_abs(benign_grads, masks) if benign_grads is not None else 1.0
     scores = {}
     for n in values:
@@ -157,6 +200,8 @@ def choose_restored(
             benign_grad=None if benign_grads is None else benign_grads[n],
             grad_scale=g_scale,
             benign_scale=b_scale,
+            fisher=None if fisher is None else fisher[n],
+            cost_scale=c_scale,
         )
         if per_matrix and bool(masks[n].any()):
             s = s / s[masks[n]].mean().clamp_min(1e-30)
