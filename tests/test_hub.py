@@ -388,7 +388,9 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     flags = ["--pr"] if mode == "pr" else ["--push-to", target]
     flags.append("--push-unrepaired")
     out = tmp_path / "fixed"
-    result = run("-q", "fix", lora, *flags, "--out", str(out), *pico_fix_args(pico_world))
+    result = run(
+        "-q", "fix", lora, *flags, "--out", str(out), *pico_fix_args(pico_world, full=False)
+    )
     report = json.loads(result.stdout)
     assert result.exit_code == exit_code_of(report), result.output
     _check_output(pico_world, report, out)

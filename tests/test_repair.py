@@ -613,14 +613,16 @@ def test_demo_repairs_the_pico_adapter_and_keeps_the_held_out_task(
     assert folder_digest(pico_world.adapter_dir) == digest
 
 
-def pico_fix_args(world: Any) -> list[str]:
+def pico_fix_args(world: Any, *, full: bool = True) -> list[str]:
     """`fix` options that repair the pico adapter as the demo does, with its held-out task
-    rows (a 4-layer model: L = 4 is the final hidden state), and print JSON."""
+    rows (a 4-layer model: L = 4 is the final hidden state), and print JSON. ``full=False``:
+    two restoration steps without the heal, for tests about what surrounds the repair."""
+    steps = ["--max-steps", "30", "--heal", "5"] if full else ["--max-steps", "2", "--heal", "0"]
     return [
         "--task", str(world.root / "task_eval.jsonl"),
         "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
-        "--benign-loss", "answers", "--rate", "0.005", "--heal", "5", "--eval-every", "1",
-        "--max-steps", "30", "--backtrack", "2", "--guard-prompts", "256",
+        "--benign-loss", "answers", "--rate", "0.005", *steps, "--eval-every", "1",
+        "--backtrack", "2", "--guard-prompts", "256",
         "--max-new-tokens", "16", "--quant", "none", "--dtype", "float32", "--json",
     ]  # fmt: skip
 
