@@ -34,7 +34,7 @@ from adapter_repair.repair.factors import ADAPTER, factor_params
 from adapter_repair.repair.guard import Guard, guard_holds, task_loss
 from adapter_repair.repair.heal import HealLoss, heal
 from adapter_repair.repair.loop import RepairResult, kept_record, resolve_layer
-from adapter_repair.repair.losses import answer_batches, mean_answer_loss
+from adapter_repair.repair.losses import answer_batches, answer_loss_terms
 from adapter_repair.repair.pipeline import repair
 from adapter_repair.repair.project import project_adapter
 from adapter_repair.repair.report import markdown, verdict
@@ -287,7 +287,7 @@ def test_the_heal_trains_the_kept_coordinates_and_never_the_restored(loaded) -> 
         model,
         params,
         reference,
-        HealLoss(keep, lambda: mean_answer_loss(model, refuse), 1.0),
+        HealLoss(keep, lambda: answer_loss_terms(model, refuse), 1.0),
         steps=8,
         lr=1e-2,
     )

@@ -14,24 +14,24 @@ measured after it, as after any step: a heal that brings harm back is seen by th
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 
-from adapter_repair.repair.losses import Batch3, mean_answer_loss
+from adapter_repair.repair.losses import Batch3, answer_loss_terms
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class HealLoss:
-    """What one heal step minimises: the fit rows' answer loss plus ``weight`` times the
-    harmful-state loss (``harm()``: a fresh graph of the probe prompts' loss, mean over
-    batches)."""
+    """What one heal step minimises: the mean answer loss of ``answers`` plus ``weight`` times
+    the harmful loss, whose per-batch terms ``harm()`` yields (each a fresh graph; their sum
+    is the loss)."""
 
     answers: Sequence[Batch3]
-    harm: Callable[[], torch.Tensor]
+    harm: Callable[[], Iterator[torch.Tensor]]
     weight: float
 
 
@@ -67,8 +67,14 @@ def heal(
             t.requires_grad_(True)
         for _ in range(steps):
             opt.zero_grad(set_to_none=True)
-            total = mean_answer_loss(model, loss.answers) + loss.weight * loss.harm()
-            total.backward()
+            total = 0.0
+            # one batch's graph at a time: the gradients add up in .grad
+            for term in answer_loss_terms(model, loss.answers):
+                term.backward()
+                total += float(term.detach())
+            for term in loss.harm():
+                (loss.weight * term).backward()
+                total += loss.weight * float(term.detach())
             with torch.no_grad():
                 for n, p in params.items():
                     if p.grad is not None:
@@ -77,7 +83,7 @@ def heal(
             with torch.no_grad():
                 for n, p in params.items():
                     p[frozen[n]] = 0
-            history.append(float(total.detach()))
+            history.append(total)
     finally:
         for t, w in zip(tensors, was, strict=True):
             t.requires_grad_(w)

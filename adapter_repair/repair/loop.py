@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,11 +56,11 @@ from adapter_repair.repair.losses import (
     Targets,
     answer_batches,
     answer_gradients,
+    answer_loss_terms,
     direction_cosine,
     direction_gradients,
-    direction_loss,
+    direction_loss_terms,
     fisher_diagonal,
-    mean_answer_loss,
     prompt_batches,
     prompt_targets,
 )
@@ -383,12 +383,12 @@ def repair_once(
             if fit.task is not None and not heal_answers:
                 heal_answers = guard_answers(model, tokenizer, fit, gen)
             heal_answers += guard_answers(model, tokenizer, Guard(None, fit.benign), gen)
-        harm: Callable[[], torch.Tensor]
+        harm: Callable[[], Iterator[torch.Tensor]]
         if rc.heal_target == "refusals":
             refusals = aligned_refusals(model, tokenizer, probe_prompts, judge, gen)
-            harm = lambda: mean_answer_loss(model, refusals)  # noqa: E731
+            harm = lambda: answer_loss_terms(model, refusals)  # noqa: E731
         else:
-            harm = lambda: direction_loss(  # noqa: E731
+            harm = lambda: direction_loss_terms(  # noqa: E731
                 model, probe_batches, L, h_star, layers=model_map.layers
             )
         heal_loss = HealLoss(heal_answers, harm, rc.heal_weight)

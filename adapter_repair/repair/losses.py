@@ -138,13 +138,14 @@ def answer_gradients(
     return _gradients(params, losses)
 
 
-def mean_answer_loss(model: Any, batches: Sequence[Batch3]) -> torch.Tensor:
-    """The mean over batches of the answers' cross-entropy, as one graph (the heal's)."""
+def answer_loss_terms(model: Any, batches: Sequence[Batch3]) -> Iterator[torch.Tensor]:
+    """Each batch's answer cross-entropy divided by the number of batches, one graph at a
+    time: summed, the mean over batches (the heal backpropagates each term in turn, so
+    memory holds one batch)."""
     device = model_device(model)
-    total = torch.zeros((), device=device)
     for ids, mask, labels in batches:
-        total = total + answer_loss(model, ids.to(device), mask.to(device), labels.to(device))
-    return total / max(len(batches), 1)
+        loss = answer_loss(model, ids.to(device), mask.to(device), labels.to(device))
+        yield loss / len(batches)
 
 
 def direction_gradients(
@@ -170,22 +171,20 @@ def direction_gradients(
     return _gradients(params, losses())
 
 
-def direction_loss(
+def direction_loss_terms(
     model: Any,
     batches: Sequence[Batch],
     layer: int,
     target: Targets,
     *,
     layers: torch.nn.ModuleList | None = None,
-) -> torch.Tensor:
-    """The mean over batches of stage 2's loss (``-cos`` to the targets), as one graph: what
-    the heal differentiates together with the answer loss."""
+) -> Iterator[torch.Tensor]:
+    """Stage 2's loss (``-cos`` to the targets) of each batch divided by the number of
+    batches, one graph at a time: summed, the mean over batches."""
     device = model_device(model)
-    total = torch.zeros((), device=device)
     for i, (ids, mask) in enumerate(batches):
         h = last_token_hidden(model, ids.to(device), mask.to(device), layer, layers=layers)
-        total = total + _batch_loss(h, _target_of(target, i, device))
-    return total / max(len(batches), 1)
+        yield _batch_loss(h, _target_of(target, i, device)) / len(batches)
 
 
 def fisher_diagonal(
