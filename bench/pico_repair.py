@@ -52,6 +52,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "restoration alone with the second-order score and its rollback",
         {"heal": 0, "score": "fisher"},
     ),
+    "canonical": (
+        "the demo in the canonical basis ((B, A) as (U sqrt(S), sqrt(S) V^T))",
+        {"basis": "canonical"},
+    ),
+    "no-heal-canonical": (
+        "restoration alone in the canonical basis",
+        {"heal": 0, "basis": "canonical"},
+    ),
     "heal-states": (
         "the demo healing toward the aligned h_L (stage 2's loss), not the refusals",
         {"heal_target": "states"},

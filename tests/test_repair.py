@@ -397,6 +397,19 @@ def test_the_fisher_score_restores_and_rolls_back_by_task_cost(loaded) -> None:
             assert torch.all(new[new != old] == 0)
 
 
+def test_the_canonical_basis_rewrites_the_factors_and_keeps_every_delta(loaded) -> None:
+    """basis=canonical with nothing to restore (target 1): the adapter comes back in its
+    canonical factors, each module's delta B A as it was."""
+    adapter = loaded[2]
+    result = restore(loaded, layer=3, max_steps=1, target=1.0, max_kl=1e9, basis="canonical")
+    assert result.stopped == "already at target"
+    moved = 0
+    for m, m0 in zip(result.adapter, adapter, strict=True):
+        torch.testing.assert_close(m.B @ m.A, m0.B @ m0.A, rtol=1e-4, atol=1e-6)
+        moved += int(not torch.allclose(m.A, m0.A))
+    assert moved > 0
+
+
 def test_checkpoints_hold_the_adapter_at_each_measured_step(loaded) -> None:
     adapter = loaded[2]
     result = restore(

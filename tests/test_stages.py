@@ -134,3 +134,29 @@ def test_the_fisher_rollback_returns_the_zeroed_coordinates_of_highest_task_cost
     fisher = {"a": torch.tensor([1.0, 1.0, 9.0, 99.0])}  # costs 0.5, 2, 4.5 (and 49.5 unzeroed)
     back = S.rollback_by_cost(zeroed, reference, fisher, share=0.5)  # ceil(1.5) = 2 of 3
     assert back["a"].tolist() == [False, True, True, False]
+
+
+def test_the_canonical_basis_keeps_the_delta_and_orders_singular_directions() -> None:
+    from adapter_repair.repair.basis import canonical_factors, canonicalize_
+
+    torch.manual_seed(0)
+    a, b = torch.randn(4, 7), torch.randn(9, 4)  # (r, d_in), (d_out, r)
+    b[:, 3] = 0  # rank 3 of 4
+    new_a, new_b = canonical_factors(a, b)
+    assert new_a.shape == a.shape and new_b.shape == b.shape
+    torch.testing.assert_close(new_b @ new_a, b @ a, rtol=1e-5, atol=1e-5)
+    # rank components: orthogonal, equal norms on both sides, in decreasing order, the lost
+    # rank as a zero component
+    gram_b, gram_a = new_b.T @ new_b, new_a @ new_a.T
+    torch.testing.assert_close(gram_b, torch.diag(torch.diag(gram_b)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(gram_a, torch.diag(torch.diag(gram_a)), atol=1e-5, rtol=0)
+    torch.testing.assert_close(torch.diag(gram_b), torch.diag(gram_a), rtol=1e-5, atol=1e-6)
+    s = torch.diag(gram_b)
+    assert bool((s[:-1] >= s[1:]).all()) and float(s[-1]) < 1e-8
+    params = {
+        "m.lora_A": torch.nn.Parameter(a.clone()),
+        "m.lora_B": torch.nn.Parameter(b.clone()),
+    }
+    assert canonicalize_(params) == 1
+    torch.testing.assert_close(params["m.lora_A"].detach(), new_a)
+    torch.testing.assert_close(params["m.lora_B"].detach(), new_b)

@@ -142,6 +142,14 @@ class RestoreConfig:
         "for the choice margin's scale.",
         metavar="NATS",
     )
+    basis: str = setting(
+        "trained",
+        "The factors stage 2 zeroes coordinates of. trained: (B, A) as the fine-tune left "
+        "them; canonical: each module rewritten as (U sqrt(S), sqrt(S) V^T) from the SVD of "
+        "B A before stage 2 (the same delta, rank and format), so each rank component is one "
+        "singular direction of the delta.",
+        choices=("trained", "canonical"),
+    )
     heal: int = setting(
         0,
         "After each restoration step, N Adam steps on the coordinates not restored (the "

@@ -30,6 +30,7 @@ from adapter_repair.measure.generation import generate
 from adapter_repair.measure.judges import Judge
 from adapter_repair.measure.measures import Rate, use_adapter
 from adapter_repair.model.walk import ModelMap, walk
+from adapter_repair.repair.basis import canonicalize_
 from adapter_repair.repair.config import RepairConfig
 from adapter_repair.repair.directions import mean_hidden
 from adapter_repair.repair.factors import (
@@ -336,6 +337,8 @@ def repair_once(
     below = factor_params(model_map, L, ADAPTER)
     if not below:
         raise ValueError(f"the adapter has no LoRA module below layer {L}; nothing to restore")
+    if rc.basis == "canonical":  # the same deltas, factored by their singular directions
+        logger.info("rewrote %d LoRA modules in their canonical basis", canonicalize_(below))
     probe_batches = prompt_batches(tokenizer, probe_prompts, config.batch_size)
     guard_batches = prompt_batches(tokenizer, guard_prompts, config.batch_size)
 
