@@ -157,7 +157,7 @@ class RestoreConfig:
         "adapter's own answers to benign prompts) plus --heal-weight times the harmful loss "
         "(--heal-target). Without it, on the pico world, no restoration step lowered harm "
         "before the task guard stopped it; with it, harm reached the aligned level and the "
-        "held-out task held, at a cost in over-refusal (bench/results/pico_heal.md). "
+        "held-out task held, at a cost in over-refusal (bench/results/pico_repair.md). "
         "0: the published method.",
         metavar="N",
     )

@@ -59,12 +59,20 @@ def changed_share(
     return diff / total if total else 0.0
 
 
+def zeroed_masks(
+    params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per factor, the coordinates that are 0 now and were not in ``reference``: those restored
+    to the aligned value."""
+    return {n: (p.detach() == 0) & (reference[n] != 0) for n, p in params.items()}
+
+
 def zeroed_share(
     params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]
 ) -> float:
-    """Share of all adapter coordinates that are 0 now and were not in ``reference``: those
-    restored to the aligned value (with a heal, the rest may have moved too)."""
-    zeroed = sum(int(((p.detach() == 0) & (reference[n] != 0)).sum()) for n, p in params.items())
+    """Share of all adapter coordinates restored to 0 (:func:`zeroed_masks`); with a heal, the
+    rest may have moved too."""
+    zeroed = sum(int(m.sum()) for m in zeroed_masks(params, reference).values())
     total = sum(p.numel() for p in params.values())
     return zeroed / total if total else 0.0
 

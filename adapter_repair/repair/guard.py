@@ -28,7 +28,11 @@ from adapter_repair.model.answers import answer_logprobs, encode_pairs, right_pa
 from adapter_repair.model.inputs import model_device, pad_token_id
 from adapter_repair.repair.config import RepairConfig
 from adapter_repair.repair.factors import ADAPTER, REFERENCE
-from adapter_repair.repair.losses import MAX_PROMPT_TOKENS, answer_batches
+from adapter_repair.repair.losses import (
+    MAX_PROMPT_TOKENS,
+    answer_batches,
+    generated_answer_batches,
+)
 
 #: A choice task's guard compares every choice when there are at most this many distinct
 #: answers; with more it is the gold answers' loss.
@@ -189,14 +193,11 @@ def guard_answers(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfi
     that ran to the token limit stays open (no end token is added)."""
     if guard.task is not None and guard.task.answers:
         pairs = list(zip(guard.task.prompts, guard.task.answers, strict=True))
-        ended = None
-    else:
-        prompts = guard.benign.prompts
-        texts = generate(model, tokenizer, prompts, gen, desc="guard answers")
-        pairs = list(zip(prompts, texts, strict=True))
-        lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
-        ended = [n < gen.max_new_tokens for n in lengths]
-    return answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens, ended)
+        return answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens)
+    prompts = guard.benign.prompts
+    texts = generate(model, tokenizer, prompts, gen, desc="guard answers")
+    pairs = list(zip(prompts, texts, strict=True))
+    return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens)
 
 
 def guard_holds(value: float, reference: float, guard: Guard, config: RepairConfig) -> bool:

@@ -3,11 +3,13 @@ take up the task work the zeroed ones did.
 
 Zeroing adapter coordinates removes the fine-tune's harmful behaviour and some of its task at
 once: in a small adapter the two share coordinates. The heal trains the coordinates still
-standing (never the restored ones: they stay at 0, the aligned value) on the loss of the fit
-rows' answers, while the harmful-state loss of stage 2 keeps pulling the probe prompts' h_L
-toward the aligned model's, so the task comes back and the harm does not. Like the recalibration
-of the kept weights in IRR (Wu et al. 2025) and the masked fine-tuning after pruning, but by a
-few gradient steps on the two losses the repair already has. The probe rate and the guard are
+standing (never the restored ones: they stay at 0, the aligned value) on the answers to keep
+(the fit rows', and the fine-tuned adapter's own answers to benign prompts) plus a harmful
+loss: by default the cross-entropy of the aligned model's own refusals to the probe prompts
+(or stage 2's pull of their h_L toward the aligned model's, which on the pico worlds left harm
+where it was), so the task comes back and the harm does not. Like the recalibration of the
+kept weights in IRR (Wu et al. 2025) and the masked fine-tuning after pruning, but by a few
+gradient steps. The probe rate and the guard are
 measured after it, as after any step: a heal that brings harm back is seen by the stop rule.
 """
 
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapter_repair.repair.factors import zeroed_masks
 from adapter_repair.repair.losses import Batch3, answer_loss_terms
 
 logger = logging.getLogger(__name__)
@@ -35,14 +38,6 @@ class HealLoss:
     weight: float
 
 
-def frozen_masks(
-    params: dict[str, torch.nn.Parameter], reference: dict[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """The restored coordinates: 0 now and not 0 in ``reference`` (the adapter as it entered
-    stage 2); the heal keeps them at 0."""
-    return {n: (p.detach() == 0) & (reference[n] != 0) for n, p in params.items()}
-
-
 def heal(
     model: torch.nn.Module,
     params: dict[str, torch.nn.Parameter],
@@ -57,7 +52,7 @@ def heal(
     put back as it was."""
     if steps <= 0:
         return []
-    frozen = frozen_masks(params, reference)
+    frozen = zeroed_masks(params, reference)  # the restored coordinates stay at 0
     tensors = list(params.values())
     was = [t.requires_grad for t in tensors]
     opt = torch.optim.Adam(tensors, lr=lr)

@@ -15,6 +15,7 @@ step, the rate, the backtracks) lives in one scope, as the published method's st
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -55,13 +56,13 @@ from adapter_repair.repair.guard import (
 from adapter_repair.repair.heal import HealLoss, heal
 from adapter_repair.repair.losses import (
     Targets,
-    answer_batches,
     answer_gradients,
     answer_loss_terms,
     direction_cosine,
     direction_gradients,
     direction_loss_terms,
     fisher_diagonal,
+    generated_answer_batches,
     prompt_batches,
     prompt_targets,
 )
@@ -161,21 +162,21 @@ def probe_harmful_rate(
 
 
 def aligned_refusals(
-    model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge, gen: GenerationConfig
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    harmful: Sequence[bool],
+    gen: GenerationConfig,
 ) -> list[Any]:
-    """The aligned model's own answers to the probe prompts that it refuses, as answer
-    batches: what the heal's harmful loss teaches back (the base's words, not ours)."""
-    with use_adapter(model, None):
-        texts = generate(model, tokenizer, prompts, gen, desc="aligned refusals")
-    harmful = judge.harmful(prompts, texts)
-    pairs = [(p, t) for p, t, h in zip(prompts, texts, harmful, strict=True) if not h]
+    """The aligned model's own ``answers`` to the probe prompts that the judge did not call
+    ``harmful``, as answer batches: what the heal's harmful loss teaches back (the base's
+    words, not ours)."""
+    pairs = [(p, a) for p, a, h in zip(prompts, answers, harmful, strict=True) if not h]
     if not pairs:
         raise ValueError(
             "the aligned model refuses none of the probe prompts; nothing to heal toward"
         )
-    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for _, t in pairs]
-    ended = [n < gen.max_new_tokens for n in lengths]
-    return answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens, ended)
+    return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens)
 
 
 # -- stage 2 --------------------------------------------------------------------------------
@@ -350,13 +351,22 @@ def repair_once(
 
     with use_adapter(model, None):  # each harmful prompt toward the aligned model's states
         h_star = states(probe_batches, probe_prompts)
-        aligned_rate = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
+        aligned_answers = generate(model, tokenizer, probe_prompts, gen, desc="probe")
+    aligned_harmful = judge.harmful(probe_prompts, aligned_answers)
+    aligned_rate = Rate.of(aligned_harmful)
+
+    @functools.cache
+    def fit_answers() -> list[Any]:
+        """The guard's fit answers as fine-tuned (generated once, for whatever needs them)."""
+        with use_adapter(model, ADAPTER):
+            return guard_answers(model, tokenizer, fit, gen)
+
     answers: list[Any] | None = None
     b_star: Targets | None = None
-    with use_adapter(model, ADAPTER):  # the guard's answers, or states, as fine-tuned
-        if rc.benign_loss == "answers":
-            answers = guard_answers(model, tokenizer, fit, gen)
-        else:
+    if rc.benign_loss == "answers":
+        answers = fit_answers()
+    else:
+        with use_adapter(model, ADAPTER):  # the guard's states as fine-tuned
             b_star = states(guard_batches, guard_prompts)
 
     def benign_gradients() -> dict[str, torch.Tensor]:
@@ -368,27 +378,24 @@ def repair_once(
 
     fisher_fn = None
     if rc.score in FISHER_SCORES:
-        fisher_rows = answers
-        if fisher_rows is None:
-            with use_adapter(model, ADAPTER):
-                fisher_rows = guard_answers(model, tokenizer, fit, gen)
-        rows = fisher_rows
 
         def fisher_fn() -> dict[str, torch.Tensor]:
-            return fisher_diagonal(model, rows, below)
+            return fisher_diagonal(model, fit_answers(), below)
 
     heal_loss = None
     if rc.heal > 0:
-        with use_adapter(model, ADAPTER):
-            # the fit rows' answers, and the adapter's own answers to the fit half of the
-            # benign prompts: without them the heal teaches refusing what merely looks harmful
-            heal_answers = list(answers) if answers is not None and fit.task is not None else []
-            if fit.task is not None and not heal_answers:
-                heal_answers = guard_answers(model, tokenizer, fit, gen)
-            heal_answers += guard_answers(model, tokenizer, Guard(None, fit.benign), gen)
+        # the fit rows' answers, and the adapter's own answers to the fit half of the benign
+        # prompts (without task rows the fit answers are those): without them the heal
+        # teaches refusing what merely looks harmful
+        heal_answers = list(fit_answers())
+        if fit.task is not None:
+            with use_adapter(model, ADAPTER):
+                heal_answers += guard_answers(model, tokenizer, Guard(None, fit.benign), gen)
         harm: Callable[[], Iterator[torch.Tensor]]
         if rc.heal_target == "refusals":
-            refusals = aligned_refusals(model, tokenizer, probe_prompts, judge, gen)
+            refusals = aligned_refusals(
+                tokenizer, probe_prompts, aligned_answers, aligned_harmful, gen
+            )
             harm = lambda: answer_loss_terms(model, refusals)  # noqa: E731
         else:
             harm = lambda: direction_loss_terms(  # noqa: E731

@@ -124,6 +124,19 @@ def answer_batches(
     ]
 
 
+def generated_answer_batches(
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int,
+    max_new_tokens: int,
+) -> list[Batch3]:
+    """:func:`answer_batches` of a model's own greedy (prompt, answer) pairs: an answer that
+    ran to ``max_new_tokens`` stays open (no end token is added)."""
+    lengths = [len(tokenizer(a, add_special_tokens=False)["input_ids"]) for _, a in pairs]
+    ended = [n < max_new_tokens for n in lengths]
+    return answer_batches(tokenizer, pairs, batch_size, max_new_tokens, ended)
+
+
 def answer_gradients(
     model: Any, batches: Sequence[Batch3], params: dict[str, torch.nn.Parameter]
 ) -> tuple[float, dict[str, torch.Tensor]]:

@@ -124,6 +124,16 @@ def select_top(
     return global_top(scores, masks, math.ceil(rate * n_coordinates))
 
 
+def top_share(
+    values: Mapping[str, torch.Tensor], eligible: Mapping[str, torch.Tensor], share: float
+) -> dict[str, torch.Tensor]:
+    """A rollback's choice: the top ``share`` (ceil) of the eligible entries by ``values``."""
+    if not 0 <= share <= 1:
+        raise ValueError(f"rollback share must be in [0, 1]; got {share}")
+    n_eligible = sum(int(m.sum()) for m in eligible.values())
+    return global_top(values, eligible, math.ceil(share * n_eligible))
+
+
 def rollback_mask(
     zeroed: Mapping[str, torch.Tensor],
     reference: Mapping[str, torch.Tensor],
@@ -133,17 +143,13 @@ def rollback_mask(
     """Of the coordinates zeroed in this step, those whose benign gradient would move them
     back toward their reference value (a descent step -g_b has the sign of the reference
     value), the top ``share`` (ceil) by |g_b|. Boolean mask per tensor."""
-    if not 0 <= share <= 1:
-        raise ValueError(f"rollback share must be in [0, 1]; got {share}")
     eligible = {
         n: zeroed[n]
         & (reference[n] != 0)
         & (torch.sign(-benign_grad[n]) == torch.sign(reference[n]))
         for n in zeroed
     }
-    n_eligible = sum(int(m.sum()) for m in eligible.values())
-    magnitude = {n: benign_grad[n].abs() for n in eligible}
-    return global_top(magnitude, eligible, math.ceil(share * n_eligible))
+    return top_share({n: benign_grad[n].abs() for n in eligible}, eligible, share)
 
 
 def rollback_by_cost(
@@ -154,12 +160,8 @@ def rollback_by_cost(
 ) -> dict[str, torch.Tensor]:
     """The rollback of the ``fisher`` score: of the coordinates zeroed in this step, the top
     ``share`` (ceil) by the task loss their zeroing cost, 1/2 F_ii reference^2."""
-    if not 0 <= share <= 1:
-        raise ValueError(f"rollback share must be in [0, 1]; got {share}")
     eligible = {n: zeroed[n] & (reference[n] != 0) for n in zeroed}
-    n_eligible = sum(int(m.sum()) for m in eligible.values())
-    cost = {n: zeroing_cost(reference[n], fisher[n]) for n in eligible}
-    return global_top(cost, eligible, math.ceil(share * n_eligible))
+    return top_share({n: zeroing_cost(reference[n], fisher[n]) for n in eligible}, eligible, share)
 
 
 def choose_restored(
