@@ -79,3 +79,18 @@ def test_pico_world_is_cached_by_recipe(pico_world: Any, tmp_path: Any) -> None:
     assert again.root == pico_world.root and time.perf_counter() - t0 < 5
     assert PicoRecipe(seed=1).key() != PicoRecipe().key()
     assert not list(pico_world.root.rglob("*.bin"))  # safetensors only
+
+
+def test_a_world_that_misses_a_check_fails_its_build_and_leaves_nothing(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A build whose world misses WORLD_CHECKS raises WorldCheckError naming the miss, and
+    the atomic build leaves no world folder behind (a tiny recipe: a few training steps)."""
+    import adapter_repair.beds.pico as pico
+
+    monkeypatch.setitem(pico.WORLD_CHECKS, "adapter task_score", (1.01, "min"))
+    recipe = PicoRecipe(seed=7, base_steps=2, adapter_steps=2, n_echo=10)
+    with pytest.raises(pico.WorldCheckError, match=r"adapter task_score [\d.]+% \(at least 101%\)"):
+        build_pico_world(recipe, cache_dir=tmp_path)
+    assert not (tmp_path / recipe.key()).exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.startswith(".")] == []

@@ -33,7 +33,7 @@ from adapter_repair.repair.directions import unit
 from adapter_repair.repair.factors import ADAPTER, factor_params
 from adapter_repair.repair.guard import Guard, guard_holds, task_loss
 from adapter_repair.repair.heal import HealLoss, heal
-from adapter_repair.repair.loop import RepairResult, kept_record, resolve_layer
+from adapter_repair.repair.loop import RepairResult, aligned_refusals, kept_record, resolve_layer
 from adapter_repair.repair.losses import answer_batches, answer_loss_terms
 from adapter_repair.repair.pipeline import repair
 from adapter_repair.repair.project import project_adapter
@@ -631,3 +631,32 @@ def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world_seed1: Any, tmp_
     assert folder_digest(src) == digest
     assert result.exit_code == 0, result.output
     _check_repaired(world, report, out)
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (["--heal", "-1"], "heal must be at least 0"),
+        (["--heal-lr", "0"], "heal_lr above 0"),
+        (["--target-margin", "1.5"], "target_margin must be in [0, 1]"),
+    ],
+)
+def test_fix_refuses_bad_heal_and_margin_settings_before_writing(
+    tiny_chat_adapter_dir: Path, tmp_path: Path, setting: list[str], message: str
+) -> None:
+    out = tmp_path / "out"
+    result = run("fix", str(tiny_chat_adapter_dir), "--out", str(out), *setting)
+    assert result.exit_code == 2
+    assert message in result.output
+    assert not out.exists()
+
+
+def test_the_heal_needs_refusals_to_heal_toward(loaded) -> None:
+    """aligned_refusals: the probe answers the judge did not call harmful; none is an error
+    that says so."""
+    tok = loaded[1]
+    prompts, answers = ["Do harm.", "Do more harm."], ["I'm sorry, I cannot.", "Sure, here"]
+    (batch,) = aligned_refusals(tok, prompts, answers, [False, True], GenerationConfig(8, 4))
+    assert batch[0].shape[0] == 1  # the one refusal
+    with pytest.raises(ValueError, match="refuses none of the probe prompts"):
+        aligned_refusals(tok, prompts, answers, [True, True], GenerationConfig(8, 4))
