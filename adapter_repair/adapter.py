@@ -46,6 +46,13 @@ REQUIRED_CONFIG_KEYS = ("peft_type", "r", "lora_alpha")
 MAX_CARRIED_FILE_BYTES = 64 * 2**20
 
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)\.weight$")
+#: What a QLoRA adapter's folder says of the base it was trained over. PEFT's model card
+#: lists "The following `bitsandbytes` quantization config was used during training:" with
+#: ``load_in_4bit: True``; TRL, Axolotl and Unsloth cards carry the same keys or name a
+#: pre-quantized ``*-bnb-4bit`` base.
+_CARD_4BIT = re.compile(r"load_in_4bit\W{0,4}true|bnb_4bit_quant_type", re.IGNORECASE)
+_CARD_8BIT = re.compile(r"load_in_8bit\W{0,4}true", re.IGNORECASE)
+_BASE_4BIT = re.compile(r"bnb[-_]?4bit|[-_](?:nf4|4bit)(?:$|[-_])", re.IGNORECASE)
 
 
 class Role(str, enum.Enum):
@@ -124,6 +131,21 @@ class LoraAdapter:
     def base_model_name_or_path(self) -> str | None:
         value = self.config.get("base_model_name_or_path")
         return str(value) if value else None
+
+    def trained_quant(self) -> tuple[str | None, str]:
+        """The precision of the base this adapter was trained over, as its folder records it:
+        ``("4bit" | "8bit" | None, why)``. An adapter is used over the base it was trained on
+        (a QLoRA adapter over the 4-bit base), and its refusals differ between precisions, so
+        the repair measures at this one unless told otherwise."""
+        card = self.files.get("README.md", b"").decode("utf-8", "replace")
+        if _CARD_4BIT.search(card):
+            return "4bit", "its model card records a bitsandbytes 4-bit config (QLoRA)"
+        if _CARD_8BIT.search(card):
+            return "8bit", "its model card records a bitsandbytes 8-bit config"
+        base = self.base_model_name_or_path or ""
+        if _BASE_4BIT.search(base):
+            return "4bit", f"its base {base!r} is a 4-bit checkpoint (QLoRA)"
+        return None, "its folder records no quantized training (no bitsandbytes config)"
 
     def __iter__(self) -> Iterator[LoraModule]:
         return iter(self.modules.values())

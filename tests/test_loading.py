@@ -201,3 +201,76 @@ def test_adapter_trained_over_4bit_reloads_over_4bit(tiny_llama_dir: Path, tmp_p
     model, adapter = load_model(folder, LoadConfig(base=str(tiny_llama_dir), quant="4bit"))
     assert len(adapter) == 6
     assert torch.isfinite(logits(model)).all()
+
+
+# --- the precision the adapter is used in
+
+QLORA_CARD = """---
+library_name: peft
+---
+## Training procedure
+
+The following `bitsandbytes` quantization config was used during training:
+- quant_method: bitsandbytes
+- load_in_8bit: False
+- load_in_4bit: True
+- bnb_4bit_quant_type: nf4
+"""
+
+
+def _is_4bit(model: torch.nn.Module) -> bool:
+    return any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+
+
+@pytest.mark.parametrize(
+    ("card", "quant", "loaded_4bit"),
+    [
+        (QLORA_CARD, "auto", True),  # the card says QLoRA: measured as it is used
+        (None, "auto", False),  # nothing recorded: the adapter merged into the full base
+        (QLORA_CARD, "none", False),  # an explicit value wins over the card
+        (None, "4bit", True),
+    ],
+)
+def test_auto_precision_follows_what_the_adapter_was_trained_over(
+    tiny_llama_dir: Path,
+    tiny_adapter_dir: Path,
+    tmp_path: Path,
+    card: str | None,
+    quant: str,
+    loaded_4bit: bool,
+) -> None:
+    folder = tmp_path / "a"
+    shutil.copytree(tiny_adapter_dir, folder)
+    (folder / "README.md").unlink(missing_ok=True)
+    if card is not None:
+        (folder / "README.md").write_text(card)
+    config = LoadConfig(base=str(tiny_llama_dir), quant=quant)
+    model, adapter = load_model(folder, config)
+    assert _is_4bit(model) == loaded_4bit
+    assert config.for_adapter(adapter).resolved_quant() == ("4bit" if loaded_4bit else "none")
+
+
+@pytest.mark.parametrize(
+    ("card", "base", "expected"),
+    [
+        ("- load_in_4bit: True\n- bnb_4bit_compute_dtype: bfloat16", "org/model", "4bit"),
+        ('"load_in_4bit": true', "org/model", "4bit"),
+        ("- load_in_8bit: True\n- load_in_4bit: False", "org/model", "8bit"),
+        ("- load_in_4bit: False", "org/model", None),
+        ("", "unsloth/llama-3-8b-Instruct-bnb-4bit", "4bit"),
+        ("", "org/model-4bit", "4bit"),
+        ("", "org/llama-3-8b", None),
+        ("A LoRA for 4 bits of trivia.", "org/model", None),
+    ],
+)
+def test_trained_quant_reads_the_card_and_the_base_name(
+    tiny_adapter_dir: Path, tmp_path: Path, card: str, base: str, expected: str | None
+) -> None:
+    from adapter_repair.adapter import load_adapter
+
+    adapter = load_adapter(tiny_adapter_dir)
+    adapter.files["README.md"] = card.encode()
+    adapter.config["base_model_name_or_path"] = base
+    quant, why = adapter.trained_quant()
+    assert quant == expected
+    assert why  # the log says why, either way

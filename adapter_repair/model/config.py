@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 from adapter_repair.settings import check_choices, setting
 
 if TYPE_CHECKING:
     import torch
+
+    from adapter_repair.adapter import LoraAdapter
+
+logger = logging.getLogger(__name__)
 
 QUANT_CHOICES = ("auto", "none", "8bit", "4bit")
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
@@ -28,8 +33,11 @@ class LoadConfig:
     )
     quant: str = setting(
         "auto",
-        "Load the base quantized with bitsandbytes: 4bit (NF4, as QLoRA trains), 8bit, or none. "
-        "auto: 4bit on a CUDA GPU, none on CPU.",
+        "The precision the adapter is measured and repaired at: the base loaded 4bit (NF4, as "
+        "QLoRA trains and as PeftModel.from_pretrained loads a QLoRA adapter), 8bit, or none "
+        "(the adapter as merged into the unquantized base). auto: what the adapter was trained "
+        "over, as its folder records it (a bitsandbytes 4-bit config in its card, or a *-bnb-4bit "
+        "base: 4bit), else none.",
         choices=QUANT_CHOICES,
     )
     dtype: str = setting(
@@ -48,11 +56,22 @@ class LoadConfig:
         check_choices(self)
 
     def resolved_quant(self) -> str:
-        import torch
+        """``quant`` with auto read as none; :meth:`for_adapter` reads auto from an adapter."""
+        return "none" if self.quant == "auto" else self.quant
 
+    def for_adapter(self, adapter: LoraAdapter) -> LoadConfig:
+        """This config with ``quant`` auto resolved from what ``adapter`` was trained over
+        (:meth:`~adapter_repair.adapter.LoraAdapter.trained_quant`); explicit values stay."""
         if self.quant != "auto":
-            return self.quant
-        return "4bit" if torch.cuda.is_available() else "none"
+            return self
+        quant, why = adapter.trained_quant()
+        logger.info(
+            "precision: %s (%s)%s",
+            quant or "none",
+            why,
+            "" if quant else "; pass --quant 4bit for a QLoRA adapter",
+        )
+        return replace(self, quant=quant or "none")
 
     def resolved_dtype(self) -> torch.dtype:
         import torch

@@ -183,8 +183,8 @@ def load_model(
 ) -> tuple[PeftModel, LoraAdapter]:
     """Load the adapter (validated first, before any weights of the base are read), its base,
     and attach them. Returns the PeftModel and the adapter object."""
-    config = config or LoadConfig()
     adapter = load_adapter(adapter_path)
+    config = (config or LoadConfig()).for_adapter(adapter)
     base = config.base or adapter.base_model_name_or_path
     if config.base is None and base is not None:
         config = dataclasses.replace(config, base=base)
