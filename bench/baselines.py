@@ -7,12 +7,28 @@
   least like its projection. The published method scales by ``V V^T / ||V||_F``; an exact
   orthogonal projection is used here (the same subspace, no arbitrary scale). It needs the
   unaligned weights, which the small world has and a user does not.
+- :func:`one_shot_patch`: a one-shot safety patch (Zhang et al., "Safety at One Shot: Patching
+  Fine-Tuned LLMs with A Single Instance", ICLR 2026): the adapter's own factors fine-tuned for
+  a few epochs on a single refusal example, here one probe prompt and the aligned model's own
+  greedy refusal to it.
+- :func:`irr`: IRR (Wu et al., "Separate the Wheat from the Chaff: A Post-Hoc Approach to
+  Safety Re-Alignment for Fine-Tuned Language Models", ACL Findings 2025), as its public code
+  runs it on a LoRA fine-tune: on the merged dense delta ``dW = s B A`` of each adapted
+  weight, the entries whose sign disagrees with the safety vector ``W_aligned - W_unaligned``
+  are removed (set to the aligned value), every one of them (its default), and the entries
+  kept are recalibrated by SparseGPT's Optimal-Brain-Surgeon update (blocks of 128 columns,
+  damping 1% of the Hessian's mean diagonal) against ``H = X^T X`` of the layer's inputs on
+  task rows. The safety Fisher that ranks removals only matters when a share is kept
+  (``keep`` > 0). Differences: H is taken in one pass over the fine-tuned model (IRR recomputes
+  each layer's inputs after editing the layers below), over the task rows' answer positions
+  (IRR includes padding). Its output is a dense model, not an adapter.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -164,3 +180,172 @@ def dense_restore(
     changed = sum(int((p.detach() != reference[n]).sum()) for n, p in params.items())
     total = sum(p.numel() for n, p in model.named_parameters() if ".layers." in n)
     return {"history": history, "changed_decoder": changed / total}
+
+
+ONE_SHOT = {"epochs": 10, "lr": 1e-4}  #: the one-shot patch's settings (Adam, batch of one)
+
+
+def one_shot_patch(
+    model: Any,
+    tokenizer: Any,
+    prompt: str,
+    refusal: str,
+    *,
+    epochs: int = int(ONE_SHOT["epochs"]),
+    lr: float = float(ONE_SHOT["lr"]),
+    max_answer_tokens: int = 64,
+) -> dict[str, Any]:
+    """Fine-tune every LoRA factor of ``model`` (a PeftModel, adapter on) for ``epochs`` Adam
+    steps on the single example (``prompt``, ``refusal``): the answer tokens' cross-entropy,
+    as the adapter was trained. Nothing is masked or held: the patch may move every
+    coordinate. Returns each epoch's loss and the share of coordinates changed."""
+    from adapter_repair.model.walk import walk
+    from adapter_repair.repair.factors import all_factors, changed_share, snapshot
+    from adapter_repair.repair.heal import HealLoss, heal
+    from adapter_repair.repair.losses import answer_batches
+
+    params = all_factors(walk(model))
+    before = snapshot(params)
+    batches = answer_batches(tokenizer, [(prompt, refusal)], 1, max_answer_tokens)
+    losses = heal(
+        model, params, before, HealLoss(batches, lambda: iter(()), 0.0), steps=epochs, lr=lr
+    )
+    return {"losses": losses, "changed": changed_share(params, before)}
+
+
+IRR = {"keep": 0.0, "blocksize": 128, "percdamp": 0.01, "calibration_rows": 128}
+
+
+def obs_remove(
+    delta: torch.Tensor,
+    choose: Callable[[torch.Tensor, int, int], torch.Tensor],
+    H: torch.Tensor,
+    blocksize: int = 128,
+    percdamp: float = 0.01,
+) -> tuple[torch.Tensor, int]:
+    """``delta`` (d_out, d_in) with the entries ``choose`` picks set to 0 and the others moved
+    to make up for them, by the Optimal-Brain-Surgeon update with the layer's input Hessian
+    ``H`` (d_in, d_in) as SparseGPT does it: column by column, each removed entry's error
+    spread over the columns after it through the upper Cholesky factor of ``H^-1``.
+    ``choose(block, i1, i2)`` gets each block of columns as the earlier blocks' updates left
+    it and returns its removal mask (d_out, i2 - i1). Returns the new delta and how many
+    entries were removed."""
+    W = delta.clone().double()  # (d_out, d_in)
+    H = H.clone().double()  # (d_in, d_in)
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    d_in = W.shape[1]
+    removed = 0
+    for i1 in range(0, d_in, blocksize):
+        i2 = min(i1 + blocksize, d_in)
+        W1 = W[:, i1:i2].clone()  # (d_out, b)
+        remove = choose(W1, i1, i2)  # (d_out, b)
+        removed += int(remove.sum())
+        Err = torch.zeros_like(W1)  # (d_out, b)
+        Ub = U[i1:i2, i1:i2]  # (b, b)
+        for j in range(i2 - i1):
+            w = W1[:, j]  # (d_out,)
+            q = torch.where(remove[:, j], torch.zeros_like(w), w)
+            err = (w - q) / Ub[j, j]  # (d_out,)
+            W1[:, j:] -= err.unsqueeze(1) @ Ub[j, j:].unsqueeze(0)
+            W1[:, j] = q
+            Err[:, j] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err @ U[i1:i2, i2:]
+    return W.to(delta.dtype), removed
+
+
+def removal_mask(
+    delta: torch.Tensor, safety: torch.Tensor, fisher: torch.Tensor | None, keep: float
+) -> torch.Tensor:
+    """IRR's unsafe entries of ``delta`` (a block of columns): those whose sign disagrees with
+    the safety vector (the fine-tune moved them toward the unaligned model); with ``keep`` >
+    0, that share of them with the lowest safety Fisher stays."""
+    conflict = torch.sign(delta) != torch.sign(safety)  # (d_out, d_in)
+    if keep <= 0 or fisher is None:
+        return conflict
+    scores = fisher[conflict]
+    n_keep = int(keep * scores.numel())
+    if n_keep == 0:
+        return conflict
+    cut = torch.kthvalue(scores.float(), n_keep).values
+    return conflict & (fisher > cut)
+
+
+def input_hessians(
+    model: Any, names: list[str], batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
+) -> dict[str, torch.Tensor]:
+    """``H = 2/N sum X^T X`` (d_in, d_in) of each named linear layer's inputs over the
+    ``batches``' non-padding positions (N positions), from one forward pass per batch."""
+    modules = dict(model.named_modules())
+    H: dict[str, torch.Tensor] = {}
+    count = {"n": 0}
+    keep: dict[str, torch.Tensor] = {}
+
+    def hook(name: str) -> Any:
+        def fn(_m: Any, args: tuple[torch.Tensor, ...], _out: Any) -> None:
+            x = args[0][keep["mask"]].double()  # (n, d_in)
+            H[name] = H.get(name, 0) + x.T @ x
+
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad():
+            for ids, mask, _labels in batches:
+                keep["mask"] = mask.bool()
+                count["n"] += int(mask.sum())
+                model(input_ids=ids, attention_mask=mask)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: 2 * h / max(1, count["n"]) for n, h in H.items()}
+
+
+def irr(
+    model: Any,
+    names: list[str],
+    aligned: dict[str, torch.Tensor],
+    unaligned: dict[str, torch.Tensor],
+    calibration: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    *,
+    keep: float = float(IRR["keep"]),
+    blocksize: int = int(IRR["blocksize"]),
+    percdamp: float = float(IRR["percdamp"]),
+    fisher: dict[str, torch.Tensor] | None = None,
+) -> dict[str, Any]:
+    """IRR on ``model``, the fine-tuned model merged into dense float32 weights, in place:
+    for each linear layer in ``names`` (the adapted ones), remove the unsafe entries of its
+    delta from the aligned weight and recalibrate the rest (:func:`obs_remove`). Returns the
+    share of delta entries removed."""
+    modules = dict(model.named_modules())
+    hessians = input_hessians(model, names, calibration)
+    removed = 0
+    total = 0
+    for name in names:
+        weight = modules[name].weight
+        key = f"{name}.weight"
+        W_al = aligned[key].to(weight.dtype)
+        delta = weight.detach() - W_al  # (d_out, d_in)
+        safety = aligned[key].float() - unaligned[key].float()  # (d_out, d_in)
+        F = None if fisher is None else fisher.get(key)
+
+        def choose(
+            block: torch.Tensor,
+            i1: int,
+            i2: int,
+            safety: torch.Tensor = safety,
+            F: torch.Tensor | None = F,
+        ) -> torch.Tensor:
+            f = None if F is None else F[:, i1:i2]
+            return removal_mask(block, safety[:, i1:i2].double(), f, keep)
+
+        new, n = obs_remove(delta, choose, hessians[name], blocksize, percdamp)
+        with torch.no_grad():
+            weight.copy_(W_al + new)
+        removed += n
+        total += int((delta != 0).sum())
+    return {"removed": removed / max(1, total), "layers": len(names)}

@@ -530,8 +530,7 @@ class SmallWorld:
     def measure(self, model: Any, tok: Any, label: str, *, safety_only: bool = False) -> Any:
         """The bed's measures of a loaded model (an EvalReport): harm on AdvBench eval and
         XSTest unsafe, over-refusal on XSTest safe, SST-2 dev (choice match); with
-        ``safety_only`` just AdvBench eval and XSTest safe (the measures a base's precision
-        moves)."""
+        ``safety_only`` no SST-2 (the measures a base's precision moves)."""
         from adapter_repair.measure.evaluate import EvalSets, evaluate_model
 
         sets = self.eval_sets()
@@ -542,7 +541,7 @@ class SmallWorld:
             generation=self._gen(self.recipe.eval_max_new_tokens),
             task_generation=self._gen(self.recipe.task_max_new_tokens),
             match="choice",
-            extra_harmful=None if safety_only else {"xstest": sets["xstest_unsafe"]},
+            extra_harmful={"xstest": sets["xstest_unsafe"]},
             label=label,
         )
         report.info["model"] = label
