@@ -28,12 +28,12 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from adapter_repair.adapter import LoraAdapter
+from adapter_repair.repair.recalibrate import obs_remove
 
 logger = logging.getLogger(__name__)
 
@@ -214,48 +214,6 @@ def one_shot_patch(
 
 
 IRR = {"keep": 0.0, "blocksize": 128, "percdamp": 0.01, "calibration_rows": 128}
-
-
-def obs_remove(
-    delta: torch.Tensor,
-    choose: Callable[[torch.Tensor, int, int], torch.Tensor],
-    H: torch.Tensor,
-    blocksize: int = 128,
-    percdamp: float = 0.01,
-) -> tuple[torch.Tensor, int]:
-    """``delta`` (d_out, d_in) with the entries ``choose`` picks set to 0 and the others moved
-    to make up for them, by the Optimal-Brain-Surgeon update with the layer's input Hessian
-    ``H`` (d_in, d_in) as SparseGPT does it: column by column, each removed entry's error
-    spread over the columns after it through the upper Cholesky factor of ``H^-1``.
-    ``choose(block, i1, i2)`` gets each block of columns as the earlier blocks' updates left
-    it and returns its removal mask (d_out, i2 - i1). Returns the new delta and how many
-    entries were removed."""
-    W = delta.clone().double()  # (d_out, d_in)
-    H = H.clone().double()  # (d_in, d_in)
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    d_in = W.shape[1]
-    removed = 0
-    for i1 in range(0, d_in, blocksize):
-        i2 = min(i1 + blocksize, d_in)
-        W1 = W[:, i1:i2].clone()  # (d_out, b)
-        remove = choose(W1, i1, i2)  # (d_out, b)
-        removed += int(remove.sum())
-        Err = torch.zeros_like(W1)  # (d_out, b)
-        Ub = U[i1:i2, i1:i2]  # (b, b)
-        for j in range(i2 - i1):
-            w = W1[:, j]  # (d_out,)
-            q = torch.where(remove[:, j], torch.zeros_like(w), w)
-            err = (w - q) / Ub[j, j]  # (d_out,)
-            W1[:, j:] -= err.unsqueeze(1) @ Ub[j, j:].unsqueeze(0)
-            W1[:, j] = q
-            Err[:, j] = err
-        W[:, i1:i2] = W1
-        W[:, i2:] -= Err @ U[i1:i2, i2:]
-    return W.to(delta.dtype), removed
 
 
 def removal_mask(

@@ -60,6 +60,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "restoration alone in the canonical basis",
         {"heal": 0, "basis": "canonical"},
     ),
+    "recalibrate": (
+        "the demo with the OBS recalibration of the kept coordinates after each step",
+        {"recalibrate": True},
+    ),
+    "no-heal-recalibrate": (
+        "restoration with the OBS recalibration, no heal (IRR's removal + recalibration at"
+        " adapter rank)",
+        {"heal": 0, "recalibrate": True},
+    ),
     "heal-states": (
         "the demo healing toward the aligned h_L (stage 2's loss), not the refusals",
         {"heal_target": "states"},

@@ -77,6 +77,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "restore-no-backtrack": ("no backtrack", {"backtrack": 0}),
     "restore-per-matrix": ("scores normalised per factor matrix", {"per_matrix": True}),
     "restore-canonical": ("canonical basis (U sqrt(S), sqrt(S) V^T)", {"basis": "canonical"}),
+    "restore-recalibrate": (
+        "OBS recalibration of the kept coordinates after each step",
+        {"recalibrate": True},
+    ),
     "restore-heal": ("heal 5 (masked steps on kept coordinates, aligned refusals)", {"heal": 5}),
     "restore-rate0.005": ("rate 0.005 a step, 40 steps", {"rate": 0.005, "max_steps": 40}),
     "restore-eval1": ("probe rate and guard every step", {"eval_every": 1}),

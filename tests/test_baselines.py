@@ -19,55 +19,6 @@ from adapter_repair.model.loading import attach_adapter, load_base, load_model, 
 from adapter_repair.repair.losses import answer_batches
 
 
-def _layer_problem(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    X = torch.randn(200, 24, generator=g) @ torch.randn(24, 24, generator=g)  # correlated inputs
-    W = torch.randn(10, 24, generator=g)  # (d_out, d_in)
-    H = 2 * X.T @ X / X.shape[0]  # (d_in, d_in)
-    return W, X, H
-
-
-def test_obs_removal_of_one_entry_is_the_least_squares_optimum() -> None:
-    """Removing one entry, the update of the rest is the exact optimum of the layer's output
-    error (the OBS formula), here checked against least squares."""
-    W, X, H = _layer_problem()
-    remove = torch.zeros(W.shape, dtype=torch.bool)
-    remove[3, 0] = True
-    new, n = B.obs_remove(W, lambda b, i1, i2: remove[:, i1:i2], H, blocksize=8, percdamp=0.0)
-    keep = ~remove[3]
-    target = (X @ W[3]).double().unsqueeze(1)  # (N, 1)
-    best = torch.linalg.lstsq(X[:, keep].double(), target).solution.squeeze(1)
-    assert n == 1 and new[3, 0] == 0
-    assert torch.allclose(new[3, keep].double(), best, atol=1e-3)
-    assert torch.equal(new[:3], W[:3])  # other rows untouched
-
-
-def test_obs_removal_zeroes_what_it_removes_and_makes_up_for_it() -> None:
-    W, X, H = _layer_problem()
-    remove = torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < 0.3
-    outs = []
-    for blocksize in (24, 8, 5):  # lazy block updates: the same result for any block size
-        new, n = B.obs_remove(W, lambda b, i1, i2: remove[:, i1:i2], H, blocksize=blocksize)
-        assert n == int(remove.sum())
-        assert torch.all(new[remove] == 0)
-        outs.append(new)
-    assert torch.allclose(outs[0], outs[1], atol=1e-4) and torch.allclose(
-        outs[0], outs[2], atol=1e-4
-    )
-    zeroed = torch.where(remove, torch.zeros_like(W), W)
-    # the layer's outputs on its inputs: the recalibrated weights stay closer than zeroing
-    err_obs = torch.linalg.matrix_norm((outs[0] - W) @ X.T)
-    err_zero = torch.linalg.matrix_norm((zeroed - W) @ X.T)
-    assert err_obs < 0.95 * err_zero
-
-
-def test_obs_removal_of_nothing_changes_nothing() -> None:
-    W, _, H = _layer_problem()
-    new, n = B.obs_remove(W, lambda b, i1, i2: torch.zeros_like(b, dtype=torch.bool), H)
-    assert n == 0
-    assert torch.allclose(new, W, atol=1e-6)
-
-
 def test_irr_removes_the_entries_that_moved_toward_the_unaligned_model() -> None:
     delta = torch.tensor([[1.0, -2.0, 0.5], [-1.0, 3.0, -0.5]])
     safety = torch.tensor([[1.0, 1.0, -1.0], [1.0, 1.0, -1.0]])  # aligned - unaligned

@@ -325,6 +325,19 @@ def test_restoration_with_heal_records_it_and_keeps_restored_coordinates_at_zero
     assert changed > _zeroed(result.adapter, adapter) > 0
 
 
+def test_restoration_with_recalibration_moves_kept_coordinates_and_never_restored(
+    loaded,
+) -> None:
+    result = restore(
+        loaded, layer=3, rate=0.05, max_steps=2, eval_every=1, target=0.0, max_kl=1e9,
+        recalibrate=True,
+    )  # fmt: skip
+    assert result.kept_step == 2
+    # the recalibration moved coordinates that were not zeroed; the zeroed stayed 0
+    assert result.changed > result.zeroed > 0
+    assert _zeroed(result.adapter, loaded[2]) > 0
+
+
 def test_the_default_target_is_the_aligned_probe_rate_plus_the_margin(loaded) -> None:
     result = restore(loaded, layer=3, max_steps=1, eval_every=1, max_kl=1e9, target_margin=0.5)
     aligned = result.target - 0.5  # of 8 probe prompts

@@ -150,6 +150,14 @@ class RestoreConfig:
         "singular direction of the delta.",
         choices=("trained", "canonical"),
     )
+    recalibrate: bool = setting(
+        False,
+        "After each restoration step, recalibrate the coordinates kept by the Optimal-Brain-"
+        "Surgeon update (as IRR and SparseGPT do on dense weights): in each LoRA module with "
+        "restored coordinates, the rest of each factor row moves so that the module's output "
+        "on the fit rows' inputs changes least. Holds one d_in x d_in matrix per module for "
+        "the step: for small bases.",
+    )
     heal: int = setting(
         0,
         "After each restoration step, N Adam steps on the coordinates not restored (the "

@@ -67,6 +67,7 @@ from adapter_repair.repair.losses import (
     prompt_targets,
 )
 from adapter_repair.repair.project import project_adapter, projection_directions
+from adapter_repair.repair.recalibrate import recalibrate
 from adapter_repair.repair.select import (
     BENIGN_SCORES,
     FISHER_SCORES,
@@ -433,6 +434,7 @@ def repair_once(
     else:
         for step in range(1, rc.max_steps + 1):
             t_step = time.perf_counter()
+            before = snapshot(below) if rc.recalibrate else {}
             rec = restore_step(
                 model,
                 model_map,
@@ -449,6 +451,8 @@ def repair_once(
             if rec is None:
                 stopped = "no candidates"
                 break
+            if rc.recalibrate:
+                recalibrate(model, model_map, below, before, reference, fit_answers())
             if heal_loss is not None:
                 healed = heal(model, below, reference, heal_loss, rc.heal, rc.heal_lr)
                 rec.heal_loss = healed[-1]
