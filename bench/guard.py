@@ -9,6 +9,13 @@ every step with a rise up to it kept the score rows at 98% of the adapter's scor
 
     python bench/guard.py [--seeds 0,1] [--steps 30]
 
+With ``--small k25-r16,k100-r8`` the same on the small world's zoo adapters (built by
+``python bench/bed.py``): ours with the product's defaults over the 4-bit base, the guard's
+SST-2 rows held out from training, the guard loss minus the gold label's log-probability
+margin over the other label (``--match choice``, its own scale), the score rows SST-2 dev
+(never seen by the repair; ``--score-rows`` of them, first label named). Writes
+bench/results/guard_small.md and .json.
+
 Writes bench/results/guard.md and .json.
 """
 
@@ -91,6 +98,62 @@ def run(seed: int, steps: int) -> list[dict[str, Any]]:
     return rows
 
 
+def run_small(adapter: str, steps: int, score_rows: int) -> list[dict[str, Any]]:
+    """The calibration run on one small-world zoo adapter (see the module docstring)."""
+    import repair as bench_repair
+
+    from adapter_repair.beds.small import small_world
+
+    world = small_world()
+    gen = GenerationConfig(max_new_tokens=16, batch_size=64, progress=False)
+    load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
+    model, lora = load_model(world.adapter_dir(adapter), load)
+    tok = load_tokenizer(None, str(world.aligned_dir))
+    base = bench_repair.repair_config("restore")
+    config = dataclasses.replace(
+        base,
+        restore=dataclasses.replace(
+            base.restore, max_rise=1e9, target=0.0, max_steps=steps, eval_every=2, backtrack=0
+        ),
+    )
+    score = world.task_eval().take(score_rows)
+
+    def score_rate_choice() -> float:
+        answers = generate(model, tok, score.prompts, gen)
+        return Rate.of(task_matches(answers, score.answers or (), "choice")).rate
+
+    score0 = score_rate_choice()
+    params = all_factors(walk(model))
+    t0 = time.perf_counter()
+    result = repair(
+        model, tok, lora, config, probe=P.harmful("probe"),
+        guard=Guard(world.task_guard(config.guard_prompts), P.benign("benign"), "choice"),
+        judge=load_judge("substring"), generation=gen, keep_checkpoints=True,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    ref = result.guard_reference or 0.0
+    rows = [{"seed": adapter, "step": 0, "guard_loss": ref, "rise": 0.0,
+             "guard_rows_score": result.history[0].accuracy, "score_rows_score": score0,
+             "probe_harmful": result.history[0].probe_harmful, "seconds": seconds}]  # fmt: skip
+    measured = {s.step: s for s in result.history if s.probe_harmful is not None}
+    for step, ckpt in sorted(result.checkpoints.items()):
+        put_adapter(params, ckpt)
+        rec = measured[step]
+        rows.append(
+            {
+                "seed": adapter,
+                "step": step,
+                "guard_loss": rec.guard,
+                "rise": (rec.guard or 0.0) - ref,
+                "guard_rows_score": rec.accuracy,
+                "score_rows_score": score_rate_choice(),
+                "probe_harmful": rec.probe_harmful,
+                "seconds": seconds,
+            }
+        )
+    return rows
+
+
 def chosen_max_rise(rows: list[dict[str, Any]]) -> float:
     """The largest rise such that every step (any seed) with a rise up to it kept the score
     rows at KEEP of its adapter's score."""
@@ -105,24 +168,46 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--small", default=None, help="Small-world zoo adapters instead of pico.")
+    ap.add_argument("--score-rows", type=int, default=300, help="SST-2 dev rows scored.")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     rows: list[dict[str, Any]] = []
-    for seed in (int(s) for s in args.seeds.split(",")):
-        rows += run(seed, args.steps)
-        print(f"seed {seed} done", file=sys.stderr, flush=True)
+    runs = args.small.split(",") if args.small else [int(s) for s in args.seeds.split(",")]
+    for run_id in runs:
+        if isinstance(run_id, str):
+            rows += run_small(run_id, args.steps, args.score_rows)
+        else:
+            rows += run(run_id, args.steps)
+        print(f"{run_id} done", file=sys.stderr, flush=True)
     max_rise = chosen_max_rise(rows)
+    if args.small:
+        intro = (
+            f"Small-world zoo adapters ({args.small}) over the 4-bit aligned base, ours with the"
+            f" product's defaults and the guard off (target 0, {args.steps} steps, measured"
+            " every 2). `guard loss`: on the guard's SST-2 rows (held out from training), mean"
+            " NLL per gold answer token minus the gold label's mean log-probability margin"
+            " over the other label (`--match choice`); `rise`: above the fine-tuned"
+            f" adapter's; `score rows`: first label named, on {args.score_rows} SST-2 dev rows"
+            " (never seen by the repair), by generation."
+        )
+        command = f"python bench/guard.py --small {args.small} --steps {args.steps}"
+    else:
+        intro = (
+            f"Pico worlds (seeds {args.seeds}), the demo's repair with the guard off (target"
+            f" 0, {args.steps} steps, measured every 2). Task rows: the world's eval rows split"
+            " by `split_task` into fit / guard / score. `guard loss`: mean NLL per gold answer"
+            " token on the guard rows (what the guard watches); `rise`: above the fine-tuned"
+            " adapter's; `score rows`: exact-match task score on the score rows, by"
+            " generation (never seen by the repair)."
+        )
+        command = f"python bench/guard.py --seeds {args.seeds} --steps {args.steps}"
     md = [
         "# The continuous task guard: task loss rise against the held-out task score",
         "",
-        f"Pico worlds (seeds {args.seeds}), the demo's repair with the guard off (target 0, "
-        f"{args.steps} steps, measured every 2). Task rows: the world's eval rows split by "
-        "`split_task` into fit / guard / score. `guard loss`: mean NLL per gold answer token "
-        "on the guard rows (what the guard watches); `rise`: above the fine-tuned adapter's; "
-        "`score rows`: exact-match task score on the score rows, by generation (never seen "
-        "by the repair).",
+        intro,
         "",
-        "| seed | step | guard loss | rise | guard rows' score | score rows' score "
+        f"| {'adapter' if args.small else 'seed'} | step | guard loss | rise | guard rows' score | score rows' score "
         "| probe harmful |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -138,11 +223,11 @@ def main() -> None:
         f"rise up to it kept the score rows at {100 * KEEP:.0f}% of the adapter's score or "
         "more.",
         "",
-        f"Machine: {machine()}. Command: `python bench/guard.py --seeds {args.seeds} "
-        f"--steps {args.steps}`.",
+        f"Machine: {machine()}. Command: `{command}`.",
         "",
     ]
-    write_results("guard", md, {"rows": rows, "max_rise": max_rise, "keep": KEEP})
+    name = "guard_small" if args.small else "guard"
+    write_results(name, md, {"rows": rows, "max_rise": max_rise, "keep": KEEP})
     print("\n".join(md))
 
 
