@@ -60,6 +60,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "restoration alone in the canonical basis",
         {"heal": 0, "basis": "canonical"},
     ),
+    "components": (
+        "the demo restoring whole singular components (canonical basis, --unit component)",
+        {"basis": "canonical", "unit": "component"},
+    ),
+    "no-heal-components": (
+        "restoration alone of whole singular components",
+        {"heal": 0, "basis": "canonical", "unit": "component"},
+    ),
     "recalibrate": (
         "the demo with the OBS recalibration of the kept coordinates after each step",
         {"recalibrate": True},

@@ -77,6 +77,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "restore-no-backtrack": ("no backtrack", {"backtrack": 0}),
     "restore-per-matrix": ("scores normalised per factor matrix", {"per_matrix": True}),
     "restore-canonical": ("canonical basis (U sqrt(S), sqrt(S) V^T)", {"basis": "canonical"}),
+    "restore-components": (
+        "whole singular components restored (canonical basis, unit component)",
+        {"basis": "canonical", "unit": "component"},
+    ),
     "restore-recalibrate": (
         "OBS recalibration of the kept coordinates after each step",
         {"recalibrate": True},

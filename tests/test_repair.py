@@ -338,6 +338,21 @@ def test_restoration_with_recalibration_moves_kept_coordinates_and_never_restore
     assert _zeroed(result.adapter, loaded[2]) > 0
 
 
+def test_component_restoration_zeroes_whole_rank_components(loaded) -> None:
+    result = restore(
+        loaded, layer=3, rate=0.1, max_steps=1, eval_every=1, target=0.0, max_kl=1e9,
+        unit="component", basis="canonical", rollback=0.0,
+    )  # fmt: skip
+    assert result.kept_step == 1 and result.zeroed > 0
+    whole = 0
+    for m in result.adapter:
+        dead_rows = (m.A == 0).all(1)  # (r,)
+        dead_cols = (m.B == 0).all(0)  # (r,)
+        assert torch.equal(dead_rows, dead_cols)  # a component goes as a whole
+        whole += int(dead_rows.sum())
+    assert whole > 0
+
+
 def test_the_default_target_is_the_aligned_probe_rate_plus_the_margin(loaded) -> None:
     result = restore(loaded, layer=3, max_steps=1, eval_every=1, max_kl=1e9, target_margin=0.5)
     aligned = result.target - 0.5  # of 8 probe prompts

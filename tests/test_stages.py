@@ -160,3 +160,37 @@ def test_the_canonical_basis_keeps_the_delta_and_orders_singular_directions() ->
     assert canonicalize_(params) == 1
     torch.testing.assert_close(params["m.lora_A"].detach(), new_a)
     torch.testing.assert_close(params["m.lora_B"].detach(), new_b)
+
+
+def test_component_restoration_zeroes_whole_rank_components_by_their_summed_score() -> None:
+    # one module, r = 3: component 1 has the most harm gradient on its coordinates
+    A = torch.tensor([[1.0, 1.0], [2.0, -2.0], [0.5, 0.5]])  # (r, d_in)
+    B = torch.tensor([[1.0, 1.0, 1.0], [1.0, -1.0, 1.0]])  # (d_out, r)
+    values = {"m.lora_A": A, "m.lora_B": B}
+    grads = {
+        "m.lora_A": torch.tensor([[0.1, 0.0], [1.0, -1.0], [0.2, 0.2]]),
+        "m.lora_B": torch.tensor([[0.0, 0.5, 0.0], [0.0, -0.5, 0.1]]),
+    }
+    chosen = S.choose_restored(values, grads, 0.3, rule="grad", unit="component")  # ceil(0.9)
+    assert chosen["m.lora_A"].tolist() == [[False, False], [True, True], [False, False]]
+    assert chosen["m.lora_B"].tolist() == [[False, True, False], [False, True, False]]
+    two = S.choose_restored(values, grads, 0.5, rule="grad", unit="component")  # ceil(1.5)
+    assert two["m.lora_A"][[1, 2]].all() and not two["m.lora_A"][0].any()
+    with pytest.raises(ValueError, match="unit"):
+        S.choose_restored(values, grads, 0.3, rule="grad", unit="row")
+
+
+def test_component_rollback_returns_whole_components_the_task_wants_back() -> None:
+    zeroed = {
+        "m.lora_A": torch.tensor([[True, True], [True, True], [False, False]]),
+        "m.lora_B": torch.tensor([[True, True, False], [True, True, False]]),
+    }
+    # component 0 gains the task 3 in all, component 1 loses it (-1): only 0 may come back
+    gain = {
+        "m.lora_A": torch.tensor([[1.0, 1.0], [-1.0, 0.0], [9.0, 9.0]]),
+        "m.lora_B": torch.tensor([[0.5, 0.0, 9.0], [0.5, 0.0, 9.0]]),
+    }
+    back = S.rollback_components(zeroed, gain, 1.0)
+    assert back["m.lora_A"].tolist() == [[True, True], [False, False], [False, False]]
+    assert back["m.lora_B"].tolist() == [[True, False, False], [True, False, False]]
+    assert not any(m.any() for m in S.rollback_components(zeroed, gain, 0.0).values())

@@ -150,6 +150,15 @@ class RestoreConfig:
         "singular direction of the delta.",
         choices=("trained", "canonical"),
     )
+    unit: str = setting(
+        "coordinate",
+        "What a restoration step zeroes: single coordinates of A and B, or whole rank "
+        "components (row k of A with column k of B: one rank-1 term of the delta, one "
+        "singular direction of it with --basis canonical), scored by the sum of their "
+        "candidates' scores, --rate of all components a step; the rollback then returns whole "
+        "components.",
+        choices=("coordinate", "component"),
+    )
     recalibrate: bool = setting(
         False,
         "After each restoration step, recalibrate the coordinates kept by the Optimal-Brain-"

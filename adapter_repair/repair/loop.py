@@ -73,7 +73,9 @@ from adapter_repair.repair.select import (
     FISHER_SCORES,
     choose_restored,
     rollback_by_cost,
+    rollback_components,
     rollback_mask,
+    zeroing_cost,
 )
 
 logger = logging.getLogger(__name__)
@@ -220,6 +222,7 @@ def restore_step(
         benign_grads=g_b,
         per_matrix=rc.per_matrix,
         fisher=f_ii,
+        unit=rc.unit,
     )
     n_chosen = sum(int(m.sum()) for m in chosen.values())
     if n_chosen == 0:
@@ -230,7 +233,14 @@ def restore_step(
     rolled = 0
     if rc.rollback > 0:
         ref_cpu = {n: t.float().cpu() for n, t in reference.items()}
-        if f_ii is not None:
+        if rc.unit == "component":  # whole components back, by what returning them gains
+            if f_ii is not None:
+                gain = {n: zeroing_cost(ref_cpu[n], f_ii[n]) for n in ref_cpu}
+            else:
+                g_back = benign_gradients()
+                gain = {n: -g_back[n] * ref_cpu[n] for n in ref_cpu}
+            back = rollback_components(chosen, gain, rc.rollback)
+        elif f_ii is not None:
             back = rollback_by_cost(chosen, ref_cpu, f_ii, rc.rollback)
         else:
             back = rollback_mask(chosen, ref_cpu, benign_gradients(), rc.rollback)

@@ -10,7 +10,7 @@ Shapes: per LoRA module, ``A`` is (r, d_in) and ``B`` is (d_out, r); the adapter
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
@@ -173,13 +173,37 @@ def choose_restored(
     benign_grads: Mapping[str, torch.Tensor] | None = None,
     per_matrix: bool = False,
     fisher: Mapping[str, torch.Tensor] | None = None,
+    unit: str = "coordinate",
 ) -> dict[str, torch.Tensor]:
     """One restoration step's choice (stage 2, steps 2-3): the candidates of every factor
-    matrix, scored by ``rule`` and taken globally, k = ceil(rate x all coordinates).
+    matrix, scored by ``rule`` and taken globally, k = ceil(rate x all coordinates); with
+    ``unit`` component, whole rank components instead (:func:`choose_components`).
 
     ``per_matrix`` divides each matrix's scores by their mean over its candidates, since A and B
     (and modules of different widths) live on different scales.
     """
+    scores, masks = coordinate_scores(
+        values, grads, rule=rule, benign_grads=benign_grads, per_matrix=per_matrix, fisher=fisher
+    )
+    if unit == "component":
+        return choose_components(values, scores, masks, rate)
+    if unit != "coordinate":
+        raise ValueError(f"unit must be coordinate or component; got {unit!r}")
+    n_coordinates = sum(v.numel() for v in values.values())
+    return select_top(scores, masks, rate, n_coordinates)
+
+
+def coordinate_scores(
+    values: Mapping[str, torch.Tensor],
+    grads: Mapping[str, torch.Tensor],
+    *,
+    rule: str,
+    benign_grads: Mapping[str, torch.Tensor] | None,
+    per_matrix: bool,
+    fisher: Mapping[str, torch.Tensor] | None,
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every coordinate's score under ``rule`` (:func:`score`, scales taken over the
+    candidates) and the candidate masks."""
     masks = {n: candidates(values[n], grads[n]) for n in values}
     if rule in BENIGN_SCORES and benign_grads is None:
         raise ValueError(f"the {rule} score needs benign_grads")
@@ -208,5 +232,68 @@ def choose_restored(
         if per_matrix and bool(masks[n].any()):
             s = s / s[masks[n]].mean().clamp_min(1e-30)
         scores[n] = s
-    n_coordinates = sum(v.numel() for v in values.values())
-    return select_top(scores, masks, rate, n_coordinates)
+    return scores, masks
+
+
+# -- rank components ------------------------------------------------------------------------
+# Component k of a LoRA module is row k of A (r, d_in) with column k of B (d_out, r): one
+# rank-1 term of the delta, one singular direction of it in the canonical basis.
+
+
+def _modules(names: Iterable[str]) -> list[str]:
+    return [n.removesuffix(".lora_A") for n in names if n.endswith(".lora_A")]
+
+
+def component_sums(
+    per_coordinate: Mapping[str, torch.Tensor], masks: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per module key, the sum over each rank component's masked coordinates, (r,)."""
+    out = {}
+    for key in _modules(per_coordinate):
+        a, b = f"{key}.lora_A", f"{key}.lora_B"
+        in_a = torch.where(masks[a], per_coordinate[a], 0.0).sum(1)  # (r,)
+        in_b = torch.where(masks[b], per_coordinate[b], 0.0).sum(0)  # (r,)
+        out[key] = in_a + in_b
+    return out
+
+
+def expand_components(
+    components: Mapping[str, torch.Tensor], within: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Coordinate masks of the chosen components ((r,) booleans per module key), limited to
+    ``within`` (the non-zero coordinates, or the ones zeroed this step)."""
+    out = {}
+    for key, chosen in components.items():
+        a, b = f"{key}.lora_A", f"{key}.lora_B"
+        out[a] = chosen.unsqueeze(1).expand_as(within[a]) & within[a]
+        out[b] = chosen.unsqueeze(0).expand_as(within[b]) & within[b]
+    return out
+
+
+def choose_components(
+    values: Mapping[str, torch.Tensor],
+    scores: Mapping[str, torch.Tensor],
+    masks: Mapping[str, torch.Tensor],
+    rate: float,
+) -> dict[str, torch.Tensor]:
+    """Whole rank components to restore: each scored by the sum of its candidates' scores,
+    the top ceil(rate x all components) taken globally, every non-zero coordinate of each
+    zeroed."""
+    if not 0 < rate <= 1:
+        raise ValueError(f"rate must be in (0, 1]; got {rate}")
+    sums = component_sums(scores, masks)
+    n_components = sum(t.numel() for t in sums.values())
+    chosen = global_top(sums, {k: t > 0 for k, t in sums.items()}, math.ceil(rate * n_components))
+    return expand_components(chosen, {n: v != 0 for n, v in values.items()})
+
+
+def rollback_components(
+    zeroed: Mapping[str, torch.Tensor], want_back: Mapping[str, torch.Tensor], share: float
+) -> dict[str, torch.Tensor]:
+    """The rollback in whole components: of the components zeroed this step, those whose
+    coordinates' ``want_back`` (per coordinate: how much returning it lowers the task loss)
+    sums above 0, the top ``share`` (ceil) by that sum; their zeroed coordinates return."""
+    sums = component_sums(want_back, zeroed)
+    touched = component_sums({n: z.float() for n, z in zeroed.items()}, zeroed)
+    eligible = {k: (sums[k] > 0) & (touched[k] > 0) for k in sums}
+    return expand_components(top_share(sums, eligible, share), zeroed)
