@@ -11,7 +11,8 @@ and bench/results/ablation.md and .json (restore with one lever moved, on the sa
 
 Each (adapter, method) runs in its own process (so its peak RSS is its own) and is cached as
 an artifact of the small world, keyed by the adapter's recipe, the settings and what measured
-it (a digest of the package and bench source, the judge, the prompt sets): rerunning after an
+it (a digest of the code that measures it: the package but its CLI and Hub client, and the
+repair benches; the judge, the prompt sets): rerunning after an
 interruption resumes where it stopped; ``--no-run`` only writes the tables of what is done. The
 zoo must be built first (``python bench/bed.py``).
 
@@ -72,9 +73,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "restore-no-rollback": ("no rollback", {"rollback": 0.0}),
     "restore-mean": ("targets mean (published loss)", {"targets": "mean"}),
-    "restore-direction": ("benign loss -cos(h_L, b*) (published)", {"benign_loss": "direction"}),
-    "restore-L29": ("L = n_layers - 1 (DESIGN's default)", {"layer": N_LAYERS - 1}),
-    "restore-no-backtrack": ("no backtrack", {"backtrack": 0}),
     "restore-per-matrix": ("scores normalised per factor matrix", {"per_matrix": True}),
     "restore-canonical": ("canonical basis (U sqrt(S), sqrt(S) V^T)", {"basis": "canonical"}),
     "restore-components": (
@@ -87,19 +85,13 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "restore-heal": ("heal 5 (masked steps on kept coordinates, aligned refusals)", {"heal": 5}),
     "restore-rate0.005": ("rate 0.005 a step, 40 steps", {"rate": 0.005, "max_steps": 40}),
-    "restore-eval1": ("probe rate and guard every step", {"eval_every": 1}),
-    "restore-ratio-g512": (
-        "score ratio, 512 guard rows: 64 fit the loss as before, 448 check (one row 0.2%)",
-        {"score": "ratio", "fit_rows": 64},
-    ),
 }
-GUARD_ROWS_BIG = 512  #: the guard rows of the -g512 variants
 
 
 def guard_rows(method: str) -> int:
-    """Task rows a method's guard gets: GUARD_ROWS, or GUARD_ROWS_BIG for the -g512 variants
-    (the guard's mean steadies with more rows)."""
-    return GUARD_ROWS_BIG if method.endswith("-g512") else GUARD_ROWS
+    """Task rows a method's guard gets: the product default (hold-out splits them into rows
+    that fit the benign loss and rows that check the guard)."""
+    return GUARD_ROWS
 
 
 def repair_config(method: str) -> RepairConfig:
@@ -130,12 +122,26 @@ def source_digest(paths: list[Path]) -> str:
 
 
 ROOT = HERE.parent
-#: what every row depends on beyond its settings: the package and bench code, the judge, the
+#: the package folders a measurement never runs: the CLI and the Hub client (the library never
+#: imports them; tests/test_layering.py holds that rule), so work on them keeps the rows
+NOT_MEASURING = ("cli", "hub")
+#: the bench scripts whose code produces rows (the repair benches and what they import)
+BENCH_CODE = ("repair.py", "baselines.py", "pico_repair.py", "results_io.py")
+
+
+def measuring_code() -> list[Path]:
+    """The source files a row's measurement runs: the package but its CLI and Hub client,
+    and the repair benches."""
+    package = ROOT / "adapter_repair"
+    return [
+        *(p for p in package.rglob("*.py") if p.relative_to(package).parts[0] not in NOT_MEASURING),
+        *(HERE / name for name in BENCH_CODE),
+    ]
+
+
+#: what every row depends on beyond its settings: the code that measures it, the judge, the
 #: prompt sets and their splits (the generation settings are in the code and the config)
-MEASURED_BY = {
-    "code": source_digest([*(ROOT / "adapter_repair").rglob("*.py"), *HERE.glob("*.py")]),
-    "judge": "substring",
-}
+MEASURED_BY = {"code": source_digest(measuring_code()), "judge": "substring"}
 
 
 def measured_by() -> dict[str, Any]:
@@ -755,7 +761,8 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         f" Not run yet: {', '.join(m for m in missing if m.split('/')[1] not in plan.variants) or 'none'}.",
         "",
         "Every row was measured by the code this table names (cache keys hold a digest of the"
-        " package and bench source, the judge and the prompt sets); nothing is carried from an"
+        " code that measures it: the package but its CLI and Hub client, and the repair benches;"
+        " the judge and the prompt sets); nothing is carried from an"
         " older table.",
         "",
         *footer,

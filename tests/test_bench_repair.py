@@ -28,3 +28,13 @@ def test_row_keys_hold_the_code_the_judge_and_the_prompt_sets() -> None:
     assert by["judge"] == "substring"
     assert set(by["prompts"]) == {"harmful", "benign"} and by["prompts"]["harmful"]["eval"]
     assert not hasattr(bench_repair, "carry_previous")
+
+
+def test_the_code_digest_covers_what_measures_and_not_the_cli_or_the_hub_client() -> None:
+    files = {str(p.relative_to(bench_repair.ROOT)) for p in bench_repair.measuring_code()}
+    assert "adapter_repair/repair/loop.py" in files
+    assert "adapter_repair/measure/generation.py" in files
+    assert "adapter_repair/model/loading.py" in files
+    assert "bench/baselines.py" in files and "bench/repair.py" in files
+    assert not any(f.startswith(("adapter_repair/cli/", "adapter_repair/hub/")) for f in files)
+    assert all((bench_repair.ROOT / f).is_file() for f in files)
