@@ -87,17 +87,19 @@ def test_one_shot_patch_learns_its_one_example(
 def test_the_plan_runs_ours_everywhere_and_the_rest_on_the_compare_adapters() -> None:
     plan = bench_repair.Plan(
         adapters=("a", "b", "c"),
-        compare=("a",),
+        compare=("c", "a"),
         methods=("restore",),
         baselines=("irr",),
         variants=("restore-heal",),
     )
     assert plan.runs() == [
+        ("c", "restore"),  # ours on the compare adapters first,
         ("a", "restore"),
-        ("b", "restore"),
-        ("c", "restore"),
-        ("a", "irr"),
+        ("c", "restore-heal"),  # then each lever on all of them,
         ("a", "restore-heal"),
+        ("c", "irr"),  # each baseline,
+        ("a", "irr"),
+        ("b", "restore"),  # and the rest of the zoo last
     ]
     assert bench_repair.repair_config("restore-heal").restore.heal == 5
     assert bench_repair.repair_config("published").restore.score == "grad"
