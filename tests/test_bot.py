@@ -178,6 +178,20 @@ def test_receiver_queues_one_job_per_main_commit_and_ignores_the_rest(
     assert health["queue_depth"] == 1 and health["jobs"]["queued"] == 1
 
 
+def test_a_push_without_updated_refs_is_queued_by_the_repos_head_sha(
+    receiver: Receiver, sqlite_queue: Queue
+) -> None:
+    """Some Hub deliveries carry no ``updatedRefs``: the head sha, which the Hub names
+    ``repo.headSha``, is the commit (WebhookPayload's ``head_sha`` never reads it)."""
+    sha = "f" * 40
+    body = payload("alice/lora", sha)
+    del body["updatedRefs"]
+    assert receiver.post(body) == (202, {"status": "queued", "job": f"alice/lora@{sha}"})
+    del body["repo"]["headSha"]  # nothing names a commit: nothing to queue
+    assert receiver.post(body)[1]["status"] == "ignored"
+    assert [j.id for j in sqlite_queue.store.jobs()] == [f"alice/lora@{sha}"]
+
+
 @pytest.fixture
 def bot_hub(hub: Any, monkeypatch: pytest.MonkeyPatch) -> Any:
     """The local Hub, with the bot's token as the token of this process and its jobs."""

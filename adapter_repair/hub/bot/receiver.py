@@ -12,6 +12,7 @@ ignored; the commit a merge of the bot's PR makes is recognised by the worker.
 from __future__ import annotations
 
 import hmac
+import json
 import logging
 from typing import Any
 
@@ -28,8 +29,11 @@ logger = logging.getLogger(__name__)
 MAIN = "refs/heads/main"
 
 
-def main_update(payload: WebhookPayload) -> str | None:
-    """The new commit sha of a model repo's main branch, when ``payload`` is such an update."""
+def main_update(payload: WebhookPayload, body: dict[str, Any] | None = None) -> str | None:
+    """The new commit sha of a model repo's main branch, when ``payload`` is such an update:
+    from ``updatedRefs``, else the repo's head. The Hub sends the head as ``repo.headSha``,
+    which ``WebhookPayload`` (its field is ``head_sha``, with no alias) does not read, so it is
+    taken from the raw ``body`` too."""
     if payload.repo.type != "model":
         return None
     if payload.event.scope != "repo.content" or payload.event.action != "update":
@@ -39,7 +43,11 @@ def main_update(payload: WebhookPayload) -> str | None:
             if ref.ref == MAIN and ref.newSha and set(ref.newSha) != {"0"}:
                 return ref.newSha
         return None
-    return payload.repo.head_sha
+    if payload.repo.head_sha:
+        return payload.repo.head_sha
+    repo = (body or {}).get("repo")
+    head = repo.get("headSha") if isinstance(repo, dict) else None
+    return head if isinstance(head, str) and head else None
 
 
 def create_app(queue: Queue, secret: str) -> FastAPI:
@@ -64,7 +72,7 @@ def create_app(queue: Queue, secret: str) -> FastAPI:
             return JSONResponse(
                 {"error": f"not a Hub webhook payload ({n} problem(s))"}, status_code=400
             )
-        sha = main_update(payload)
+        sha = main_update(payload, json.loads(body))
         if sha is None:
             return JSONResponse({"status": "ignored", "why": "not an update of a model's main"})
         repo = payload.repo.name
