@@ -430,9 +430,11 @@ class LocalHub:
         without an answer. mode "reset": the same but the socket is reset (RST). mode "status":
         the answer is ``status`` with a JSON error body. mode "stall": the request is carried
         out, then the answer waits ``seconds`` (a client killed meanwhile never learns that its
-        commit landed); :attr:`stalled` is set when a stall begins.
+        commit landed); :attr:`stalled` is set when a stall begins. mode "lost": the request is
+        carried out and the connection closed without an answer (a commit that landed, its
+        answer dropped).
         """
-        if mode not in ("drop", "reset", "status", "stall"):
+        if mode not in ("drop", "reset", "status", "stall", "lost"):
             raise ValueError(f"unknown fault mode {mode!r}")
         with self._lock:
             self._faults.append(
@@ -1564,6 +1566,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             time.sleep(fault.seconds)
             with contextlib.suppress(OSError):
                 self._send(resp)
+            return
+        if fault is not None and fault.mode == "lost":
+            hub._handle(req)
+            self._abort(reset=False)
             return
         if fault is not None and fault.mode != "status" and req.method != "GET":
             self._abort(reset=fault.mode == "reset")

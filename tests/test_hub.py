@@ -272,6 +272,10 @@ def test_fix_refuses_a_push_it_cannot_make_before_any_download(
         (None, ["--pr"], "a Hugging Face token is needed to push to"),
         (BOB, ["--pr", "--push-to", "bob/x"], "--pr and --push-to both given"),
         (BOB, ["--dry-run"], "nothing is to be pushed"),
+        # a dry run checks what the real push checks
+        (BOB, ["--push-to", "alice/not-bobs", "--dry-run"], "cannot create or write alice/not"),
+        (BOB_READ, ["--push-to", "bob/x", "--dry-run"], "read-only"),
+        (None, ["--pr", "--dry-run"], "a Hugging Face token is needed to push to"),
         (BOB, ["--push-to", "not/a/repo"], "neither a folder"),
     ]
     for token, flags, message in cases:
@@ -322,10 +326,10 @@ def test_a_push_whose_connection_drops_leaves_nothing_behind(
     out = tmp_path / "o"
     result = run("fix", tiny_repos["lora"], "--out", str(out), *flags, *FAST)
     assert result.exit_code == 2, result.output
-    assert (
-        "connection to the Hub failed" in result.output
-        and "nothing was half-pushed" in result.output
-    )
+    assert "connection to the Hub failed" in result.output
+    assert "Checked on the Hub: the commit did not land, nothing was pushed" in result.output
+    # the advice to push by hand never writes to the source repo's main branch
+    assert ("--create-pr" in result.output) == (mode == "pr")
     assert (out / "adapter_model.safetensors").is_file()  # the repair itself is kept
     if mode == "push-to":
         from huggingface_hub import HfApi
@@ -334,6 +338,52 @@ def test_a_push_whose_connection_drops_leaves_nothing_behind(
     else:
         assert hub.pull_requests(tiny_repos["lora"]) == []
         assert hub.commits(tiny_repos["lora"]) == before
+
+
+@pytest.mark.parametrize("mode", ["push-to", "pr"])
+def test_a_push_that_landed_with_its_answer_lost_says_it_was_pushed(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
+) -> None:
+    """The commit applied, its answer dropped: fix looks on the Hub and finds it there."""
+    monkeypatch.setenv("HF_TOKEN", ALICE if mode == "pr" else BOB)
+    lora = tiny_repos["lora"]
+    target = fresh("bob/lost") if mode == "push-to" else lora
+    hub.fail_next("POST", r"/commit/", mode="lost")
+    flags = ["--push-to", target] if mode == "push-to" else ["--pr"]
+    out = tmp_path / "o"
+    result = run("fix", lora, "--out", str(out), *flags, *FAST)
+    assert result.exit_code == 0, result.output
+    weights = (out / "adapter_model.safetensors").read_bytes()
+    if mode == "push-to":
+        assert hub.files(target)["adapter_model.safetensors"] == weights
+    else:
+        (pr,) = hub.pull_requests(lora)
+        assert hub.files(lora, pr["ref"])["adapter_model.safetensors"] == weights
+        assert f"/discussions/{pr['num']}" in result.output
+    assert "nothing was" not in result.output
+
+
+def test_fix_pr_again_for_the_same_commit_updates_its_own_pull_request(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", ALICE)
+    lora = tiny_repos["lora"]
+    for i in range(3):
+        result = run("fix", lora, "--pr", "--out", str(tmp_path / f"o{i}"), *FAST)
+        assert result.exit_code == 0, result.output
+    (pr,) = hub.pull_requests(lora)  # one PR for one source commit
+    sha = hub.commits(lora)[0]["oid"]
+    assert f"[{sha[:12]}]" in pr["title"] and pr["status"] == "open"
+    assert len(hub.commits(lora, pr["ref"])) == len(hub.commits(lora)) + 3  # three commits
+    # a new commit of the source is a new PR
+    again = tmp_path / "again"
+    again.mkdir()
+    for name, data in hub.files(lora).items():
+        (again / name).write_bytes(data)
+    (again / "NOTES.md").write_text("retrained\n")
+    hub.upload_folder(lora, again)
+    assert run("fix", lora, "--pr", "--out", str(tmp_path / "n"), *FAST).exit_code == 0
+    assert len(hub.pull_requests(lora)) == 2
 
 
 def test_a_push_the_hub_refuses_is_a_clear_error_and_commits_nothing(

@@ -118,8 +118,11 @@ def hub_errors(what: str, repo_id: str, *, writing: bool = False) -> Iterator[No
         raise HubError(
             f"cannot {what} ({repo_id}): the connection to the Hub failed "
             f"({type(e).__name__}: {scrub(str(e))}).",
-            "Check the network (and HF_ENDPOINT) and run the same command again: downloads "
-            "resume from the cache, and a push is one commit, so nothing was half-pushed.",
+            "Check the network (and HF_ENDPOINT) and run the same command again: a push is "
+            "one commit, so it landed whole or not at all."
+            if writing
+            else "Check the network (and HF_ENDPOINT) and run the same command again: "
+            "downloads resume from the cache.",
             transient=True,
         ) from e
 

@@ -26,7 +26,16 @@ from adapter_repair.hub.card import Provenance, repair_card
 from adapter_repair.hub.config import PushConfig
 from adapter_repair.hub.errors import BaseUnreachableError, HubError
 from adapter_repair.hub.pull import HubRef, Pulled, pull_adapter, pull_base
-from adapter_repair.hub.push import PushResult, check_can_push, plan_push
+from adapter_repair.hub.push import (
+    OwnPr,
+    PushPlan,
+    PushResult,
+    check_can_push,
+    find_own_pr,
+    landed,
+    plan_push,
+    pr_marker,
+)
 from adapter_repair.hub.push import push as push_folder
 from adapter_repair.measure.config import EvalConfig, GenerationConfig
 from adapter_repair.measure.prompts import PromptSet
@@ -164,7 +173,7 @@ def fix(
     if push_to is not None:
         HubRef.parse(push_to)  # a clear error for a malformed id, before any work
     api = api or HfApi()
-    if target and not dry_run:
+    if target:  # a dry run checks what the real push checks
         check_can_push(api, target, create_pr=pr)
     out_path = Path(out) if out is not None else default_out(source)
     check_output_folder(out_path, overwrite)
@@ -230,31 +239,81 @@ def fix(
         logger.warning(skipped)
         return FixOutcome(outcome, pulled, base, None, skipped)
     if target:
+        marker = pr_marker(pulled.sha) if pr and pulled else None
+        message = commit_message(outcome.report)
         plan = plan_push(
             outcome.out,
             target,
             create_pr=pr,
-            message=commit_message(outcome.report),
+            message=f"{message} {marker}" if marker else message,
             description="Repaired with adapter-repair: see the model card's repair section "
             "and repair_report.md.",
         )
+        # our own open PR for this source commit gets the new commit, not a second PR
+        own = find_own_pr(api, target, marker) if marker else None
+        if own is not None:
+            logger.info("an open pull request of ours repairs this commit: %s", own.url)
         if dry_run:
-            pushed = PushResult(plan, None, None, dry_run=True)
+            pushed = PushResult(plan, own.url if own else None, None, dry_run=True)
         else:
-            try:
-                pushed = push_folder(
-                    api,
-                    outcome.out,
-                    plan,
-                    private=push.private,
-                    parent_commit=pulled.sha if pr and pulled else None,
-                )
-            except AdapterRepairError as e:
-                raise HubError(
-                    e.problem,
-                    f"{e.fix} The repaired adapter is kept in {outcome.out}: push it with "
-                    f"`hf upload {target} {outcome.out}`, or rerun with --overwrite.",
-                    transient=getattr(e, "transient", False),
-                ) from e
+            pushed = _push_or_say_where(api, outcome.out, plan, push, pulled, own, marker)
             logger.info("pushed: %s", pushed.url)
     return FixOutcome(outcome, pulled, base, pushed)
+
+
+def _push_or_say_where(
+    api: HfApi,
+    out: Path,
+    plan: PushPlan,
+    push: PushConfig,
+    pulled: Pulled | None,
+    own: OwnPr | None,
+    marker: str | None,
+) -> PushResult:
+    """Push ``plan``; when the push fails in a way that may have landed (the request went out,
+    the answer was lost), ask the Hub whether it did: landed -> the push's result; not landed
+    or unknown -> a HubError that says which, with advice that never writes to the source
+    repo's main branch."""
+    try:
+        return push_folder(
+            api,
+            out,
+            plan,
+            private=push.private,
+            parent_commit=pulled.sha if plan.create_pr and pulled else None,
+            into=own,
+        )
+    except AdapterRepairError as e:
+        if not getattr(e, "transient", False):
+            raise HubError(e.problem, f"{e.fix} {_again(plan, out)}") from e
+        try:
+            where = landed(api, plan, out / "adapter_model.safetensors", marker)
+        except AdapterRepairError:
+            raise HubError(
+                f"{e.problem} Whether the commit landed is unknown: the Hub could not be asked.",
+                f"Check {_target_url(api, plan, own)} before pushing again. {_again(plan, out)}",
+                transient=True,
+            ) from e
+        if where is not None:
+            logger.warning("the Hub's answer was lost, but the commit landed: %s", where)
+            return PushResult(plan, where, None)
+        raise HubError(
+            f"{e.problem} Checked on the Hub: the commit did not land, nothing was pushed.",
+            f"{e.fix} {_again(plan, out)}",
+            transient=True,
+        ) from e
+
+
+def _again(plan: PushPlan, out: Path) -> str:
+    """How to push the kept adapter by hand: as a pull request for a PR, never to main."""
+    upload = f"hf upload {plan.repo_id} {out}"
+    if plan.create_pr:
+        upload += " --create-pr"
+    return f"The repaired adapter is kept in {out}: push it with `{upload}`, or rerun the same command."
+
+
+def _target_url(api: HfApi, plan: PushPlan, own: OwnPr | None) -> str:
+    if own is not None:
+        return own.url
+    tab = "/discussions" if plan.create_pr else ""
+    return f"{api.endpoint}/{plan.repo_id}{tab}"

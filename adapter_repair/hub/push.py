@@ -8,6 +8,7 @@ fails. Nothing is pushed unless asked, and ``dry_run`` lists what would be.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -98,6 +99,41 @@ def check_can_push(api: HfApi, repo_id: str, *, create_pr: bool) -> str:
     return str(me.get("name"))
 
 
+def pr_marker(sha: str) -> str:
+    """In the titles of the pull requests adapter-repair opens: which source commit was
+    repaired (so a later run finds its own PR for that commit)."""
+    return f"[{sha[:12]}]"
+
+
+@dataclass(frozen=True)
+class OwnPr:
+    """An open pull request this token's user opened on a repo."""
+
+    num: int
+    url: str
+
+    @property
+    def ref(self) -> str:
+        return f"refs/pr/{self.num}"
+
+
+def find_own_pr(api: HfApi, repo_id: str, title_part: str) -> OwnPr | None:
+    """The open pull request by this token's user on ``repo_id`` whose title holds
+    ``title_part`` (newest first), else None."""
+    with hub_errors("check the token", "(whoami)"):
+        me = str(api.whoami()["name"])
+    with hub_errors("list the repo's pull requests", repo_id):
+        found = [
+            d
+            for d in api.get_repo_discussions(repo_id, author=me, discussion_type="pull_request")
+            if d.status == "open" and title_part in d.title
+        ]
+    if not found:
+        return None
+    newest = max(found, key=lambda d: d.num)
+    return OwnPr(newest.num, str(newest.url))
+
+
 def push(
     api: HfApi,
     folder: Path,
@@ -105,13 +141,26 @@ def push(
     *,
     private: bool = False,
     parent_commit: str | None = None,
+    into: OwnPr | None = None,
 ) -> PushResult:
     """Send ``plan`` as one commit. A repo created here is deleted again if the commit fails.
     ``parent_commit``: for a pull request, the source commit that was repaired (the PR
-    branches from it, whatever the main branch has become since)."""
+    branches from it, whatever the main branch has become since). ``into``: an open pull
+    request of ours for the same source commit, which gets the commit instead of a new PR."""
     ops = [
         CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p, _ in plan.files
     ]
+    if into is not None:
+        logger.info("updating our open pull request %s with one commit", into.url)
+        with hub_errors(f"update the pull request {into.url}", plan.repo_id, writing=True):
+            info = api.create_commit(
+                plan.repo_id,
+                ops,
+                commit_message=plan.message,
+                commit_description=plan.description or None,
+                revision=into.ref,
+            )
+        return PushResult(plan, into.url, info.oid)
     created = False
     if not plan.create_pr:
         with hub_errors(f"create the repo {plan.repo_id}", plan.repo_id, writing=True):
@@ -130,12 +179,23 @@ def push(
                 create_pr=plan.create_pr,
                 parent_commit=parent_commit,
             )
-    except AdapterRepairError:
-        if created:
+    except AdapterRepairError as e:
+        if created and not _may_have_landed(api, folder, plan, e):
             _delete_quietly(api, plan.repo_id)
         raise
     url = info.pr_url if plan.create_pr else str(info.commit_url)
     return PushResult(plan, url, info.oid)
+
+
+def _may_have_landed(api: HfApi, folder: Path, plan: PushPlan, error: Exception) -> bool:
+    """Whether a failed commit into a repo created for it may be there after all (the
+    request went out, the answer was lost): then the repo is kept, not deleted."""
+    if not getattr(error, "transient", False):
+        return False
+    try:
+        return landed(api, plan, folder / "adapter_model.safetensors", None) is not None
+    except AdapterRepairError:
+        return True  # the Hub cannot be asked: keep what may hold the push
 
 
 def _delete_quietly(api: HfApi, repo_id: str) -> None:
@@ -149,3 +209,32 @@ def _delete_quietly(api: HfApi, repo_id: str) -> None:
             repo_id,
             scrub(str(e)).splitlines()[0],
         )
+
+
+def landed(api: HfApi, plan: PushPlan, weights: Path, marker: str | None) -> str | None:
+    """After a push whose answer was lost: where the commit landed (the PR's or the repo's
+    URL) when the target now holds these ``weights`` (the pushed adapter_model.safetensors),
+    else None. For a pull request, the open PR of ours whose title holds ``marker``. Raises
+    HubError when the Hub cannot be asked."""
+    data = weights.read_bytes()
+    if plan.create_pr:
+        pr = find_own_pr(api, plan.repo_id, marker) if marker else None
+        if pr is None:
+            return None
+        revision, url = pr.ref, pr.url
+    else:
+        with hub_errors(f"check {plan.repo_id}", plan.repo_id):
+            if not api.repo_exists(plan.repo_id):
+                return None
+        revision, url = "main", f"{api.endpoint}/{plan.repo_id}"
+    with hub_errors(f"check {plan.repo_id}", plan.repo_id):
+        info = api.model_info(plan.repo_id, revision=revision, files_metadata=True)
+    for sibling in info.siblings or []:
+        if sibling.rfilename != "adapter_model.safetensors":
+            continue
+        if sibling.lfs is not None:  # an LFS file: its sha256
+            same = sibling.lfs.sha256 == hashlib.sha256(data).hexdigest()
+        else:  # a plain git file: its blob id
+            same = sibling.blob_id == hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        return url if same else None
+    return None

@@ -42,7 +42,7 @@ from adapter_repair.hub.card import weights_line
 from adapter_repair.hub.config import PushConfig
 from adapter_repair.hub.errors import BaseUnreachableError, HubError, hub_errors, scrub
 from adapter_repair.hub.fix import commit_message, fix
-from adapter_repair.hub.push import plan_push, push
+from adapter_repair.hub.push import plan_push, pr_marker, push
 from adapter_repair.measure.config import EvalConfig
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.repair.config import RepairConfig
@@ -87,8 +87,8 @@ class Outcome:
 
 
 def marker(sha: str) -> str:
-    """In the bot's PR titles: which commit was repaired."""
-    return f"[{sha[:12]}]"
+    """In the bot's PR titles: which commit was repaired (the same marker ``fix --pr`` uses)."""
+    return pr_marker(sha)
 
 
 @functools.cache
