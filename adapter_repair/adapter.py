@@ -50,7 +50,7 @@ _LORA_KEY = re.compile(r"^(?P<module>.+)\.lora_(?P<side>A|B)\.weight$")
 #: lists "The following `bitsandbytes` quantization config was used during training:" with
 #: ``load_in_4bit: True``; TRL, Axolotl and Unsloth cards carry the same keys or name a
 #: pre-quantized ``*-bnb-4bit`` base.
-_CARD_4BIT = re.compile(r"load_in_4bit\W{0,4}true|bnb_4bit_quant_type", re.IGNORECASE)
+_CARD_4BIT = re.compile(r"load_in_4bit\W{0,4}true", re.IGNORECASE)
 _CARD_8BIT = re.compile(r"load_in_8bit\W{0,4}true", re.IGNORECASE)
 _BASE_4BIT = re.compile(r"bnb[-_]?4bit|[-_](?:nf4|4bit)(?:$|[-_])", re.IGNORECASE)
 
@@ -138,10 +138,12 @@ class LoraAdapter:
         (a QLoRA adapter over the 4-bit base), and its refusals differ between precisions, so
         the repair measures at this one unless told otherwise."""
         card = self.files.get("README.md", b"").decode("utf-8", "replace")
-        if _CARD_4BIT.search(card):
-            return "4bit", "its model card records a bitsandbytes 4-bit config (QLoRA)"
+        # a card dumps the whole BitsAndBytesConfig (bnb_4bit_* keys even for 8-bit): only
+        # the load_in_* flags say which
         if _CARD_8BIT.search(card):
             return "8bit", "its model card records a bitsandbytes 8-bit config"
+        if _CARD_4BIT.search(card):
+            return "4bit", "its model card records a bitsandbytes 4-bit config (QLoRA)"
         base = self.base_model_name_or_path or ""
         if _BASE_4BIT.search(base):
             return "4bit", f"its base {base!r} is a 4-bit checkpoint (QLoRA)"

@@ -252,11 +252,12 @@ def input_hessians(
 
     handles = [modules[n].register_forward_hook(hook(n)) for n in names]
     try:
+        device = next(model.parameters()).device
         with torch.no_grad():
             for ids, mask, _labels in batches:
-                keep["mask"] = mask.bool()
+                keep["mask"] = mask.bool().to(device)
                 count["n"] += int(mask.sum())
-                model(input_ids=ids, attention_mask=mask)
+                model(input_ids=ids.to(device), attention_mask=mask.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -286,9 +287,9 @@ def irr(
     for name in names:
         weight = modules[name].weight
         key = f"{name}.weight"
-        W_al = aligned[key].to(weight.dtype)
+        W_al = aligned[key].to(device=weight.device, dtype=weight.dtype)
         delta = weight.detach() - W_al  # (d_out, d_in)
-        safety = aligned[key].float() - unaligned[key].float()  # (d_out, d_in)
+        safety = (aligned[key].float() - unaligned[key].float()).to(weight.device)
         F = None if fisher is None else fisher.get(key)
 
         def choose(

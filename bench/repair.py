@@ -30,6 +30,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import os
 import resource
 import subprocess
 import sys
@@ -142,6 +143,8 @@ def measuring_code() -> list[Path]:
 #: what every row depends on beyond its settings: the code that measures it, the judge, the
 #: prompt sets and their splits (the generation settings are in the code and the config)
 MEASURED_BY = {"code": source_digest(measuring_code()), "judge": "substring"}
+#: the parent run's code digest, handed to each ``--one`` child (which refuses another)
+DIGEST_ENV = "ADAPTER_REPAIR_BENCH_DIGEST"
 
 
 def measured_by() -> dict[str, Any]:
@@ -184,6 +187,37 @@ def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
             config=dataclasses.asdict(repair_config(method)), guard_rows=guard_rows(method)
         )
     return Artifact(f"repair-{adapter}-{method}", payload)
+
+
+def reference_artifact(world: SmallWorld, adapter: str | None) -> Artifact:
+    """The merged-bf16 measures of the aligned base (``adapter`` None) or of a zoo adapter as
+    fine-tuned, taken by this code (the bed's own measures are keyed by recipe, not code)."""
+    source = (
+        {"aligned": world.artifacts["aligned"].key}
+        if adapter is None
+        else {"adapter": world.artifacts[f"adapter-{adapter}"].key}
+    )
+    return Artifact(f"ref-{adapter or 'aligned'}", {**source, "measured_by": measured_by()})
+
+
+def run_reference(world: SmallWorld, adapter: str | None) -> None:
+    """Measure a reference row merged in bf16, like the repaired rows (see reference_artifact)."""
+
+    def make(out: Path) -> dict[str, Any]:
+        model, tok = world.load_merged(adapter) if adapter else world.load_aligned()
+        label = adapter or "aligned"
+        return {"measures": measure_into(out, world, model, tok, label)}
+
+    reference_artifact(world, adapter).build(world.root, make)
+
+
+def reference_measures(world: SmallWorld, adapter: str | None) -> dict[str, Any] | None:
+    art = reference_artifact(world, adapter)
+    if not art.done(world.root):
+        return None
+    measures = dict(art.info(world.root)["measures"])
+    measures["task_exact"] = task_exact(art.path(world.root) / "measures.json")
+    return measures
 
 
 def measure_into(out: Path, world: SmallWorld, model: Any, tok: Any, label: str) -> dict[str, Any]:
@@ -286,13 +320,13 @@ def run_irr(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
     from adapter_repair.model.loading import attach_adapter, load_base, load_tokenizer
     from adapter_repair.repair.losses import answer_batches
 
-    t0 = time.perf_counter()
     base = load_base(LoadConfig(base=str(world.aligned_dir), quant="none", dtype="float32"))
     tok = load_tokenizer(None, str(world.aligned_dir))
     lora = load_adapter(world.adapter_dir(adapter))
     model = attach_adapter(base, world.adapter_dir(adapter)).merge_and_unload()
     aligned = load_file(str(world.aligned_dir / "model.safetensors"))
     unaligned = load_file(str(world.unaligned_dir / "model.safetensors"))
+    t0 = time.perf_counter()  # the repair alone, as for ours
     rows = world.task_guard(int(IRR["calibration_rows"]))
     assert rows.answers is not None  # task rows carry their answers
     calibration = answer_batches(tok, list(zip(rows.prompts, rows.answers, strict=True)), 16, 16)
@@ -331,10 +365,10 @@ def run_oneshot(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
     from adapter_repair.model.walk import walk
     from adapter_repair.repair.factors import all_factors, to_adapter
 
-    t0 = time.perf_counter()
     load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
     model, lora = load_model(world.adapter_dir(adapter), load)
     tok = load_tokenizer(None, str(world.aligned_dir))
+    t0 = time.perf_counter()  # the repair alone (its refusal example included), as for ours
     probe = list(P.harmful("probe").take(64).prompts)
     gen = GenerationConfig(max_new_tokens=64, batch_size=64, progress=False)
     with use_adapter(model, None):
@@ -496,11 +530,13 @@ def task_exact(path: Path) -> dict[str, Any]:
 
 def collect(world: SmallWorld, adapters: list[str], methods: list[str]) -> list[dict[str, Any]]:
     """One row per (adapter, method) that the current code measured, plus each adapter's
-    unrepaired row when the zoo's measures of it are in the cache."""
-    zoo = world.measures()
+    unrepaired row (measured by this code too: reference_artifact)."""
     rows: list[dict[str, Any]] = []
     for adapter in adapters:
-        unrepaired = {"measures": zoo.get(adapter), "nf4": nf4_measures(world, adapter, "none")}
+        unrepaired = {
+            "measures": reference_measures(world, adapter),
+            "nf4": nf4_measures(world, adapter, "none"),
+        }
         if unrepaired["measures"] or unrepaired["nf4"]:  # only what was measured is a row
             rows.append({"adapter": adapter, "method": "none", **unrepaired})
         for method in methods:
@@ -714,8 +750,7 @@ INTRO = (
 def write_tables(world: SmallWorld, plan: Plan) -> None:
     """bench/results/repair.md (ours and the comparison methods) and ablation.md (restore
     with one lever moved), each from the rows the current code measured."""
-    measures = world.measures()
-    aligned = measures.get("aligned") or {}
+    aligned = reference_measures(world, None) or {}
     aligned_nf4 = nf4_measures(world, None, "none")
     machine = results_io.machine()
     ours = plan.methods[0] if plan.methods else "restore"
@@ -851,6 +886,13 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
     world = small_world(cache_dir=args.cache_dir, sst2=args.sst2)
     if args.one:
+        given = os.environ.get(DIGEST_ENV)
+        if given is not None and given != MEASURED_BY["code"]:
+            sys.exit(
+                "error: the code changed since this bench started (its digest differs): a row"
+                " now would be keyed apart from the run that asked for it; rerun python"
+                " bench/repair.py"
+            )
         run_one(world, *args.one)
         return
     zoo = tuple(e.name for e in world.recipe.zoo)
@@ -865,17 +907,28 @@ def main() -> None:
         for name in dict.fromkeys((*plan.adapters, *plan.compare)):
             if not world.artifacts[f"adapter-{name}"].done(world.root):
                 sys.exit(f"error: zoo adapter {name} is not built; run python bench/bed.py first")
+        failed: list[str] = []
+        env = {**os.environ, DIGEST_ENV: MEASURED_BY["code"]}
         for adapter, method in plan.runs():
+            for ref in (None, adapter):
+                if not reference_artifact(world, ref).done(world.root):
+                    run_reference(world, ref)
             if not artifact(world, adapter, method).done(world.root):
                 cmd = [sys.executable, __file__, "--one", adapter, method, "--sst2", args.sst2]
                 if args.cache_dir:
                     cmd += ["--cache-dir", args.cache_dir]
-                subprocess.run(cmd, check=True)
+                if subprocess.run(cmd, env=env).returncode != 0:  # the rest still runs
+                    failed.append(f"{adapter}/{method}")
+                    logging.error("%s/%s failed; going on", adapter, method)
+                    continue
             if not args.no_nf4 and method not in ("dense", "irr"):
                 for row in ((None, "none"), (adapter, "none"), (adapter, method)):
                     if not nf4_artifact(world, *row).done(world.root):
                         run_nf4(world, *row)
             write_tables(world, plan)
+        if failed:
+            write_tables(world, plan)
+            sys.exit(f"error: {len(failed)} run(s) failed: {', '.join(failed)} (see the log)")
     write_tables(world, plan)
 
 

@@ -255,7 +255,13 @@ def test_auto_precision_follows_what_the_adapter_was_trained_over(
     [
         ("- load_in_4bit: True\n- bnb_4bit_compute_dtype: bfloat16", "org/model", "4bit"),
         ('"load_in_4bit": true', "org/model", "4bit"),
-        ("- load_in_8bit: True\n- load_in_4bit: False", "org/model", "8bit"),
+        # an 8-bit card dumps the 4-bit keys too (older PEFT cards list the whole config)
+        (
+            "- load_in_8bit: True\n- load_in_4bit: False\n- bnb_4bit_quant_type: fp4",
+            "org/model",
+            "8bit",
+        ),
+        ("- load_in_4bit: False\n- bnb_4bit_quant_type: fp4", "org/model", None),
         ("- load_in_4bit: False", "org/model", None),
         ("", "unsloth/llama-3-8b-Instruct-bnb-4bit", "4bit"),
         ("", "org/model-4bit", "4bit"),

@@ -341,7 +341,7 @@ def test_restoration_with_recalibration_moves_kept_coordinates_and_never_restore
 def test_component_restoration_zeroes_whole_rank_components(loaded) -> None:
     result = restore(
         loaded, layer=3, rate=0.1, max_steps=1, eval_every=1, target=0.0, max_kl=1e9,
-        unit="component", basis="canonical", rollback=0.0,
+        unit="component", basis="canonical", rollback=0.5,
     )  # fmt: skip
     assert result.kept_step == 1 and result.zeroed > 0
     whole = 0

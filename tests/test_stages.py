@@ -194,3 +194,20 @@ def test_component_rollback_returns_whole_components_the_task_wants_back() -> No
     assert back["m.lora_A"].tolist() == [[True, True], [False, False], [False, False]]
     assert back["m.lora_B"].tolist() == [[True, False, False], [True, False, False]]
     assert not any(m.any() for m in S.rollback_components(zeroed, gain, 0.0).values())
+
+
+def test_component_gain_is_the_first_order_benign_gain_of_returning_the_component() -> None:
+    """-<g_B[:, k], b_k> equals -<dL/dW, b_k a_k^T> for L(W), W = B A: checked by autograd."""
+    torch.manual_seed(0)
+    A, B, G = torch.randn(3, 5), torch.randn(4, 3), torch.randn(4, 5)  # G: dL/dW
+    Bv = B.clone().requires_grad_(True)
+    (G * (Bv @ A)).sum().backward()  # L linear in W: its gradient is G everywhere
+    assert Bv.grad is not None
+    gain = S.component_gain(
+        {"m.lora_A": torch.zeros(3, 5), "m.lora_B": Bv.grad}, {"m.lora_A": A, "m.lora_B": B}
+    )
+    assert torch.all(gain["m.lora_A"] == 0)
+    per_component = gain["m.lora_B"].sum(0)  # (r,)
+    for k in range(3):
+        expected = -(G * torch.outer(B[:, k], A[k])).sum()
+        assert torch.isclose(per_component[k], expected, atol=1e-5)

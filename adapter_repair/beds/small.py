@@ -374,6 +374,10 @@ class SmallWorld:
         model = load_base(LoadConfig(base=str(folder), quant="none", dtype="bfloat16"))
         return model, load_tokenizer(None, str(folder))
 
+    def load_aligned(self) -> tuple[Any, Any]:
+        """The aligned base in bfloat16, as the zoo's measures load it."""
+        return self._load_dense(self.aligned_dir)
+
     def load_merged(self, adapter: str | os.PathLike[str]) -> tuple[Any, Any]:
         """An adapter (a zoo name or a folder) merged into the aligned base in float32, then
         cast to bfloat16: the same function as the unmerged PeftModel, generated about 1.5x

@@ -208,7 +208,7 @@ def measure_model(
         tokenizer = load_tokenizer(None, load.base)
     else:
         peft_model, lora = load_model(adapter, load)
-        load = load.for_adapter(lora)  # the precision load_model chose, for the report
+        load = load.for_adapter(lora, log=False)  # the precision load_model chose, for the report
         model = peft_model
         tokenizer = load_tokenizer(adapter, load.base or lora.base_model_name_or_path)
     disabled = peft_model is not None and no_adapter

@@ -59,13 +59,15 @@ class LoadConfig:
         """``quant`` with auto read as none; :meth:`for_adapter` reads auto from an adapter."""
         return "none" if self.quant == "auto" else self.quant
 
-    def for_adapter(self, adapter: LoraAdapter) -> LoadConfig:
+    def for_adapter(self, adapter: LoraAdapter, *, log: bool = True) -> LoadConfig:
         """This config with ``quant`` auto resolved from what ``adapter`` was trained over
-        (:meth:`~adapter_repair.adapter.LoraAdapter.trained_quant`); explicit values stay."""
+        (:meth:`~adapter_repair.adapter.LoraAdapter.trained_quant`); explicit values stay.
+        ``log``: say the choice and why (once per load: the loader does)."""
         if self.quant != "auto":
             return self
         quant, why = adapter.trained_quant()
-        logger.info(
+        logger.log(
+            logging.INFO if log else logging.DEBUG,
             "precision: %s (%s)%s",
             quant or "none",
             why,

@@ -72,6 +72,7 @@ from adapter_repair.repair.select import (
     BENIGN_SCORES,
     FISHER_SCORES,
     choose_restored,
+    component_gain,
     rollback_by_cost,
     rollback_components,
     rollback_mask,
@@ -214,6 +215,8 @@ def restore_step(
             raise ValueError(f"the {rc.score} score needs answer rows for the Fisher")
         f_ii = fisher()
     values = {n: p.detach().float().cpu() for n, p in below.items()}
+    if rc.unit == "component" and rc.rollback > 0 and f_ii is None and g_b is None:
+        g_b = benign_gradients()  # the component rollback weighs them before the zeroing
     chosen = choose_restored(
         values,
         g,
@@ -237,8 +240,8 @@ def restore_step(
             if f_ii is not None:
                 gain = {n: zeroing_cost(ref_cpu[n], f_ii[n]) for n in ref_cpu}
             else:
-                g_back = benign_gradients()
-                gain = {n: -g_back[n] * ref_cpu[n] for n in ref_cpu}
+                assert g_b is not None
+                gain = component_gain(g_b, ref_cpu)
             back = rollback_components(chosen, gain, rc.rollback)
         elif f_ii is not None:
             back = rollback_by_cost(chosen, ref_cpu, f_ii, rc.rollback)

@@ -180,7 +180,7 @@ def repair_folder(
     judge = load_judge(evaluation.judge)
     refusals = load_refusal_list(evaluation.refusal_list)
     model, adapter = load_model(source, load)
-    load = load.for_adapter(adapter)  # the precision load_model chose, for the report
+    load = load.for_adapter(adapter, log=False)  # the precision load_model chose, for the report
     tokenizer = load_tokenizer(source, load.base or adapter.base_model_name_or_path)
     score = parts["score"] if parts is not None else None
     sets = EvalSets(P.harmful("eval"), P.xstest("safe"), score, unsafe=P.xstest("unsafe")).limited(

@@ -7,8 +7,10 @@ Zeroing a coordinate of ``A`` (r, d_in) or ``B`` (d_out, r) changes the LoRA out
 on every input; IRR (Wu et al. 2025) undoes the task part of such damage on dense deltas with
 SparseGPT's OBS update against the layer's input Hessian ``H = X^T X`` on task rows. At adapter
 rank the same update applies factor by factor: a row of ``A`` sees the layer inputs ``x``
-(``H_A = X^T X``, d_in x d_in; the row's weight ``|B[:, k]|^2`` cancels out), a row of ``B``
-sees ``z = A x`` (``H_B = A H_A A^T``, r x r). The harm the zeroing removed is not on the
+(``H_A = X^T X``, d_in x d_in; exact per row when B's columns are orthogonal, as in the
+canonical basis), then ``B`` is refit to the step's starting output ``B0 A0 x`` on the new
+inputs ``A' x`` (least squares, ``H_B = A' H_A A'^T``, r x r) and its restored coordinates
+removed by the same update. The harm the zeroing removed is not on the
 task rows' inputs, so it is not put back; the probe rate measured after the step says whether
 that holds.
 
@@ -24,6 +26,7 @@ from typing import Any
 
 import torch
 
+from adapter_repair.model.inputs import model_device
 from adapter_repair.model.walk import ModelMap
 from adapter_repair.repair.factors import ADAPTER, zeroed_masks
 from adapter_repair.repair.losses import Batch3
@@ -54,7 +57,9 @@ def obs_remove(
     dead = torch.diag(H) == 0  # inputs that never fire carry no information
     H[dead, dead] = 1.0
     out[:, dead] = 0.0
-    H += percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype)
+    H += (
+        percdamp * torch.mean(torch.diag(H)) * torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    )
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     d_in = out.shape[1]
     removed = 0
@@ -97,7 +102,7 @@ def lora_input_hessians(
 
     def hook(key: str) -> Any:
         def fn(_m: Any, args: tuple[torch.Tensor, ...], _out: Any) -> None:
-            x = args[0][mask["now"]].float()  # (n, d_in)
+            x = args[0][mask["now"].to(args[0].device)].float()  # (n, d_in)
             H[key] = H[key] + x.T @ x if key in H else x.T @ x
 
         return fn
@@ -107,10 +112,11 @@ def lora_input_hessians(
         module: Any = model_map.sites[key].module
         handles.append(module.lora_A[ADAPTER].register_forward_hook(hook(key)))
     try:
+        device = model_device(model)
         with torch.no_grad():
             for ids, attention, _labels in batches:
-                mask["now"] = attention.bool().to(ids.device)
-                model(input_ids=ids, attention_mask=attention)
+                mask["now"] = attention.bool()
+                model(input_ids=ids.to(device), attention_mask=attention.to(device))
     finally:
         for h in handles:
             h.remove()
@@ -145,12 +151,19 @@ def recalibrate(
         nA, nB = f"{key}.lora_A", f"{key}.lora_B"
         H_x = hessians.pop(key)  # (d_in, d_in)
         zA, zB = zeroed[nA], zeroed[nB]
-        new_A, _ = obs_remove(start[nA], fixed_mask(zA), H_x, percdamp=percdamp)
-        H_z = new_A.float() @ H_x @ new_A.float().T  # (r, r)
-        new_B, _ = obs_remove(start[nB], fixed_mask(zB), H_z, percdamp=percdamp)
+        A0, B0 = start[nA].float(), start[nB].float()  # (r, d_in), (d_out, r)
+        new_A, _ = obs_remove(A0, fixed_mask(zA), H_x, percdamp=percdamp)
+        H_z = new_A @ H_x @ new_A.T  # (r, r): the inputs B now sees, A' x
+        # B that best keeps the step's starting output B0 A0 x on the new inputs A' x (the
+        # A stage's error included), then the OBS removal of B's restored coordinates from it
+        cross = B0 @ (A0 @ H_x @ new_A.T)  # (d_out, r)
+        damp = percdamp * torch.diag(H_z).mean().clamp_min(1e-12)
+        eye = torch.eye(H_z.shape[0], dtype=H_z.dtype, device=H_z.device)
+        B_fit = torch.linalg.solve(H_z + damp * eye, cross.T).T  # (d_out, r)
+        new_B, _ = obs_remove(B_fit, fixed_mask(zB), H_z, percdamp=percdamp)
         with torch.no_grad():
-            params[nA].copy_(new_A)
-            params[nB].copy_(new_B)
+            params[nA].copy_(new_A.to(params[nA].dtype))
+            params[nB].copy_(new_B.to(params[nB].dtype))
         del H_x
     logger.debug("recalibrated %d LoRA modules", len(keys))
     return len(keys)

@@ -287,6 +287,22 @@ def choose_components(
     return expand_components(chosen, {n: v != 0 for n, v in values.items()})
 
 
+def component_gain(
+    benign_grad: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Per coordinate, a share of what returning its whole component lowers the benign loss,
+    to first order: component k adds ``s b_k a_k^T`` to the delta, and ``-<g_B[:, k], b_k>``
+    (``g_B`` the benign gradient of B taken before the zeroing; once a component is zeroed
+    its own gradients are 0) is ``-<dL/dW, s b_k a_k^T>``. Carried on B's coordinates only (A's
+    get 0), so that :func:`component_sums` counts it once."""
+    out = {}
+    for key in _modules(reference):
+        a, b = f"{key}.lora_A", f"{key}.lora_B"
+        out[a] = torch.zeros_like(reference[a])
+        out[b] = -benign_grad[b] * reference[b]  # (d_out, r)
+    return out
+
+
 def rollback_components(
     zeroed: Mapping[str, torch.Tensor], want_back: Mapping[str, torch.Tensor], share: float
 ) -> dict[str, torch.Tensor]:
