@@ -526,3 +526,193 @@ def test_bot_status_refuses_a_queue_that_does_not_exist(tmp_path: Path) -> None:
     assert not missing.exists()  # no empty queue created by a typo
     bad = CliRunner().invoke(cli, ["bot", "status", "--queue", "ftp://x"])
     assert bad.exit_code == 2 and "unknown scheme" in bad.output
+
+
+# --- faults of the queue's storage (issue 18)
+
+
+class RestartableRedis:
+    """A redis-server of its own (appendonly on) that a test can stop and start again on the
+    same port, as an operator's restart does."""
+
+    def __init__(self, folder: Path) -> None:
+        import shutil
+
+        exe = shutil.which("redis-server")
+        if exe is None:
+            pytest.fail("redis-server is not installed: apt-get install -y redis-server")
+        self.exe, self.folder, self.port = exe, folder, _free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.start()
+
+    def start(self) -> None:
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "yes", "--dir", str(self.folder)],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        client = redis.Redis(port=self.port)
+        for _ in range(200):
+            try:
+                client.ping()
+                return
+            except (redis.ConnectionError, redis.BusyLoadingError):
+                time.sleep(0.05)
+        raise RuntimeError("redis-server did not start")
+
+    def stop(self) -> None:
+        assert self.proc is not None
+        os.kill(self.proc.pid, signal.SIGTERM)  # by its PID, as an operator would
+        self.proc.wait(10)
+
+
+@pytest.fixture
+def restartable_redis(tmp_path: Path) -> Iterator[RestartableRedis]:
+    (tmp_path / "redis").mkdir()
+    r = RestartableRedis(tmp_path / "redis")
+    yield r
+    if r.proc is not None and r.proc.poll() is None:
+        r.proc.terminate()
+        r.proc.wait(10)
+
+
+def test_the_queue_depth_counts_jobs_not_messages(sqlite_queue: Queue) -> None:
+    assert sqlite_queue.store.add("alice/lora", "a" * 40)
+    jid = f"alice/lora@{'a' * 40}"
+    for _ in range(3):  # a re-send and a reclaim: more messages, one job
+        sqlite_queue.enqueue(jid)
+    assert sqlite_queue.depth() == 1
+
+
+def test_a_webhook_the_store_cannot_record_gets_503_and_its_redelivery_one_job(
+    sqlite_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import sqlite3
+
+    real_add = sqlite_queue.store.add
+    calls = {"n": 0}
+
+    def flaky_add(repo: str, sha: str) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise sqlite3.OperationalError("database is locked")
+        return real_add(repo, sha)
+
+    monkeypatch.setattr(sqlite_queue.store, "add", flaky_add)
+    receiver = Receiver(sqlite_queue)
+    try:
+        body = payload("alice/lora", "a" * 40)
+        data = json.dumps(body).encode()
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{receiver.port}/webhook",
+            data=data,
+            headers={"Content-Type": "application/json", "X-Webhook-Secret": SECRET},
+        )
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req)
+        assert e.value.code == 503 and e.value.headers["Retry-After"]
+        assert receiver.post(body)[0] == 202  # the Hub delivers it again
+        assert receiver.post(body)[1]["status"] == "duplicate"
+    finally:
+        receiver.stop()
+    assert [j.id for j in sqlite_queue.store.jobs()] == [f"alice/lora@{'a' * 40}"]
+
+
+def test_a_worker_loop_outlives_errors_of_its_queue(
+    sqlite_queue: Queue, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+
+    def broken_next() -> Any:
+        calls["n"] += 1
+        if calls["n"] <= 3:
+            raise ConnectionError("Error 111 connecting to 127.0.0.1:6379. Connection refused.")
+        return None
+
+    monkeypatch.setattr(sqlite_queue, "next", broken_next)
+    worker = Worker(sqlite_queue, settings(sqlite_queue.url), poll=0.01)
+    worker.run(max_idle=0.3)
+    assert calls["n"] > 3  # it went on past the three errors, and then stopped idle
+
+
+def test_a_job_that_cannot_read_the_store_is_a_retry_not_a_failure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import redis
+
+    from adapter_repair.hub.bot import job
+
+    def unreachable(*_: Any, **__: Any) -> Any:
+        raise redis.ConnectionError("Error 111 connecting to 127.0.0.1:6390. Connection refused.")
+
+    monkeypatch.setattr(job, "run_job", unreachable)
+    out = tmp_path / "outcome.json"
+    cfg = tmp_path / "settings.json"
+    cfg.write_text(settings(f"redis://127.0.0.1:{_free_port()}/0").to_json())
+    job.main(["alice/lora@" + "a" * 40, "owner", str(cfg), str(out)])
+    outcome = json.loads(out.read_text())
+    assert outcome["transient"] is True and "job store unreachable" in outcome["detail"]
+
+
+def test_a_job_process_whose_worker_is_gone_exits_before_importing_the_repair_stack() -> None:
+    env = {**os.environ, "ADAPTER_REPAIR_WORKER_PID": "1"}  # not its parent
+    cmd = [sys.executable, "-X", "importtime", "-m", "adapter_repair.hub.bot.jobmain", "j", "o",
+           "s", "r"]  # fmt: skip
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0 and "the worker that started this job is gone" in done.stderr
+    assert " torch" not in done.stderr and "transformers" not in done.stderr
+
+
+def test_bot_serve_imports_neither_torch_nor_transformers() -> None:
+    code = (
+        "import sys; from adapter_repair.cli.main import cli; "
+        "from adapter_repair.hub.bot.receiver import create_app; "
+        "from adapter_repair.hub.bot.queue import open_queue; "
+        "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stderr
+
+
+@pytest.mark.slow
+def test_two_workers_ride_out_two_redis_restarts_and_a_webhook_in_the_outage(
+    bot_hub: Any,
+    restartable_redis: RestartableRedis,
+    base_repo: str,
+    tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:
+    hub, redis_server = bot_hub, restartable_redis
+    queue = open_queue(redis_server.url)
+    repos = []
+    for _ in range(20):
+        jid = queued_lora(hub, queue, base_repo, tiny_chat_adapter_dir, tmp_path)
+        repos.append(jid.split("@")[0])
+    workers = [worker_process(redis_server.url, "--exit-when-idle", "8") for _ in range(2)]
+    receiver = Receiver(queue)
+    try:
+        late = queued_lora(hub, None, base_repo, tiny_chat_adapter_dir, tmp_path)
+        repo, sha = late.split("@")
+        for _ in range(2):
+            time.sleep(4)
+            redis_server.stop()
+            status, _ = receiver.post(payload(repo, sha))  # a webhook during the outage
+            assert status == 503
+            time.sleep(2)
+            assert all(w.poll() is None for w in workers)  # still running
+            redis_server.start()
+        assert receiver.post(payload(repo, sha))[0] == 202  # the Hub's redelivery
+        repos.append(repo)
+    finally:
+        receiver.stop()
+    outputs = [w.communicate(timeout=900)[0].decode() for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    jobs = queue.store.jobs()
+    assert len(jobs) == 21 and all(j.state == "done" for j in jobs), [
+        (j.id, j.state, j.detail) for j in jobs if j.state != "done"
+    ]
+    assert [len(hub.pull_requests(r)) for r in repos] == [1] * 21
+    assert queue.depth() == 0

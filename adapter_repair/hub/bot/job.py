@@ -12,13 +12,10 @@ reclaimed job never pushes twice.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import dataclasses
 import functools
 import json
 import logging
-import os
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass
@@ -250,18 +247,21 @@ def _discuss_once(
     return str(d.url)
 
 
-def _die_with_worker() -> None:
-    """Linux: SIGKILL this process when its worker dies; exit now if it already has."""
-    worker = int(os.environ.get("ADAPTER_REPAIR_WORKER_PID", "0"))
+def store_unreachable(e: BaseException) -> bool:
+    """Whether ``e`` is the job store (Redis, SQLite) failing for a while: a retry, never a
+    permanent failure."""
+    import sqlite3
+
     try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        logger.warning("PR_SET_PDEATHSIG is not available: this job outlives a killed worker")
-    if worker and os.getppid() != worker:
-        sys.exit("the worker that started this job is gone")
+        from redis import exceptions as redis_errors
+    except ImportError:  # pragma: no cover - redis is a dependency of the Redis queue
+        return isinstance(e, sqlite3.OperationalError)
+    return isinstance(
+        e, sqlite3.OperationalError | redis_errors.ConnectionError | redis_errors.TimeoutError
+    )
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None, *, death_signal: bool = True) -> None:
     ap = argparse.ArgumentParser(
         description="Run one adapter-repair bot job (the worker starts it)."
     )
@@ -273,15 +273,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(
         level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s: %(message)s"
     )
-    _die_with_worker()
+    if not death_signal:
+        logger.warning("PR_SET_PDEATHSIG is not available: this job outlives a killed worker")
     settings = JobSettings.from_json(Path(args.settings).read_text(encoding="utf-8"))
     try:
         outcome = run_job(args.job, args.owner, settings, HfApi())
     except AdapterRepairError as e:  # a Hub error outside the pipeline's own handling
         outcome = Outcome("failed", e.problem, transient=getattr(e, "transient", False))
-    except Exception as e:  # recorded with its reason rather than as a bare exit code
-        logger.exception("job %s failed", args.job)
-        outcome = Outcome("failed", scrub(f"{type(e).__name__}: {e}"))
+    except Exception as e:
+        if store_unreachable(e):  # the queue's storage is down for a while: try again
+            logger.warning("job %s: the job store is unreachable (%s)", args.job, e)
+            outcome = Outcome("failed", scrub(f"job store unreachable: {e}"), transient=True)
+        else:  # recorded with its reason rather than as a bare exit code
+            logger.exception("job %s failed", args.job)
+            outcome = Outcome("failed", scrub(f"{type(e).__name__}: {e}"))
     Path(args.result).write_text(json.dumps(outcome.__dict__), encoding="utf-8")
 
 

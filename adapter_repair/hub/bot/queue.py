@@ -68,8 +68,10 @@ class Queue:
         return None
 
     def depth(self) -> int:
-        """Messages waiting, scheduled retries included."""
-        return int(self.huey.pending_count()) + int(self.huey.scheduled_count())
+        """Jobs waiting (their records queued, retries scheduled included): jobs, not
+        messages, since a job may have more than one message on the way (a re-send after a
+        long wait, a reclaim)."""
+        return int(self.store.counts().get("queued", 0))
 
 
 def open_queue(url: str) -> Queue:

@@ -17,6 +17,7 @@ import logging
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from huggingface_hub import WebhookPayload
 from pydantic import ValidationError
@@ -27,6 +28,7 @@ from adapter_repair.version import __version__
 
 logger = logging.getLogger(__name__)
 MAIN = "refs/heads/main"
+RETRY_AFTER = 30  #: seconds the Hub is asked to wait before delivering a webhook again
 
 
 def main_update(payload: WebhookPayload, body: dict[str, Any] | None = None) -> str | None:
@@ -77,14 +79,34 @@ def create_app(queue: Queue, secret: str) -> FastAPI:
             return JSONResponse({"status": "ignored", "why": "not an update of a model's main"})
         repo = payload.repo.name
         jid = job_id(repo, sha)
-        if not queue.store.add(repo, sha):
+        try:  # storage blocks (a disk sync, a round trip): off the event loop
+            added = await run_in_threadpool(queue.store.add, repo, sha)
+        except Exception as e:  # not recorded: the Hub must deliver it again
+            logger.warning("could not record %s (%s: %s): answered 503", jid, type(e).__name__, e)
+            return JSONResponse(
+                {"error": "the job store is unavailable; deliver this webhook again"},
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
+        if not added:
             return JSONResponse({"status": "duplicate", "job": jid})
-        queue.enqueue(jid)
+        try:
+            await run_in_threadpool(queue.enqueue, jid)
+        except Exception as e:  # recorded: the workers' sweep re-sends a job left queued
+            logger.warning("recorded %s but could not enqueue it (%s); the sweep will", jid, e)
         logger.info("queued %s", jid)
         return JSONResponse({"status": "queued", "job": jid}, status_code=202)
 
-    @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "queue_depth": queue.depth(), "jobs": queue.store.counts()}
+    @app.get("/health", response_model=None)
+    def health() -> dict[str, Any] | JSONResponse:
+        try:
+            counts = queue.store.counts()
+        except Exception as e:
+            return JSONResponse(
+                {"status": "unavailable", "error": f"job store: {type(e).__name__}"},
+                status_code=503,
+                headers={"Retry-After": str(RETRY_AFTER)},
+            )
+        return {"status": "ok", "queue_depth": counts.get("queued", 0), "jobs": counts}
 
     return app

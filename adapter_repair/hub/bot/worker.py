@@ -30,6 +30,8 @@ from adapter_repair.hub.bot.job import JobSettings, Outcome
 from adapter_repair.hub.bot.queue import Queue, open_queue, set_handler
 
 logger = logging.getLogger(__name__)
+#: the longest pause between retries while the queue's storage is unreachable (seconds)
+MAX_BACKOFF = 10.0
 
 
 class Worker:
@@ -92,17 +94,34 @@ class Worker:
             t.join()
 
     def _loop(self, max_idle: float | None) -> None:
+        """Take jobs until stopped. An error of the queue or the store (Redis restarting, a
+        locked SQLite file) is logged and waited out with a growing pause, never the end of
+        the loop: the clients reconnect on their next call."""
         idle_since = time.time()
+        failures = 0
         while not self.stop.is_set():
-            self.reclaim()
-            task = self.queue.next()
-            if task is None:
-                if max_idle is not None and time.time() - idle_since > max_idle:
-                    return
-                self.stop.wait(self.poll)
-                continue
-            self.queue.huey.execute(task)  # calls self.handle(job id)
-            idle_since = time.time()
+            try:
+                self.reclaim()
+                task = self.queue.next()
+                if task is None:
+                    if max_idle is not None and time.time() - idle_since > max_idle:
+                        return
+                    self.stop.wait(self.poll)
+                else:
+                    self.queue.huey.execute(task)  # calls self.handle(job id)
+                    idle_since = time.time()
+                failures = 0
+            except Exception as e:
+                failures += 1
+                pause = min(MAX_BACKOFF, self.poll * 2**failures)
+                logger.warning(
+                    "queue or store error (%s: %s); retrying in %.1f s",
+                    type(e).__name__,
+                    e,
+                    pause,
+                )
+                self.stop.wait(pause)
+                idle_since = time.time()  # an outage is not idleness
 
     def handle(self, jid: str) -> None:
         """Claim job ``jid``, run it in a child process, record how it ended."""
@@ -137,7 +156,7 @@ class Worker:
             result = Path(tmp) / "outcome.json"
             settings = Path(tmp) / "settings.json"
             settings.write_text(self.settings.to_json(), encoding="utf-8")
-            cmd = [sys.executable, "-m", "adapter_repair.hub.bot.job", jid, owner]
+            cmd = [sys.executable, "-m", "adapter_repair.hub.bot.jobmain", jid, owner]
             cmd += [str(settings), str(result)]
             env = {**os.environ, "ADAPTER_REPAIR_WORKER_PID": str(os.getpid())}
             child = subprocess.Popen(cmd, env=env, start_new_session=True)
