@@ -26,6 +26,7 @@ import dataclasses
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from results_io import machine, write_results
@@ -40,6 +41,7 @@ from adapter_repair.measure.measures import Rate, task_matches
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.model.loading import load_model, load_tokenizer
 from adapter_repair.model.walk import walk
+from adapter_repair.repair.config import RepairConfig
 from adapter_repair.repair.factors import all_factors, put_adapter
 from adapter_repair.repair.guard import Guard
 from adapter_repair.repair.pipeline import repair
@@ -59,24 +61,50 @@ def run(seed: int, steps: int) -> list[dict[str, Any]]:
     model, adapter = load_model(world.adapter_dir, load)
     tok = load_tokenizer(world.adapter_dir, str(world.base_dir))
     parts = P.split_task(world.task("eval"))
-    base = demo_config(world)
+    return calibration_rows(
+        seed,
+        model,
+        tok,
+        adapter,
+        demo_config(world),
+        steps,
+        Guard(parts["guard"], P.benign("benign"), "exact", fit=parts["fit"]),
+        lambda: score_rate(model, tok, parts["score"], gen),
+        gen,
+    )
+
+
+def calibration_rows(
+    label: int | str,
+    model: Any,
+    tok: Any,
+    adapter: Any,
+    base: RepairConfig,
+    steps: int,
+    guard: Guard,
+    score: Callable[[], float],
+    gen: GenerationConfig,
+) -> list[dict[str, Any]]:
+    """Repair with ``base``'s settings but the guard off (target 0, ``steps`` steps, measured
+    every 2) and every measured step kept; for the start and each kept step: the guard's loss
+    and its rise, the guard rows' score and the score rows' score (``score()`` with that
+    step's adapter in the model)."""
     config = dataclasses.replace(
         base,
         restore=dataclasses.replace(
             base.restore, max_rise=1e9, target=0.0, max_steps=steps, eval_every=2, backtrack=0
         ),
     )
-    score0 = score_rate(model, tok, parts["score"], gen)
+    score0 = score()
     params = all_factors(walk(model))
     t0 = time.perf_counter()
     result = repair(
-        model, tok, adapter, config, probe=P.harmful("probe"),
-        guard=Guard(parts["guard"], P.benign("benign"), "exact", fit=parts["fit"]),
+        model, tok, adapter, config, probe=P.harmful("probe"), guard=guard,
         judge=load_judge("substring"), generation=gen, keep_checkpoints=True,
     )  # fmt: skip
     seconds = time.perf_counter() - t0
     ref = result.guard_reference or 0.0
-    rows = [{"seed": seed, "step": 0, "guard_loss": ref, "rise": 0.0,
+    rows = [{"seed": label, "step": 0, "guard_loss": ref, "rise": 0.0,
              "guard_rows_score": result.history[0].accuracy, "score_rows_score": score0,
              "probe_harmful": result.history[0].probe_harmful, "seconds": seconds}]  # fmt: skip
     measured = {s.step: s for s in result.history if s.probe_harmful is not None}
@@ -85,12 +113,12 @@ def run(seed: int, steps: int) -> list[dict[str, Any]]:
         rec = measured[step]
         rows.append(
             {
-                "seed": seed,
+                "seed": label,
                 "step": step,
                 "guard_loss": rec.guard,
                 "rise": (rec.guard or 0.0) - ref,
                 "guard_rows_score": rec.accuracy,
-                "score_rows_score": score_rate(model, tok, parts["score"], gen),
+                "score_rows_score": score(),
                 "probe_harmful": rec.probe_harmful,
                 "seconds": seconds,
             }
@@ -109,49 +137,24 @@ def run_small(adapter: str, steps: int, score_rows: int) -> list[dict[str, Any]]
     load = LoadConfig(base=str(world.aligned_dir), quant="4bit", dtype="bfloat16")
     model, lora = load_model(world.adapter_dir(adapter), load)
     tok = load_tokenizer(None, str(world.aligned_dir))
-    base = bench_repair.repair_config("restore")
-    config = dataclasses.replace(
-        base,
-        restore=dataclasses.replace(
-            base.restore, max_rise=1e9, target=0.0, max_steps=steps, eval_every=2, backtrack=0
-        ),
-    )
+    config = bench_repair.repair_config("restore")
     score = world.task_eval().take(score_rows)
 
     def score_rate_choice() -> float:
         answers = generate(model, tok, score.prompts, gen)
         return Rate.of(task_matches(answers, score.answers or (), "choice")).rate
 
-    score0 = score_rate_choice()
-    params = all_factors(walk(model))
-    t0 = time.perf_counter()
-    result = repair(
-        model, tok, lora, config, probe=P.harmful("probe"),
-        guard=Guard(world.task_guard(config.guard_prompts), P.benign("benign"), "choice"),
-        judge=load_judge("substring"), generation=gen, keep_checkpoints=True,
-    )  # fmt: skip
-    seconds = time.perf_counter() - t0
-    ref = result.guard_reference or 0.0
-    rows = [{"seed": adapter, "step": 0, "guard_loss": ref, "rise": 0.0,
-             "guard_rows_score": result.history[0].accuracy, "score_rows_score": score0,
-             "probe_harmful": result.history[0].probe_harmful, "seconds": seconds}]  # fmt: skip
-    measured = {s.step: s for s in result.history if s.probe_harmful is not None}
-    for step, ckpt in sorted(result.checkpoints.items()):
-        put_adapter(params, ckpt)
-        rec = measured[step]
-        rows.append(
-            {
-                "seed": adapter,
-                "step": step,
-                "guard_loss": rec.guard,
-                "rise": (rec.guard or 0.0) - ref,
-                "guard_rows_score": rec.accuracy,
-                "score_rows_score": score_rate_choice(),
-                "probe_harmful": rec.probe_harmful,
-                "seconds": seconds,
-            }
-        )
-    return rows
+    return calibration_rows(
+        adapter,
+        model,
+        tok,
+        lora,
+        config,
+        steps,
+        Guard(world.task_guard(config.guard_prompts), P.benign("benign"), "choice"),
+        score_rate_choice,
+        gen,
+    )
 
 
 def chosen_max_rise(rows: list[dict[str, Any]]) -> float:

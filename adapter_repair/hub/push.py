@@ -150,24 +150,17 @@ def push(
     ops = [
         CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(folder / p)) for p, _ in plan.files
     ]
-    if into is not None:
-        logger.info("updating our open pull request %s with one commit", into.url)
-        with hub_errors(f"update the pull request {into.url}", plan.repo_id, writing=True):
-            info = api.create_commit(
-                plan.repo_id,
-                ops,
-                commit_message=plan.message,
-                commit_description=plan.description or None,
-                revision=into.ref,
-            )
-        return PushResult(plan, into.url, info.oid)
     created = False
-    if not plan.create_pr:
+    if into is not None:
+        what = f"update the pull request {into.url}"
+    elif plan.create_pr:
+        what = f"open a pull request on {plan.repo_id}"
+    else:
+        what = f"push to {plan.repo_id}"
         with hub_errors(f"create the repo {plan.repo_id}", plan.repo_id, writing=True):
             created = not api.repo_exists(plan.repo_id)
             if created:
                 api.create_repo(plan.repo_id, private=private, exist_ok=True)
-    what = f"open a pull request on {plan.repo_id}" if plan.create_pr else f"push to {plan.repo_id}"
     logger.info("%s: one commit of %d files", what, len(ops))
     try:
         with hub_errors(what, plan.repo_id, writing=True):
@@ -176,13 +169,16 @@ def push(
                 ops,
                 commit_message=plan.message,
                 commit_description=plan.description or None,
-                create_pr=plan.create_pr,
-                parent_commit=parent_commit,
+                create_pr=plan.create_pr and into is None,
+                parent_commit=parent_commit if into is None else None,
+                revision=into.ref if into is not None else None,
             )
     except AdapterRepairError as e:
         if created and not _may_have_landed(api, folder, plan, e):
             _delete_quietly(api, plan.repo_id)
         raise
+    if into is not None:
+        return PushResult(plan, into.url, info.oid)
     url = info.pr_url if plan.create_pr else str(info.commit_url)
     return PushResult(plan, url, info.oid)
 
