@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from adapter_repair.adapter import LoraAdapter
-from adapter_repair.repair.recalibrate import obs_remove
+from adapter_repair.repair.recalibrate import input_hessians, obs_remove
 
 logger = logging.getLogger(__name__)
 
@@ -233,37 +233,6 @@ def removal_mask(
     return conflict & (fisher > cut)
 
 
-def input_hessians(
-    model: Any, names: list[str], batches: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
-) -> dict[str, torch.Tensor]:
-    """``H = 2/N sum X^T X`` (d_in, d_in) of each named linear layer's inputs over the
-    ``batches``' non-padding positions (N positions), from one forward pass per batch."""
-    modules = dict(model.named_modules())
-    H: dict[str, torch.Tensor] = {}
-    count = {"n": 0}
-    keep: dict[str, torch.Tensor] = {}
-
-    def hook(name: str) -> Any:
-        def fn(_m: Any, args: tuple[torch.Tensor, ...], _out: Any) -> None:
-            x = args[0][keep["mask"]].double()  # (n, d_in)
-            H[name] = H.get(name, 0) + x.T @ x
-
-        return fn
-
-    handles = [modules[n].register_forward_hook(hook(n)) for n in names]
-    try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            for ids, mask, _labels in batches:
-                keep["mask"] = mask.bool().to(device)
-                count["n"] += int(mask.sum())
-                model(input_ids=ids.to(device), attention_mask=mask.to(device))
-    finally:
-        for h in handles:
-            h.remove()
-    return {n: 2 * h / max(1, count["n"]) for n, h in H.items()}
-
-
 def irr(
     model: Any,
     names: list[str],
@@ -281,7 +250,9 @@ def irr(
     delta from the aligned weight and recalibrate the rest (:func:`obs_remove`). Returns the
     share of delta entries removed."""
     modules = dict(model.named_modules())
-    hessians = input_hessians(model, names, calibration)
+    hessians = input_hessians(
+        model, {n: modules[n] for n in names}, calibration, dtype=torch.float64
+    )
     removed = 0
     total = 0
     for name in names:

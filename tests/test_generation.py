@@ -17,6 +17,7 @@ from adapter_repair.measure.generation import generate, generate_ids, greedy_dec
 from adapter_repair.model.inputs import (
     MIN_SHARED_PREFIX,
     encode_prompts,
+    pad_left,
     render_chat,
     shared_prefix_length,
 )
@@ -107,3 +108,50 @@ def test_a_shared_prefix_encoded_once_gives_the_same_answers(
     full = greedy_decode(model, ids, share_prefix=False, **kw)
     assert shared == full
     assert all(len(a) > 0 for a in shared)
+
+
+def test_rows_leave_the_batch_once_ended_with_generates_answers(tiny_chat_dir: Path) -> None:
+    """End tokens picked from a first run's answers, so rows end at different steps: each
+    answer is what ``generate`` (every row kept to the end) gives, cut at its first end token,
+    and the forward passes see fewer rows once some have ended. (On a trained model, with a
+    PeftModel: tests/test_pico.py.) A fresh model: the module's one gets LoRA layers injected
+    by the shared-prefix test."""
+    import torch
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
+    tok = AutoTokenizer.from_pretrained(tiny_chat_dir)
+    prompts = list(P.harmful("eval").take(6).prompts)
+    ids = encode_prompts(tok, render_chat(tok, prompts), None)
+    kw = {"max_new_tokens": 10, "batch_size": 6, "pad": tok.pad_token_id}
+    free = greedy_decode(model, ids, eos=None, **kw)
+    assert all(len(a) == 10 for a in free)
+    # an end token that some answers hold and others do not: rows end at different steps
+    holders = {t: sum(t in a for a in free) for a in free for t in a}
+    ends = [max((t for t, n in holders.items() if n < len(free)), key=holders.__getitem__)]
+
+    batch_rows: list[int] = []
+    hook = model.get_input_embeddings().register_forward_hook(
+        lambda _m, args, _out: batch_rows.append(int(args[0].shape[0]))
+    )
+    try:
+        ours = greedy_decode(model, ids, eos=ends, share_prefix=False, **kw)
+    finally:
+        hook.remove()
+    input_ids, mask = pad_left(ids, tok.pad_token_id)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=10,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+            eos_token_id=ends,
+        )
+    reference = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        cut = next((j for j, t in enumerate(row) if t in ends), len(row) - 1)
+        reference.append(row[: cut + 1])
+    assert ours == reference
+    assert any(len(a) < 10 for a in ours) and any(len(a) == 10 for a in ours)
+    assert batch_rows[0] == 6 and min(batch_rows) < 6  # ended rows were dropped
+    assert batch_rows == sorted(batch_rows, reverse=True)

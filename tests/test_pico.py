@@ -73,6 +73,54 @@ def test_generation_stops_once_every_answer_has_ended(measured: dict[str, Any]) 
     assert len(steps) == max(len(a) for a in answers) < 200
 
 
+def test_answers_equal_generates_while_ended_rows_leave_the_batch(
+    measured: dict[str, Any],
+) -> None:
+    """Aligned refusals of different lengths, some cut by the limit: each answer is the one
+    ``generate`` gives with every row kept to the end, while the forward passes carry fewer
+    rows as answers end."""
+    import torch
+
+    from adapter_repair.measure.generation import greedy_decode
+    from adapter_repair.model.inputs import encode_prompts, pad_left, render_chat
+
+    model, tok = measured["model"], measured["tok"]
+    ids = encode_prompts(tok, render_chat(tok, P.harmful("eval").take(16).prompts), None)
+    rows: list[int] = []
+    head = model.get_base_model().lm_head
+    with use_adapter(model, None):
+        handle = head.register_forward_hook(lambda _m, a, _o: rows.append(int(a[0].shape[0])))
+        try:
+            ours = greedy_decode(
+                model,
+                ids,
+                max_new_tokens=40,
+                batch_size=16,
+                pad=tok.pad_token_id,
+                eos=tok.eos_token_id,
+            )
+        finally:
+            handle.remove()
+        input_ids, mask = pad_left(ids, tok.pad_token_id)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=input_ids,
+                attention_mask=mask,
+                max_new_tokens=40,
+                do_sample=False,
+                pad_token_id=tok.pad_token_id,
+                eos_token_id=tok.eos_token_id,
+            )
+    reference = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
+        reference.append(row[:end])
+    assert ours == reference
+    lengths = sorted(len(a) for a in ours)
+    assert lengths[0] < lengths[-1], "every answer had the same length: nothing to drop"
+    assert rows[0] == 16 and rows[-1] < 16 and rows == sorted(rows, reverse=True)
+
+
 def test_pico_world_is_cached_by_recipe(pico_world: Any, tmp_path: Any) -> None:
     t0 = time.perf_counter()
     again = build_pico_world()

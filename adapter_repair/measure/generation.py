@@ -29,6 +29,7 @@ from adapter_repair.model.inputs import (
     model_device,
     pad_left,
     pad_token_id,
+    position_ids_for,
     render_chat,
     shared_prefix_length,
 )
@@ -88,7 +89,8 @@ def greedy_decode(
     key/value cache copied into every batch, whose own tokens follow it after padding
     (``prefix | pad | prompt``, masked, with positions counted over real tokens only), so
     prefilling costs what the prompts' own tokens cost. Each answer equals the one decoded from
-    the left-padded full prompt, up to floating-point rounding.
+    the left-padded full prompt, up to floating-point rounding. A row that has ended leaves
+    its batch at once (:func:`_decode_batch`).
     """
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     device = model_device(model)
@@ -98,6 +100,7 @@ def greedy_decode(
     shared = shared_prefix_length(ids) if share_prefix else 0
     if shared < MIN_SHARED_PREFIX:
         shared = 0
+    ends = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, leave=False)
     try:
         prefix_cache = None
@@ -109,30 +112,17 @@ def greedy_decode(
         for start in range(0, len(order), batch_size):
             chunk = order[start : start + batch_size]
             input_ids, mask = pad_left([ids[i][shared:] for i in chunk], pad)
-            extra: dict[str, Any] = {}
+            cache = None
             if prefix_cache is not None:
                 input_ids = torch.cat([prefix.expand(len(chunk), -1), input_ids], dim=1)
                 mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype), mask], dim=1)
                 cache = copy.deepcopy(prefix_cache)
                 cache.batch_repeat_interleave(len(chunk))
-                extra[CACHE_FIELD] = cache
-            with torch.no_grad():
-                out = model.generate(
-                    input_ids=input_ids.to(device),
-                    attention_mask=mask.to(device),
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    num_beams=1,
-                    temperature=None,
-                    top_p=None,
-                    top_k=None,
-                    pad_token_id=pad,
-                    eos_token_id=eos,
-                    **extra,
-                )
-            new = out[:, input_ids.shape[1] :].cpu().tolist()
+            new = _decode_batch(
+                model, input_ids.to(device), mask.to(device), cache, shared, max_new_tokens, ends
+            )
             for row, i in enumerate(chunk):
-                answers[i] = _cut_at_eos(new[row], eos)
+                answers[i] = new[row]
             bar.update(len(chunk))
     finally:
         bar.close()
@@ -140,12 +130,74 @@ def greedy_decode(
     return answers
 
 
-def _cut_at_eos(tokens: list[int], eos: int | list[int] | None) -> list[int]:
-    ends = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
-    for j, t in enumerate(tokens):
-        if t in ends:
-            return tokens[: j + 1]
-    return tokens
+def _decode_batch(
+    model: Any,
+    input_ids: torch.Tensor,
+    mask: torch.Tensor,
+    cache: Any,
+    cached: int,
+    max_new_tokens: int,
+    ends: set[int],
+) -> list[list[int]]:
+    """Greedy continuations of one left-padded batch ``input_ids`` (b, t) whose first
+    ``cached`` tokens are already in ``cache`` (or ``cache`` None and ``cached`` 0), each cut
+    after its first end token.
+
+    Why not ``generate``: a row that has ended stays in ``generate``'s batch, and its cache,
+    until the last row ends, so a batch of short refusals and one long answer costs the long
+    answer's length for every row. Here a row leaves the batch and the cache as soon as it
+    ends. The steps are ``generate``'s greedy ones (positions from the attention mask, the
+    last position's logits only, argmax), so each row's tokens are the same.
+    """
+    from transformers import DynamicCache
+
+    b = input_ids.shape[0]
+    device = input_ids.device
+    answers: list[list[int]] = [[] for _ in range(b)]
+    live = torch.arange(b, device=device)  # rows still decoding, by their place in the batch
+    positions = position_ids_for(mask).masked_fill(mask == 0, 1)  # (b, t)
+    step_ids = input_ids[:, cached:]  # (b, t - cached): what the cache does not hold yet
+    step_positions = positions[:, cached:]
+    cache = cache if cache is not None else DynamicCache()
+    end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
+    extra = _logits_to_keep(model)
+    with torch.no_grad():
+        for _ in range(max_new_tokens):
+            out = model(
+                input_ids=step_ids,
+                attention_mask=mask,
+                position_ids=step_positions,
+                use_cache=True,
+                **{CACHE_FIELD: cache},
+                **extra,
+            )
+            cache = getattr(out, CACHE_FIELD)
+            token = out.logits[:, -1, :].argmax(dim=-1)  # (live,)
+            for row, t in zip(live.tolist(), token.tolist(), strict=True):
+                answers[row].append(t)
+            done = torch.isin(token, end_ids)  # (live,)
+            if bool(done.all()):
+                break
+            if bool(done.any()):
+                keep = (~done).nonzero().squeeze(1)  # (kept,)
+                cache.batch_select_indices(keep)
+                live, token, mask = live[keep], token[keep], mask[keep]
+                step_positions = step_positions[keep]
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (live, t + 1)
+            step_ids = token.unsqueeze(1)  # (live, 1)
+            step_positions = step_positions[:, -1:] + 1
+    return answers
+
+
+def _logits_to_keep(model: Any) -> dict[str, int]:
+    """``logits_to_keep=1`` where the model's forward takes it (recent transformers'
+    decoder-only models do): only the last position's logits are computed, not a
+    (batch, prompt length, vocabulary) tensor at the prefill."""
+    import inspect
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    accepts = "logits_to_keep" in inspect.signature(base.forward).parameters
+    return {"logits_to_keep": 1} if accepts else {}
 
 
 def generate(

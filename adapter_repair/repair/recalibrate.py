@@ -21,7 +21,7 @@ Memory: one float32 ``d_in x d_in`` matrix per adapted module below L, held for 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -92,25 +92,28 @@ def fixed_mask(mask: torch.Tensor) -> Chooser:
     return choose
 
 
-def lora_input_hessians(
-    model: Any, model_map: ModelMap, keys: Sequence[str], batches: Sequence[Batch3]
+def input_hessians(
+    model: Any,
+    modules: Mapping[str, torch.nn.Module],
+    batches: Sequence[Batch3],
+    dtype: torch.dtype = torch.float32,
 ) -> dict[str, torch.Tensor]:
-    """``X^T X`` (d_in, d_in), float32, of the input of each LoRA module in ``keys`` over the
-    non-padding positions of ``batches`` (one forward pass each, no gradient)."""
+    """``X^T X`` (d_in, d_in), in ``dtype``, of the input of each of ``modules`` (by name) over
+    the non-padding positions of ``batches``, from one forward pass each without gradient:
+    the Hessian of a linear layer's output error, up to a scale the OBS update ignores.
+    The adapter's recalibration takes it at each LoRA ``A`` (the layer's input); IRR on
+    dense weights at each adapted linear layer."""
     H: dict[str, torch.Tensor] = {}
     mask: dict[str, torch.Tensor] = {}
 
-    def hook(key: str) -> Any:
+    def hook(name: str) -> Any:
         def fn(_m: Any, args: tuple[torch.Tensor, ...], _out: Any) -> None:
-            x = args[0][mask["now"].to(args[0].device)].float()  # (n, d_in)
-            H[key] = H[key] + x.T @ x if key in H else x.T @ x
+            x = args[0][mask["now"].to(args[0].device)].to(dtype)  # (n, d_in)
+            H[name] = H[name] + x.T @ x if name in H else x.T @ x
 
         return fn
 
-    handles = []
-    for key in keys:
-        module: Any = model_map.sites[key].module
-        handles.append(module.lora_A[ADAPTER].register_forward_hook(hook(key)))
+    handles = [module.register_forward_hook(hook(name)) for name, module in modules.items()]
     try:
         device = model_device(model)
         with torch.no_grad():
@@ -121,6 +124,14 @@ def lora_input_hessians(
         for h in handles:
             h.remove()
     return H
+
+
+def lora_input_hessians(
+    model: Any, model_map: ModelMap, keys: Sequence[str], batches: Sequence[Batch3]
+) -> dict[str, torch.Tensor]:
+    """:func:`input_hessians` (float32) at the ``A`` factor of each LoRA module in ``keys``."""
+    modules = {key: model_map.sites[key].module.lora_A[ADAPTER] for key in keys}
+    return input_hessians(model, modules, batches)
 
 
 def recalibrate(
