@@ -130,7 +130,10 @@ def lora_input_hessians(
     model: Any, model_map: ModelMap, keys: Sequence[str], batches: Sequence[Batch3]
 ) -> dict[str, torch.Tensor]:
     """:func:`input_hessians` (float32) at the ``A`` factor of each LoRA module in ``keys``."""
-    modules = {key: model_map.sites[key].module.lora_A[ADAPTER] for key in keys}
+    modules: dict[str, Any] = {}
+    for key in keys:
+        site: Any = model_map.sites[key].module
+        modules[key] = site.lora_A[ADAPTER]
     return input_hessians(model, modules, batches)
 
 
