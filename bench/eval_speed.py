@@ -2,10 +2,12 @@
 (what the reference code does) and plain batched ``generate`` (file order, same batch size),
 on the same prompts in one run. Writes bench/results/eval_speed.md and .json.
 
-    python bench/eval_speed.py [--n 175] [--max-new-tokens 32] [--batch-size 32] [--repeats 3]
+    python bench/eval_speed.py [--n 175] [--max-new-tokens 64] [--batch-size 32] [--repeats 3]
 
 Runs on the pico world's broken adapter (built and cached on first use): it answers most
-harmful requests, so answers run long, as in the case that matters.
+harmful requests, so answers run long, as in the case that matters. Each method's answers are
+compared with plain batched ``generate``'s, prompt by prompt: the speed must not come from
+answering differently.
 """
 
 from __future__ import annotations
@@ -86,7 +88,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--n", type=int, default=175, help="harmful eval prompts (175 = all)")
-    ap.add_argument("--max-new-tokens", type=int, default=32)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=3, help="interleaved runs; the median counts")
     args = ap.parse_args()
@@ -108,12 +110,15 @@ def main() -> None:
     # Interleaved repeats, median time: the machines are shared and noisy.
     times: dict[str, list[float]] = {name: [] for name in methods}
     rates: dict[str, float] = {}
+    answers: dict[str, list[str]] = {}
     for _ in range(args.repeats):
         for name, respond in methods.items():
             t0 = time.perf_counter()
             report = evaluate(respond, sets, judge, refusals)
             times[name].append(time.perf_counter() - t0)
             rates[name] = report.measures["harmful_rate"].rate
+            answers[name] = [s["response"] for s in report.samples["harmful"]]
+    plain = answers["plain batched generate"]
     rows: list[dict[str, Any]] = []
     for name in methods:
         dt = statistics.median(times[name])
@@ -123,6 +128,7 @@ def main() -> None:
                 "seconds": dt,
                 "prompts_per_s": len(sets.harmful) / dt,
                 "harmful_rate": rates[name],
+                "same_answers": sum(a == b for a, b in zip(answers[name], plain, strict=True)),
                 "all_seconds": times[name],
             }
         )
@@ -150,10 +156,10 @@ def main() -> None:
         f"Same prompts, one run, median of {meta['repeats']} interleaved repeats; "
         "`python bench/eval_speed.py`.",
         "",
-        "| method | seconds | prompts/s | ours is x faster | harmful rate |",
-        "|---|---|---|---|---|",
+        "| method | seconds | prompts/s | ours is x faster | harmful rate | answers as plain batched |",
+        "|---|---|---|---|---|---|",
         *[
-            f"| {r['method']} | {r['seconds']:.2f} | {r['prompts_per_s']:.1f} | {r['ours_speedup']:.2f} | {100 * r['harmful_rate']:.1f}% |"
+            f"| {r['method']} | {r['seconds']:.2f} | {r['prompts_per_s']:.1f} | {r['ours_speedup']:.2f} | {100 * r['harmful_rate']:.1f}% | {r['same_answers']}/{meta['n_prompts']} |"
             for r in rows
         ],
         "",

@@ -30,7 +30,7 @@ from adapter_repair.model.loading import load_model, load_tokenizer
 from adapter_repair.model.walk import norm_gain, walk
 from adapter_repair.repair.config import SEARCH_SPACE, RepairConfig, RestoreConfig
 from adapter_repair.repair.directions import unit
-from adapter_repair.repair.factors import ADAPTER, factor_params
+from adapter_repair.repair.factors import ADAPTER, REFERENCE, factor_params
 from adapter_repair.repair.guard import Guard, guard_holds, task_loss
 from adapter_repair.repair.heal import HealLoss, heal
 from adapter_repair.repair.loop import RepairResult, aligned_refusals, kept_record, resolve_layer
@@ -688,3 +688,65 @@ def test_the_heal_needs_refusals_to_heal_toward(loaded) -> None:
     assert batch[0].shape[0] == 1  # the one refusal
     with pytest.raises(ValueError, match="refuses none of the probe prompts"):
         aligned_refusals(tok, prompts, answers, [True, True], GenerationConfig(8, 4))
+
+
+def test_each_stage_2_step_is_handed_to_on_step_as_it_is_made(loaded) -> None:
+    model, tok, adapter = loaded
+    seen: list[Any] = []
+    config = RepairConfig(
+        method="restore", probe_prompts=8, guard_prompts=8, max_new_tokens=4,
+        restore=RestoreConfig(layer=3, rate=0.05, max_steps=3, eval_every=1, max_kl=1e9, target=0.0),
+    )  # fmt: skip
+    result = repair(
+        model, tok, adapter, config, probe=P.harmful("probe"),
+        guard=Guard(None, P.benign("benign")), judge=load_judge(), on_step=seen.append,
+    )  # fmt: skip
+    assert [s.step for s in seen] == [s.step for s in result.history] == [0, 1, 2, 3]
+    assert seen[0] is result.history[0] and all(s.probe_harmful is not None for s in seen)
+
+
+def test_an_error_inside_stage_2_leaves_no_reference_adapter_attached(
+    loaded, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fidelity guard attaches a reference copy of the adapter; an error in a step must
+    not leave it on the caller's model."""
+    import adapter_repair.repair.loop as loop
+
+    model = loaded[0]
+
+    attached: list[list[str]] = []
+
+    def broken(*_a: Any, **_k: Any) -> None:
+        attached.append(list(model.peft_config))
+        raise RuntimeError("out of memory in a step")
+
+    monkeypatch.setattr(loop, "restore_step", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        restore(loaded, layer=3, max_steps=2, eval_every=1, max_kl=1e9, target=0.0)
+    assert attached == [[ADAPTER, REFERENCE]]  # it was attached when the step failed
+    assert list(model.peft_config) == [ADAPTER]
+
+
+def test_lora_modules_outside_the_decoder_layers_are_carried_unchanged_and_named(
+    tiny_chat_dir: Path, tmp_path: Path
+) -> None:
+    """An adapter with LoRA on lm_head: neither stage edits it, the repair names it, and the
+    report's warnings say it was copied unchanged."""
+    from tests.models import ALL_LINEAR, make_adapter
+
+    src = make_adapter(tiny_chat_dir, tmp_path / "src", target_modules=[*ALL_LINEAR, "lm_head"])
+    out = tmp_path / "fixed"
+    result = run(
+        "fix", str(src), "--out", str(out), "--method", "both", "--no-measure",
+        "--probe-prompts", "8", "--guard-prompts", "8", "--quant", "none", "--max-steps", "2",
+        "--eval-every", "1", "--rate", "0.2", "--layer", "3", "--max-kl", "1e9", "--json",
+    )  # fmt: skip
+    assert result.exit_code in (0, NOT_REPAIRED_EXIT_CODE), result.output
+    report = json.loads(result.stdout)
+    (head,) = report["repair"]["settings"]["outside_modules"]
+    assert head.endswith("lm_head")
+    assert any("lm_head" in w and "unchanged" in w for w in report["warnings"])
+    fixed = {m.key: m for m in load_adapter(out)}
+    orig = {m.key: m for m in load_adapter(src)}
+    assert torch.equal(fixed[head].A, orig[head].A) and torch.equal(fixed[head].B, orig[head].B)
+    assert any(not torch.equal(fixed[k].B, orig[k].B) for k in orig if k != head)

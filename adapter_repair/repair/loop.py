@@ -276,14 +276,51 @@ def repair_once(
     judge: Judge,
     generation: GenerationConfig | None = None,
     keep_checkpoints: bool = False,
+    on_step: Callable[[Step], None] | None = None,
 ) -> RepairResult:
-    """One run of :func:`~adapter_repair.repair.pipeline.repair` with ``config``'s settings as they are (no search)."""
+    """One run of :func:`~adapter_repair.repair.pipeline.repair` with ``config``'s settings as
+    they are (no search). ``on_step`` gets each stage-2 history entry as it is made (the
+    starting state first): a caller's progress display; the library prints nothing."""
+    try:
+        return _repair_once(
+            model, tokenizer, adapter, config, probe=probe, guard=guard, judge=judge,
+            generation=generation, keep_checkpoints=keep_checkpoints, on_step=on_step,
+        )  # fmt: skip
+    finally:
+        # the fidelity guard's reference copy of the adapter goes on every exit path: an
+        # error inside stage 2 must not leave a second adapter attached to the caller's model
+        if REFERENCE in getattr(model, "peft_config", {}):
+            model.delete_adapter(REFERENCE)
+
+
+def _repair_once(
+    model: Any,
+    tokenizer: Any,
+    adapter: LoraAdapter,
+    config: RepairConfig,
+    *,
+    probe: P.PromptSet,
+    guard: Guard,
+    judge: Judge,
+    generation: GenerationConfig | None,
+    keep_checkpoints: bool,
+    on_step: Callable[[Step], None] | None,
+) -> RepairResult:
     t_start = time.perf_counter()
+    step_done = on_step or (lambda _s: None)
     rc = config.restore
     gen = generation or GenerationConfig(config.max_new_tokens, config.batch_size, progress=False)
     model_map = walk(model)
     model_map.annotate(adapter)
     n_layers = model_map.n_layers
+    outside = sorted(site.key for site in model_map if site.layer is None)
+    if outside:
+        logger.warning(
+            "%d LoRA module(s) outside the decoder layers are carried unchanged (neither stage "
+            "edits them, and they may still carry the fine-tune's behaviour): %s",
+            len(outside),
+            ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else ""),
+        )
     probe_prompts = list(probe.take(config.probe_prompts).prompts)
     guard = dataclasses.replace(
         guard,
@@ -296,13 +333,18 @@ def repair_once(
     guard_prompts = list(fit.prompts())
     params = all_factors(model_map)
     original = snapshot(params)
-    settings = {"repair": dataclasses.asdict(config), "n_layers": n_layers, "guard": guard.kind}
+    settings = {
+        "repair": dataclasses.asdict(config),
+        "n_layers": n_layers,
+        "guard": guard.kind,
+        "outside_modules": outside,
+    }
     seconds: dict[str, float] = {}
     model.eval()  # no LoRA dropout in gradients or answers
     guard_ref_value = 0.0
     if config.method != "project":
         if guard.kind == "fidelity":
-            add_reference(model)
+            add_reference(model)  # removed by repair_once on every exit path
         else:  # the fine-tuned adapter's own task score, before any change
             guard_ref_value = guard_value(model, tokenizer, guard, gen)
 
@@ -429,6 +471,7 @@ def repair_once(
     start.guard_ok = guard_holds(start.guard or 0.0, guard_ref_value, guard, config)
     start.seconds = time.perf_counter() - t0
     history = [start]
+    step_done(start)
     logger.info(
         "stage 2 at L=%d: aligned probe harmful rate %.1f%% (target %.1f%%), adapter %.1f%%, "
         "guard (%s) %.3f",
@@ -480,6 +523,7 @@ def repair_once(
                 rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
             rec.seconds = time.perf_counter() - t_step
             history.append(rec)
+            step_done(rec)
             logger.info(
                 "step %d: restored %d, rolled back %d, changed %.2f%%, cos %.4f%s",
                 step,
@@ -520,8 +564,6 @@ def repair_once(
     seconds["restore"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start
     changed = changed_share(params, original)
-    if guard.kind == "fidelity":
-        model.delete_adapter(REFERENCE)
     logger.info(
         "stage 2 stopped (%s); kept step %d; %.2f%% of coordinates restored to 0, %.2f%% "
         "changed; %.1f s",

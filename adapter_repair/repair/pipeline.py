@@ -29,7 +29,7 @@ from adapter_repair.model.walk import walk
 from adapter_repair.repair.config import RepairConfig
 from adapter_repair.repair.factors import all_factors, put_adapter
 from adapter_repair.repair.guard import Guard
-from adapter_repair.repair.loop import RepairResult, repair_once
+from adapter_repair.repair.loop import RepairResult, Step, repair_once
 from adapter_repair.repair.report import write_report
 from adapter_repair.repair.search import search
 from adapter_repair.version import __version__
@@ -48,6 +48,7 @@ def repair(
     judge: Judge,
     generation: GenerationConfig | None = None,
     keep_checkpoints: bool = False,
+    on_step: Callable[[Step], None] | None = None,
 ) -> RepairResult:
     """Repair ``adapter``, attached to ``model`` (a PeftModel, adapter name "default", factors
     trainable) as the fine-tuned model; the same model with the adapter disabled is the aligned
@@ -65,12 +66,14 @@ def repair(
     coordinates changed): the settings that suit one adapter do not suit every adapter
     (DESIGN's lesson 4), and the probe and guard that steer one run can choose between runs.
     Every trial is recorded in ``settings["search"]``.
+
+    ``on_step`` gets each stage-2 history entry as it is made (a progress display).
     """
 
     def once(cfg: RepairConfig) -> RepairResult:
         return repair_once(
             model, tokenizer, adapter, cfg, probe=probe, guard=guard, judge=judge,
-            generation=generation, keep_checkpoints=keep_checkpoints,
+            generation=generation, keep_checkpoints=keep_checkpoints, on_step=on_step,
         )  # fmt: skip
 
     if config.restore.search <= 1 or config.method == "project":
@@ -144,6 +147,7 @@ def repair_folder(
     source_label: str | None = None,
     base_label: str | None = None,
     min_harmful: float | None = None,
+    on_step: Callable[[Step], None] | None = None,
 ) -> RepairOutcome:
     """Repair the adapter folder ``source`` into a new folder ``out`` (same format and rank,
     with ``repair_report.{json,md,png}``), measuring the aligned base, the fine-tuned and the
@@ -155,7 +159,7 @@ def repair_folder(
     when its harmful rate is under this (needs ``measure``). ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
     report as given; ``also(folder, report)`` writes more files (a model card) into the output
     before it appears, so that the adapter, its report and those files land together or not
-    at all.
+    at all. ``on_step`` gets each stage-2 history entry as it is made (a progress display).
 
     ``task``: the user's task rows (prompt, answer), split by a seeded hash of the prompt
     (:func:`~adapter_repair.measure.prompts.split_task`; by answer too for ``--match choice``)
@@ -234,7 +238,14 @@ def repair_folder(
         ),
         judge=judge,
         generation=dataclasses.replace(gen, progress=False),
+        on_step=on_step,
     )
+    outside = result.settings.get("outside_modules") or []
+    if outside:
+        warnings.append(
+            f"{len(outside)} LoRA module(s) outside the decoder layers are copied unchanged and "
+            f"may still carry the fine-tune's behaviour: {', '.join(outside)}."
+        )
     t0 = time.perf_counter()
     other: dict[str, Any] | None = None
     if measure:
