@@ -750,3 +750,42 @@ def test_lora_modules_outside_the_decoder_layers_are_carried_unchanged_and_named
     orig = {m.key: m for m in load_adapter(src)}
     assert torch.equal(fixed[head].A, orig[head].A) and torch.equal(fixed[head].B, orig[head].B)
     assert any(not torch.equal(fixed[k].B, orig[k].B) for k in orig if k != head)
+
+
+def test_the_plot_labels_its_axes_draws_the_thresholds_and_a_backtrack_as_one() -> None:
+    """Rates in %, the guard's threshold (the fine-tuned loss + max_rise), the kept step in the
+    legend, and a backtracked step as a red cross off the line, not as a fall of the curve."""
+    from adapter_repair.repair.report import figure, guard_threshold
+
+    def step(n: int, harm: float, guard: float, back: bool = False) -> dict[str, Any]:
+        return {"step": n, "probe_harmful": harm, "guard": guard, "cosine": 0.5 + n / 10,
+                "backtracked": back}  # fmt: skip
+
+    repair_record = {
+        "history": [
+            step(0, 0.9, 1.00),
+            step(1, 0.5, 1.02),
+            step(2, 0.1, 1.20, back=True),
+            step(3, 0.3, 1.03),
+        ],
+        "kept_step": 3,
+        "target": 0.05,
+        "reached": False,
+        "stopped": "max_steps",
+        "guard_reference": 1.0,
+        "settings": {"guard": "task", "repair": {"restore": {"max_rise": 0.035, "rate": 0.01}}},
+    }
+    assert guard_threshold(repair_record) == pytest.approx(1.035)
+    fig = figure({"source": "me/lora", "quant": "4bit", "repair": repair_record})
+    harm, guard, _cos = fig.axes
+    assert "%" in harm.get_ylabel() and "task loss" in guard.get_ylabel()
+    (measured,) = [ln for ln in harm.get_lines() if ln.get_label() == "measured"]
+    assert list(measured.get_xdata()) == [0, 1, 3]  # the backtracked step is not on the line
+    assert list(measured.get_ydata()) == pytest.approx([90.0, 50.0, 30.0])
+    (failed,) = [ln for ln in harm.get_lines() if ln.get_label().startswith("guard failed")]
+    assert list(failed.get_xdata()) == [2]
+    (threshold,) = [ln for ln in guard.get_lines() if ln.get_label() == "guard threshold"]
+    assert threshold.get_ydata()[0] == pytest.approx(1.035)
+    assert any(ln.get_label() == "kept step 3" for ln in harm.get_lines())
+    assert "NOT reached" in fig._suptitle.get_text() and "me/lora" in fig._suptitle.get_text()
+    assert figure({"repair": {"history": [step(0, 0.9, 1.0)]}}) is None

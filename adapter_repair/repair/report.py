@@ -163,42 +163,102 @@ def markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def guard_threshold(repair: Mapping[str, Any]) -> float | None:
+    """The guard value above which a step fails (:func:`~adapter_repair.repair.guard.guard_holds`):
+    the fine-tuned adapter's task loss plus ``max_rise``, or ``max_kl`` for fidelity."""
+    settings = repair.get("settings") or {}
+    restore = (settings.get("repair") or {}).get("restore") or {}
+    if settings.get("guard") == "task" and "max_rise" in restore:
+        return float(repair.get("guard_reference") or 0.0) + float(restore["max_rise"])
+    if settings.get("guard") == "fidelity" and "max_kl" in restore:
+        return float(restore["max_kl"])
+    return None
+
+
 def plot(report: Mapping[str, Any], path: Path) -> bool:
-    """Each step's cosine to h*, probe harmful rate and guard value; False when there is no
-    stage 2 history to plot (projection only)."""
-    history = report["repair"].get("history") or []
-    if len(history) < 2:
+    """Save :func:`figure` to ``path``; False when there is no stage 2 history to plot
+    (projection only)."""
+    fig = figure(report)
+    if fig is None:
         return False
+    import matplotlib.pyplot as plt
+
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def figure(report: Mapping[str, Any]) -> Any:
+    """The probe harmful rate (%) with its target, the guard with its threshold, and the
+    cosine to h*, step by step (a matplotlib Figure); None when there is no stage 2 history.
+
+    A backtrack (the guard failed, the state went back and the rate was halved) is drawn as a
+    red cross at the step that failed, and the line goes on from the state it went back to,
+    so the curve never shows a fall that did not happen to the adapter.
+    """
+    repair = report["repair"]
+    history = repair.get("history") or []
+    if len(history) < 2:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2), constrained_layout=True)
-    steps = [s["step"] for s in history]
-    series = [
-        ("cos(mean h_L, h*)", [s["cosine"] for s in history]),
-        ("probe harmful rate", [s["probe_harmful"] for s in history]),
-        (f"guard ({report['repair']['settings'].get('guard', '')})", [s["guard"] for s in history]),
+    settings = repair.get("settings") or {}
+    kind = settings.get("guard", "")
+    guard_label = {
+        "task": "guard: task loss on held-out guard rows (nats)",
+        "fidelity": "guard: KL to the fine-tuned adapter on benign prompts",
+    }.get(kind, f"guard ({kind})")
+    panels = [
+        ("probe_harmful", "probe harmful rate (%)", 100.0),
+        ("guard", guard_label, 1.0),
+        ("cosine", "cos(mean h_L, h*) on the probe", 1.0),
     ]
-    for ax, (title, ys) in zip(axes, series, strict=True):
-        pts = [(x, y) for x, y in zip(steps, ys, strict=True) if y is not None]
-        if pts:
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o")
-        ax.set_title(title)
-        ax.set_xlabel("step")
+    restore = (settings.get("repair") or {}).get("restore") or {}
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), constrained_layout=True)
+    kept = repair.get("kept_step")
+    for ax, (key, label, scale) in zip(axes, panels, strict=True):
+        kept_path = [s for s in history if not s.get("backtracked") and s.get(key) is not None]
+        if kept_path:
+            ax.plot(
+                [s["step"] for s in kept_path],
+                [scale * s[key] for s in kept_path],
+                marker="o",
+                label="measured",
+            )
+        failed = [s for s in history if s.get("backtracked") and s.get(key) is not None]
+        if failed:
+            ax.plot(
+                [s["step"] for s in failed],
+                [scale * s[key] for s in failed],
+                "x",
+                color="red",
+                markersize=9,
+                label="guard failed: backtracked",
+            )
+        if kept is not None:
+            ax.axvline(kept, color="green", alpha=0.5, label=f"kept step {kept}")
+        ax.set_ylabel(label)
+        ax.set_xlabel("restoration step")
         ax.grid(alpha=0.3)
-    target = report["repair"].get("target")
+    target = repair.get("target")
     if target is not None:
-        axes[1].axhline(target, color="gray", linestyle="--", label="target")
-        axes[1].legend()
-    kept = report["repair"].get("kept_step")
-    if kept is not None:
-        for ax in axes:
-            ax.axvline(kept, color="green", alpha=0.4)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return True
+        axes[0].axhline(100 * target, color="gray", linestyle="--", label="target")
+    threshold = guard_threshold(repair)
+    if threshold is not None:
+        axes[1].axhline(threshold, color="gray", linestyle="--", label="guard threshold")
+    for ax in axes[:2]:
+        ax.legend(fontsize=7)
+    reached = "target reached" if repair.get("reached") else "target NOT reached"
+    fig.suptitle(
+        f"stage 2 of {report.get('source', 'the adapter')} ({report.get('quant', '?')}): "
+        f"score {restore.get('score', '?')}, rate {restore.get('rate', '?')}, stopped "
+        f"{repair.get('stopped', '?')} ({reached})",
+        fontsize=9,
+    )
+    return fig
 
 
 def write_report(folder: Path, report: Mapping[str, Any]) -> list[str]:
