@@ -11,8 +11,10 @@ and bench/results/ablation.md and .json (restore with one lever moved, on the sa
 
 Each (adapter, method) runs in its own process (so its peak RSS is its own) and is cached as
 an artifact of the small world, keyed by the adapter's recipe, the settings and what measured
-it (a digest of the code that measures it: the package but its CLI and Hub client, and the
-repair benches; the judge, the prompt sets): rerunning after an
+it (a digest of the code that measures it: the package but its CLI, its Hub client, its
+repair settings' file and its report rendering, and the repair benches; the judge, the prompt
+sets). The settings are in the key themselves, resolved: a changed default reruns exactly the
+rows that use it. Rerunning after an
 interruption resumes where it stopped; ``--no-run`` only writes the tables of what is done. The
 zoo must be built first (``python bench/bed.py``).
 
@@ -130,14 +132,23 @@ NOT_MEASURING = ("cli", "hub")
 BENCH_CODE = ("repair.py", "baselines.py", "pico_repair.py", "results_io.py")
 
 
+#: package files that hold no measuring code: the repair's settings (their defaults, help
+#: text and checks; every row's key holds the resolved settings in full, so a changed default
+#: changes the key of exactly the rows that use it) and the report's rendering (files written
+#: from numbers it does not compute)
+NOT_MEASURING_FILES = ("repair/config.py", "repair/report.py")
+
+
 def measuring_code() -> list[Path]:
     """The source files a row's measurement runs: the package but its CLI and Hub client,
-    and the repair benches."""
+    its repair settings and report rendering, and the repair benches."""
     package = ROOT / "adapter_repair"
-    return [
-        *(p for p in package.rglob("*.py") if p.relative_to(package).parts[0] not in NOT_MEASURING),
-        *(HERE / name for name in BENCH_CODE),
-    ]
+
+    def measures(p: Path) -> bool:
+        inside = p.relative_to(package)
+        return inside.parts[0] not in NOT_MEASURING and inside.as_posix() not in NOT_MEASURING_FILES
+
+    return [*filter(measures, package.rglob("*.py")), *(HERE / name for name in BENCH_CODE)]
 
 
 #: what every row depends on beyond its settings: the code that measures it, the judge, the

@@ -3,6 +3,7 @@ code produced."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -38,3 +39,21 @@ def test_the_code_digest_covers_what_measures_and_not_the_cli_or_the_hub_client(
     assert "bench/baselines.py" in files and "bench/repair.py" in files
     assert not any(f.startswith(("adapter_repair/cli/", "adapter_repair/hub/")) for f in files)
     assert all((bench_repair.ROOT / f).is_file() for f in files)
+    # the settings' file is left out because every row's key holds the settings themselves
+    assert "adapter_repair/repair/config.py" not in files
+    assert "adapter_repair/repair/report.py" not in files
+    assert "adapter_repair/measure/config.py" in files  # generation defaults are not in keys
+
+
+def test_a_changed_repair_default_changes_the_key_of_the_rows_that_use_it() -> None:
+    """repair/config.py is not in the code digest: its defaults reach a row's key through the
+    resolved settings, and only the rows that use the changed setting get a new key."""
+    from adapter_repair.repair.config import RestoreConfig
+
+    ours = bench_repair.repair_config("restore")
+    key = bench_repair.config_key(ours)
+    assert key["restore"] == dataclasses.asdict(RestoreConfig())
+    moved = dataclasses.replace(ours, restore=dataclasses.replace(ours.restore, heal=7))
+    assert bench_repair.config_key(moved) != key
+    fisher = bench_repair.repair_config("restore-fisher")
+    assert bench_repair.config_key(fisher)["restore"]["score"] == "fisher"
