@@ -283,6 +283,14 @@ def repair_folder(
         "generation": dataclasses.asdict(gen),
         "repair": result.as_dict(),
         "warnings": warnings,
+        # every setting as resolved (the precision load_model chose included): `fix --config
+        # repair_report.json` reruns the same repair
+        "config": {
+            "load": dataclasses.asdict(load),
+            "repair": dataclasses.asdict(config),
+            "evaluation": dataclasses.asdict(evaluation),
+            "measure": measure,
+        },
     }
     if provenance:
         report["provenance"] = dict(provenance)
