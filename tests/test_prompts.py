@@ -69,6 +69,39 @@ def test_load_csv_jsonl_txt(tmp_path: Path) -> None:
     assert named.prompts == ("1", "2")
 
 
+def test_the_layouts_fine_tuning_data_comes_in(tmp_path: Path) -> None:
+    """Chat messages (the last user turn before an assistant turn), ShareGPT conversations,
+    Alpaca (instruction, input after a blank line, output) and prompt/completion."""
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+                      {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+        {"messages": [{"role": "user", "content": "Sky?"}, {"role": "assistant", "content": "blue"}]},
+    ]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    chat = P.load_prompt_file(tmp_path / "chat.jsonl", require_answers=True)
+    assert chat.prompts == ("2+2?", "Sky?") and chat.answers == ("4", "blue")
+    share = [{"conversations": [{"from": "human", "value": "Yo"}, {"from": "gpt", "value": "Hey"}]}]
+    got = P.prompt_set_from_rows(share, ["conversations"], name="s", where="hub")
+    assert (got.prompts, got.answers) == (("Yo",), ("Hey",))
+    alpaca = [
+        {"instruction": "Translate to French.", "input": "cat", "output": "chat"},
+        {"instruction": "Say hi.", "input": "", "output": "hi"},
+    ]
+    got = P.prompt_set_from_rows(alpaca, ["instruction", "input", "output"], name="a", where="x")
+    assert got.prompts == ("Translate to French.\n\ncat", "Say hi.") and got.answers == (
+        "chat",
+        "hi",
+    )
+    done = [{"prompt": "Name a colour.", "completion": "red"}]
+    got = P.prompt_set_from_rows(done, ["prompt", "completion"], name="c", where="x")
+    assert (got.prompts, got.answers) == (("Name a colour.",), ("red",))
+    with pytest.raises(P.PromptSetError, match="no user turn followed by an assistant turn"):
+        P.prompt_set_from_rows(
+            [{"messages": [{"role": "user", "content": "x"}]}], ["messages"], name="m", where="w"
+        )
+
+
 @pytest.mark.parametrize(
     ("name", "content", "kwargs", "needle"),
     [

@@ -275,7 +275,7 @@ def split_record(seed: int = SPLIT_SEED) -> dict[str, Any]:
 
 
 def _pick_column(
-    columns: Sequence[str], wanted: str | None, candidates: Sequence[str], path: Path, what: str
+    columns: Sequence[str], wanted: str | None, candidates: Sequence[str], path: Any, what: str
 ) -> str | None:
     if wanted is not None:
         if wanted not in columns:
@@ -343,39 +343,120 @@ def load_prompt_file(
             f"{p}: unknown prompt file type {suffix or '(none)'}.",
             "Use .csv, .jsonl or .txt (one prompt a line).",
         )
-    label = name or p.stem
+    out = prompt_set_from_rows(
+        rows,
+        columns,
+        name=name or p.stem,
+        where=str(p),
+        column=column,
+        answer_column=answer_column,
+        require_answers=require_answers,
+    )
+    logger.info("read %d prompts from %s", len(out), p)
+    return out
+
+
+#: chat-format columns: a list of turns, each {"role", "content"} (or ShareGPT's {"from",
+#: "value"} with human/gpt)
+CHAT_COLUMNS = ("messages", "conversations")
+_USER_ROLES = ("user", "human")
+_ASSISTANT_ROLES = ("assistant", "gpt")
+
+
+def _chat_pair(turns: Any) -> tuple[str, str] | None:
+    """The last user turn followed by an assistant turn, as (prompt, answer); earlier turns
+    are left out (one turn is what the repair measures and guards)."""
+    if not isinstance(turns, list | tuple):
+        return None
+    flat = [
+        (str(t.get("role", t.get("from", ""))).lower(), t.get("content", t.get("value")))
+        for t in turns
+        if isinstance(t, dict)
+    ]
+    for (role, text), (next_role, answer) in zip(flat[-2::-1], flat[:0:-1], strict=True):
+        if role in _USER_ROLES and next_role in _ASSISTANT_ROLES and text and answer:
+            return str(text), str(answer)
+    return None
+
+
+def prompt_set_from_rows(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    *,
+    name: str,
+    where: str,
+    column: str | None = None,
+    answer_column: str | None = None,
+    require_answers: bool = False,
+) -> PromptSet:
+    """A prompt set from table rows (a file's, or a Hub dataset split's), in the layouts
+    fine-tuning data comes in:
+
+    * chat: a ``messages`` (or ShareGPT ``conversations``) column of turns: the last user turn
+      followed by an assistant turn is the prompt and its answer;
+    * Alpaca: ``instruction``, optional ``input`` (appended after a blank line), ``output``;
+    * a prompt column and an answer column (prompt/completion, question/answer, ...: the
+      first of :data:`PROMPT_COLUMNS` and of :data:`ANSWER_COLUMNS`), or the ones named.
+
+    ``where`` names the source in errors. A task set (``require_answers``) must have an
+    answer on every row.
+    """
     if not rows:
-        raise PromptSetError(f"prompt set {label!r} ({p}) is empty.", "Give at least one prompt.")
-    prompt_col = _pick_column(columns, column, PROMPT_COLUMNS, p, "prompt")
+        raise PromptSetError(
+            f"prompt set {name!r} ({where}) is empty.", "Give at least one prompt."
+        )
+    lower = {c.lower(): c for c in columns}
+    chat = next((lower[c] for c in CHAT_COLUMNS if c in lower), None)
+    if column is None and answer_column is None and chat is not None:
+        pairs = []
+        for n, r in enumerate(rows, start=1):
+            pair = _chat_pair(r.get(chat))
+            if pair is None:
+                raise PromptSetError(
+                    f"{where} row {n}: its {chat!r} holds no user turn followed by an "
+                    "assistant turn.",
+                    "Give chat rows as [{role: user, content: ...}, {role: assistant, "
+                    "content: ...}], or name the columns with --prompt-column/--answer-column.",
+                )
+            pairs.append(pair)
+        return PromptSet(
+            name, tuple(p for p, _ in pairs), tuple(a for _, a in pairs), f"{where} ({chat})"
+        )
+    alpaca = column is None and "instruction" in lower and "output" in lower
+    prompt_col = _pick_column(columns, column, PROMPT_COLUMNS, where, "prompt")
     if prompt_col is None:
         raise PromptSetError(
-            f"{p} has no prompt column (its columns: {', '.join(columns)}; looked for "
-            f"{', '.join(PROMPT_COLUMNS)}).",
+            f"{where} has no prompt column (its columns: {', '.join(columns)}; looked for "
+            f"{', '.join((*CHAT_COLUMNS, *PROMPT_COLUMNS))}).",
             "Pass the prompt column's name with --prompt-column.",
         )
-    answer_col = _pick_column(columns, answer_column, ANSWER_COLUMNS, p, "answer")
+    if alpaca:
+        prompt_col = lower["instruction"]
+        answer_column = answer_column or lower["output"]
+    answer_col = _pick_column(columns, answer_column, ANSWER_COLUMNS, where, "answer")
+    extra_input = lower.get("input") if alpaca else None
     prompts, answers = [], []
     for n, r in enumerate(rows, start=1):
         prompt = r.get(prompt_col)
         if prompt is None or not str(prompt).strip():
             raise PromptSetError(
-                f"{p} row {n} has an empty {prompt_col!r}.", "Remove the row or fill it in."
+                f"{where} row {n} has an empty {prompt_col!r}.", "Remove the row or fill it in."
             )
-        prompts.append(str(prompt))
+        more = r.get(extra_input) if extra_input else None
+        prompts.append(f"{prompt}\n\n{more}" if more and str(more).strip() else str(prompt))
         if answer_col is not None:
             a = r.get(answer_col)
             if (a is None or not str(a).strip()) and require_answers:
                 raise PromptSetError(
-                    f"{p} row {n} has no answer in {answer_col!r}.",
+                    f"{where} row {n} has no answer in {answer_col!r}.",
                     "Every task row needs a prompt and its answer.",
                 )
             answers.append("" if a is None else str(a))
     if require_answers and answer_col is None:
         raise PromptSetError(
-            f"{p} is a task file without answers (columns: {', '.join(columns)}; looked for "
+            f"{where} is a task file without answers (columns: {', '.join(columns)}; looked for "
             f"{', '.join(ANSWER_COLUMNS)}).",
             "A task file needs a prompt and an answer on every row: add an answer column or name "
             "it with --answer-column.",
         )
-    logger.info("read %d prompts from %s", len(prompts), p)
-    return PromptSet(label, tuple(prompts), tuple(answers) if answer_col else None, str(p))
+    return PromptSet(name, tuple(prompts), tuple(answers) if answer_col else None, where)
