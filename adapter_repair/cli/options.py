@@ -21,23 +21,33 @@ def _click_type(hint: Any, choices: tuple[str, ...] | None) -> Any:
     return {int: int, float: float, str: str}.get(base, str)
 
 
-def options_from(cls: type[Any], *, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
-    """Decorate a click command with one option per CLI field of dataclass ``cls``."""
+def option_decorators(
+    cls: type[Any], *, exclude: tuple[str, ...] = (), only: tuple[str, ...] | None = None
+) -> list[Callable[[F], F]]:
+    """One click option per CLI field of dataclass ``cls`` (those in ``only`` when given, in
+    its order; never those in ``exclude``), in field order: for :func:`options_from`, or to
+    put into a help section with ``cloup.option_group``."""
     hints = typing.get_type_hints(cls)
-
-    def decorate(fn: F) -> F:
-        for f in reversed(dataclasses.fields(cls)):
-            if f.name in exclude or not f.metadata.get("cli", True):
-                continue
-            flag = "--" + f.name.replace("_", "-")
-            hint = hints[f.name]
-            if hint is bool:
-                decl = f"{flag}/--no-{flag[2:]}"
-                fn = click.option(
-                    decl, f.name, default=f.default, show_default=True, help=f.metadata["help"]
-                )(fn)
-                continue
-            fn = click.option(
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.metadata.get("cli", True)}
+    names = [n for n in (only if only is not None else fields) if n not in exclude]
+    out: list[Callable[[F], F]] = []
+    for name in names:
+        f = fields[name]
+        flag = "--" + f.name.replace("_", "-")
+        hint = hints[f.name]
+        if hint is bool:
+            out.append(
+                click.option(
+                    f"{flag}/--no-{flag[2:]}",
+                    f.name,
+                    default=f.default,
+                    show_default=True,
+                    help=f.metadata["help"],
+                )
+            )
+            continue
+        out.append(
+            click.option(
                 flag,
                 f.name,
                 type=_click_type(hint, f.metadata.get("choices")),
@@ -47,7 +57,17 @@ def options_from(cls: type[Any], *, exclude: tuple[str, ...] = ()) -> Callable[[
                 envvar=f.metadata.get("envvar"),
                 show_envvar=f.metadata.get("envvar") is not None,
                 help=f.metadata["help"],
-            )(fn)
+            )
+        )
+    return out
+
+
+def options_from(cls: type[Any], *, exclude: tuple[str, ...] = ()) -> Callable[[F], F]:
+    """Decorate a click command with one option per CLI field of dataclass ``cls``."""
+
+    def decorate(fn: F) -> F:
+        for option in reversed(option_decorators(cls, exclude=exclude)):
+            fn = option(fn)
         return fn
 
     return decorate

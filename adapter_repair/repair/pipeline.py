@@ -148,6 +148,7 @@ def repair_folder(
     base_label: str | None = None,
     min_harmful: float | None = None,
     on_step: Callable[[Step], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> RepairOutcome:
     """Repair the adapter folder ``source`` into a new folder ``out`` (same format and rank,
     with ``repair_report.{json,md,png}``), measuring the aligned base, the fine-tuned and the
@@ -159,7 +160,8 @@ def repair_folder(
     when its harmful rate is under this (needs ``measure``). ``provenance`` (where source and base came from: repo ids and commit shas) goes into the
     report as given; ``also(folder, report)`` writes more files (a model card) into the output
     before it appears, so that the adapter, its report and those files land together or not
-    at all. ``on_step`` gets each stage-2 history entry as it is made (a progress display).
+    at all. ``on_step`` gets each stage-2 history entry as it is made and ``on_phase`` the
+    name of each phase as it starts (measuring, repairing): a progress display.
 
     ``task``: the user's task rows (prompt, answer), split by a seeded hash of the prompt
     (:func:`~adapter_repair.measure.prompts.split_task`; by answer too for ``--match choice``)
@@ -190,6 +192,12 @@ def repair_folder(
     sets = EvalSets(P.harmful("eval"), P.xstest("safe"), score, unsafe=P.xstest("unsafe")).limited(
         evaluation.limit
     )
+
+    def phase(name: str) -> None:
+        logger.info(name)
+        if on_phase is not None:
+            on_phase(name)
+
     warnings = []
     if adapter.extra_tensors:
         warnings.append(
@@ -214,15 +222,15 @@ def repair_folder(
     t0 = time.perf_counter()
     measures: dict[str, Any] = {}
     if measure:
-        logger.info("measuring the aligned base (adapter disabled)")
+        phase("measuring the aligned base (adapter disabled)")
         with use_adapter(model, None):
             measures["aligned"] = measure_now("aligned")
-        logger.info("measuring the fine-tuned adapter")
+        phase("measuring the fine-tuned adapter")
         measures["before"] = measure_now("fine-tuned")
         harmful = measures["before"]["harmful_rate"]["rate"]
         if min_harmful is not None and harmful < min_harmful:
             raise NothingToRepair(harmful, min_harmful)
-    logger.info("repairing (method %s)", config.method)
+    phase(f"repairing (method {config.method})")
     measure_seconds = time.perf_counter() - t0
     result = repair(
         model,
@@ -249,11 +257,12 @@ def repair_folder(
     t0 = time.perf_counter()
     other: dict[str, Any] | None = None
     if measure:
-        logger.info("measuring the repaired adapter")
+        phase("measuring the repaired adapter")
         measures["after"] = measure_now("repaired")
         if evaluation.other_precision:
             del model  # the second load comes after the first is freed
             gc.collect()
+            phase("measuring at the other precision")
             other = measure_other_precision(
                 source,
                 load,
