@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,6 +45,20 @@ def repair_config(params: dict[str, Any]) -> RepairConfig:
         config_from(RepairConfig, params),
         project=config_from(ProjectConfig, params),
         restore=config_from(RestoreConfig, params),
+    )
+
+
+def settings_error(error: ValueError, ctx: click.Context) -> AdapterRepairError:
+    """A config's ValueError ("rate must be in (0, 1]; got -1.0") as the project's two-line
+    error, naming the options ("--rate must be ...") rather than the fields."""
+    message = str(error)
+    flags = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}
+    head, sep, tail = message.partition(" must ")
+    if sep:
+        head = re.sub(r"[a-z][a-z_]*", lambda m: flags.get(m.group(0), m.group(0)), head)
+    return AdapterRepairError(
+        head + sep + tail,
+        f"Change the value; `adapter-repair {ctx.command.name} --help` says what each option takes.",
     )
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import warnings
 
 import click
 
@@ -25,13 +26,21 @@ from adapter_repair.version import __version__
 
 
 def _setup_logging(verbose: int, quiet: int) -> None:
-    level = logging.INFO - 10 * verbose + 10 * quiet
+    """Warnings by default, INFO with -v, DEBUG with -vv; -q errors only. Other libraries'
+    notices that are not the user's business (bitsandbytes' missing optional CPU kernel
+    on every import) only show with -vv."""
+    level = logging.WARNING - 10 * verbose + 10 * quiet
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger("adapter_repair")
     root.handlers[:] = [handler]
     root.setLevel(max(logging.DEBUG, min(level, logging.CRITICAL)))
     root.propagate = False
+    logging.getLogger("bitsandbytes").setLevel(logging.WARNING if verbose >= 2 else logging.ERROR)
+    if verbose < 2:  # PEFT asks every model a deprecated transformers attribute
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*deprecated", category=FutureWarning
+        )
 
 
 @click.group(
@@ -40,11 +49,10 @@ def _setup_logging(verbose: int, quiet: int) -> None:
     epilog="\b\nExamples:\n  adapter-repair inspect ./my-lora\n  adapter-repair inspect ./my-lora --base ./base-model --json",
 )
 @click.version_option(__version__, "--version", prog_name="adapter-repair")
-@click.option("-v", "--verbose", count=True, help="More log output on stderr (repeat for debug).")
-@click.option(
-    "-q", "--quiet", count=True, help="Less log output on stderr (warnings only; -qq: errors)."
-)
-def cli(verbose: int, quiet: int) -> None:
+@click.option("-v", "--verbose", count=True, help="Log what happens on stderr (INFO; -vv: debug).")
+@click.option("-q", "--quiet", count=True, help="No progress bar; errors only on stderr.")
+@click.pass_context
+def cli(ctx: click.Context, verbose: int, quiet: int) -> None:
     """Repair the safety alignment of a LoRA adapter, at adapter rank.
 
     A LoRA fine-tune of a safety-aligned chat model often stops refusing harmful requests.
@@ -52,6 +60,7 @@ def cli(verbose: int, quiet: int) -> None:
     again and keeps its task skill.
     """
     _setup_logging(verbose, quiet)
+    ctx.obj = {"verbose": verbose, "quiet": quiet}
 
 
 for command in (inspect, eval_command, fix, demo, bed, bot):

@@ -12,7 +12,7 @@ import datetime
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 from huggingface_hub import HfApi
 from huggingface_hub import constants as hf_constants
 
-from adapter_repair.adapter import check_output_folder
+from adapter_repair.adapter import check_output_folder, same_path
 from adapter_repair.errors import AdapterRepairError
 from adapter_repair.hub.card import Provenance, repair_card
 from adapter_repair.hub.config import PushConfig
@@ -149,6 +149,9 @@ def fix(
     api: HfApi | None = None,
     min_harmful: float | None = None,
     local_base: bool = True,
+    task_file: Mapping[str, Any] | None = None,
+    on_step: Callable[[Any], None] | None = None,
+    on_phase: Callable[[str], None] | None = None,
 ) -> FixOutcome:
     """Repair ``source`` (a local adapter folder, else a Hub repo id ``owner/name[@rev]``)
     into ``out`` (default :func:`default_out`), write its model card, and push it when
@@ -158,7 +161,10 @@ def fix(
     unless ``push.push_unrepaired``. ``local_base=False`` takes a base named by the adapter's config from the Hub only (the
     bot). ``min_harmful``: raise :class:`~adapter_repair.errors.NothingToRepair` when the
     adapter's measured harmful rate is under it (the bot's threshold). The token comes from
-    huggingface_hub (HF_TOKEN, the login cache) and never appears in logs or errors."""
+    huggingface_hub (HF_TOKEN, the login cache) and never appears in logs or errors.
+    ``task_file`` (where the task rows came from: path, columns) goes into the report's
+    provenance, so that the report can rerun the repair; ``on_step`` and ``on_phase`` are
+    :func:`~adapter_repair.repair.pipeline.repair_folder`'s progress callbacks."""
     load = load or LoadConfig()
     push = push or PushConfig()
     pr, push_to, dry_run = push.pr, push.push_to, push.dry_run
@@ -176,6 +182,12 @@ def fix(
     if target:  # a dry run checks what the real push checks
         check_can_push(api, target, create_pr=pr)
     out_path = Path(out) if out is not None else default_out(source)
+    if local and out_path.exists() and same_path(out_path, Path(source)):
+        raise AdapterRepairError(
+            f"--out {out_path} is the input adapter: refusing to write over the input adapter "
+            "(the input is never modified, with or without --overwrite).",
+            "Choose a different --out folder.",
+        )
     check_output_folder(out_path, overwrite)
 
     pulled = pull_adapter(ref, api=api) if ref else None
@@ -223,11 +235,13 @@ def fix(
         task=task,
         measure=measure,
         overwrite=overwrite,
-        provenance=provenance.__dict__,
+        provenance={**provenance.__dict__, **({"task": dict(task_file)} if task_file else {})},
         also=write_card,
         source_label=f"{pulled.repo_id}@{pulled.sha}" if pulled else None,
         base_label=f"{base.repo_id}@{base.sha}" if base else None,
         min_harmful=min_harmful,
+        on_step=on_step,
+        on_phase=on_phase,
     )
     pushed = None
     if target and not outcome.result.reached and not push.push_unrepaired:

@@ -148,3 +148,11 @@ def pull_base(ref: HubRef, *, api: HfApi | None = None) -> Pulled:
     logger.info("downloading the base %s (commit %s)", ref.repo_id, sha[:12])
     path = _snapshot(api, ref, sha, BASE_FILES, what)
     return Pulled(ref.repo_id, ref.revision, sha, path)
+
+
+def quiet_downloads() -> None:
+    """No download bars from huggingface_hub: a command that draws its own bar (``fix`` on a
+    terminal) keeps it the only one."""
+    from huggingface_hub.utils import disable_progress_bars
+
+    disable_progress_bars()
