@@ -466,3 +466,30 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
         values["task score % (repaired)"]
         >= 0.95 * values["task score % (fine-tuned, before repair)"]
     )
+
+
+def test_a_card_with_an_empty_base_takes_the_one_we_know_and_drops_the_empty_tag() -> None:
+    """PEFT writes `base_model:` and a `base_model:adapter:` tag from an empty base; the
+    repaired card names the base (from the adapter config) and drops the empty tag."""
+    existing = (
+        "---\nbase_model: ''\nlibrary_name: peft\ntags:\n- base_model:adapter:\n- lora\n---\n# x\n"
+    )
+    card = repair_card(existing, report(0.9, 0.1), provenance(), model_name="x",
+                       base_model="org/base")  # fmt: skip
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/base"
+    assert data["tags"] == ["lora", "adapter-repair", "safety"]
+    unknown = repair_card(existing, report(0.9, 0.1), provenance(), model_name="x", base_model=None)
+    data = unknown.data.to_dict()
+    assert "base_model" not in data and "base_model:adapter:" not in data["tags"]
+
+
+def test_the_card_base_is_a_hub_id_from_the_pull_the_user_or_the_adapter_config(
+    tmp_path: Path,
+) -> None:
+    from adapter_repair.hub.fix import _card_base
+
+    assert _card_base(None, None, "org/base") == "org/base"
+    assert _card_base(None, str(tmp_path), "org/base") == "org/base"  # a local --base
+    assert _card_base(None, None, str(tmp_path)) is None
+    assert _card_base(None, "me/other", "org/base") == "me/other"

@@ -144,6 +144,10 @@ def section(
     return "\n".join(lines)
 
 
+def _empty_base_tag(tag: Any) -> bool:
+    return str(tag).startswith("base_model:") and str(tag).rstrip().endswith(":")
+
+
 def repair_card(
     existing: str | None,
     report: Mapping[str, Any],
@@ -159,7 +163,11 @@ def repair_card(
     data: Any = card.data  # a ModelCardData (CardData's type hides its fields)
     if base_model:
         data.base_model = base_model
-    tags = list(data.tags or [])
+    elif not data.base_model:
+        data.base_model = None  # an empty base_model is no base at all
+    # PEFT's card tags its base as base_model:adapter:ID; one with no id (written from an
+    # empty base) names nothing (the Hub derives the tag from base_model)
+    tags = [t for t in (data.tags or []) if not _empty_base_tag(t)]
     data.tags = tags + [t for t in TAGS if t not in tags]
     if not getattr(data, "library_name", None):
         data.library_name = "peft"

@@ -110,6 +110,22 @@ def _base(
     ), pulled
 
 
+def _card_base(pulled: Pulled | None, given: str | None, recorded: str | None) -> str | None:
+    """The base the card names: the Hub repo the base was pulled from, else the first of the
+    user's --base and the adapter config's base_model_name_or_path that is a Hub id (a local
+    folder means nothing on the Hub)."""
+    if pulled is not None:
+        return pulled.repo_id
+    for name in (given, recorded):
+        if not name or _is_local(name):
+            continue
+        try:
+            return HubRef.parse(name).repo_id
+        except AdapterRepairError:
+            continue
+    return None
+
+
 def _recorded_base(folder: Path) -> str | None:
     """The adapter config's ``base_model_name_or_path``; None when there is no readable config
     (the library's loader then says what is wrong with the folder)."""
@@ -211,7 +227,7 @@ def fix(
         date=date,
     )
     model_name = (target or (ref.repo_id if ref else Path(source).name)).split("/")[-1]
-    hub_base = base.repo_id if base else (None if _is_local(base_name) else base_name)
+    hub_base = _card_base(base, load.base, adapter_base)
 
     def write_card(folder_out: Path, report: Mapping[str, Any]) -> None:
         weights = hashlib.sha256((folder_out / "adapter_model.safetensors").read_bytes())
