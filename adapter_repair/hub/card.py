@@ -145,6 +145,10 @@ def section(
 
 
 def _empty_base_tag(tag: Any) -> bool:
+    """``base_model:adapter:`` with no id; YAML reads that line as the mapping
+    ``{"base_model:adapter": None}``, which is no tag at all."""
+    if isinstance(tag, dict):
+        return all(str(k).startswith("base_model") and not v for k, v in tag.items())
     return str(tag).startswith("base_model:") and str(tag).rstrip().endswith(":")
 
 
