@@ -405,3 +405,17 @@ def test_on_a_terminal_the_run_is_one_progress_bar_and_no_info_lines(
     assert "INFO" in loud
     _, quiet, _ = run_on_tty("-q", *args, "--out", str(tmp_path / "c"))
     assert "stage 2 step" not in quiet
+
+
+def test_demo_says_it_builds_the_pico_world_on_its_first_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An empty cache: the message comes before the build (here the cache is a file, so the
+    build fails at once instead of training for a minute)."""
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("")
+    monkeypatch.setenv("ADAPTER_REPAIR_CACHE", str(blocker))
+    result = CliRunner().invoke(cli, ["-q", "demo"])
+    assert result.exit_code != 0
+    assert "building the pico world first (once: about a minute" in result.stderr
+    assert str(blocker) in result.stderr

@@ -32,8 +32,16 @@ def demo(out: Path | None, as_json: bool) -> None:
     fine-tuned adapter and the repaired one.
     """
     from adapter_repair.beds.demo import demo_repair
-    from adapter_repair.beds.pico import build_pico_world
+    from adapter_repair.beds.pico import PicoRecipe, build_pico_world
+    from adapter_repair.settings import cache_root
 
+    where = cache_root() / "pico" / PicoRecipe().key()
+    if not (where / "manifest.json").is_file():
+        click.echo(
+            f"building the pico world first (once: about a minute on 2 CPU cores, cached in "
+            f"{where}; set ADAPTER_REPAIR_CACHE to put it elsewhere)",
+            err=True,
+        )
     world = build_pico_world()
     outcome = demo_repair(world, out)
     render_repair(outcome, as_json)
