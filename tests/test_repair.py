@@ -664,9 +664,9 @@ def test_fix_repairs_a_broken_adapter_with_task_rows(pico_world_seed1: Any, tmp_
 @pytest.mark.parametrize(
     ("setting", "message"),
     [
-        (["--heal", "-1"], "heal must be at least 0"),
-        (["--heal-lr", "0"], "heal_lr above 0"),
-        (["--target-margin", "1.5"], "target_margin must be in [0, 1]"),
+        (["--heal", "-1"], "--heal must be at least 0"),
+        (["--heal-lr", "0"], "--heal-lr above 0"),
+        (["--target-margin", "1.5"], "--target-margin must be in [0, 1]"),
     ],
 )
 def test_fix_refuses_bad_heal_and_margin_settings_before_writing(
