@@ -53,9 +53,10 @@ def settings_error(error: ValueError, ctx: click.Context) -> AdapterRepairError:
     error, naming the options ("--rate must be ...") rather than the fields."""
     message = str(error)
     flags = {p.name: p.opts[0] for p in ctx.command.params if p.name and p.opts}
-    head, sep, tail = message.partition(" must ")
-    if sep:
-        head = re.sub(r"[a-z][a-z_]*", lambda m: flags.get(m.group(0), m.group(0)), head)
+    # the names stand before the values ("...; got -1.0"): only there are words options
+    head, sep, tail = message.partition("; got")
+    if " must " in head:
+        head = re.sub(r"\b[a-z][a-z_]*\b", lambda m: flags.get(m.group(0), m.group(0)), head)
     return AdapterRepairError(
         head + sep + tail,
         f"Change the value; `adapter-repair {ctx.command.name} --help` says what each option takes.",
