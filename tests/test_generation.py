@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -110,13 +111,36 @@ def test_a_shared_prefix_encoded_once_gives_the_same_answers(
     assert all(len(a) > 0 for a in shared)
 
 
+def generate_kept(
+    model: Any, ids: list[list[int]], pad: int, ends: list[int], max_new_tokens: int
+) -> list[list[int]]:
+    """transformers' own batched greedy ``generate`` (every row kept to the end), each answer
+    cut after its first end token: what :func:`greedy_decode` must give."""
+    import torch
+
+    input_ids, mask = pad_left(ids, pad)
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=pad,
+            eos_token_id=ends,
+        )
+    answers = []
+    for row in out[:, input_ids.shape[1] :].tolist():
+        cut = next((j for j, t in enumerate(row) if t in ends), len(row) - 1)
+        answers.append(row[: cut + 1])
+    return answers
+
+
 def test_rows_leave_the_batch_once_ended_with_generates_answers(tiny_chat_dir: Path) -> None:
     """End tokens picked from a first run's answers, so rows end at different steps: each
     answer is what ``generate`` (every row kept to the end) gives, cut at its first end token,
     and the forward passes see fewer rows once some have ended. (On a trained model, with a
     PeftModel: tests/test_pico.py.) A fresh model: the module's one gets LoRA layers injected
     by the shared-prefix test."""
-    import torch
 
     model = AutoModelForCausalLM.from_pretrained(tiny_chat_dir).eval()
     tok = AutoTokenizer.from_pretrained(tiny_chat_dir)
@@ -137,21 +161,7 @@ def test_rows_leave_the_batch_once_ended_with_generates_answers(tiny_chat_dir: P
         ours = greedy_decode(model, ids, eos=ends, share_prefix=False, **kw)
     finally:
         hook.remove()
-    input_ids, mask = pad_left(ids, tok.pad_token_id)
-    with torch.no_grad():
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
-            max_new_tokens=10,
-            do_sample=False,
-            pad_token_id=tok.pad_token_id,
-            eos_token_id=ends,
-        )
-    reference = []
-    for row in out[:, input_ids.shape[1] :].tolist():
-        cut = next((j for j, t in enumerate(row) if t in ends), len(row) - 1)
-        reference.append(row[: cut + 1])
-    assert ours == reference
+    assert ours == generate_kept(model, ids, tok.pad_token_id, ends, 10)
     assert any(len(a) < 10 for a in ours) and any(len(a) == 10 for a in ours)
     assert batch_rows[0] == 6 and min(batch_rows) < 6  # ended rows were dropped
     assert batch_rows == sorted(batch_rows, reverse=True)

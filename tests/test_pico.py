@@ -79,10 +79,9 @@ def test_answers_equal_generates_while_ended_rows_leave_the_batch(
     """Aligned refusals of different lengths, some cut by the limit: each answer is the one
     ``generate`` gives with every row kept to the end, while the forward passes carry fewer
     rows as answers end."""
-    import torch
-
     from adapter_repair.measure.generation import greedy_decode
-    from adapter_repair.model.inputs import encode_prompts, pad_left, render_chat
+    from adapter_repair.model.inputs import encode_prompts, render_chat
+    from tests.test_generation import generate_kept
 
     model, tok = measured["model"], measured["tok"]
     ids = encode_prompts(tok, render_chat(tok, P.harmful("eval").take(16).prompts), None)
@@ -101,20 +100,7 @@ def test_answers_equal_generates_while_ended_rows_leave_the_batch(
             )
         finally:
             handle.remove()
-        input_ids, mask = pad_left(ids, tok.pad_token_id)
-        with torch.no_grad():
-            out = model.generate(
-                input_ids=input_ids,
-                attention_mask=mask,
-                max_new_tokens=40,
-                do_sample=False,
-                pad_token_id=tok.pad_token_id,
-                eos_token_id=tok.eos_token_id,
-            )
-    reference = []
-    for row in out[:, input_ids.shape[1] :].tolist():
-        end = row.index(tok.eos_token_id) + 1 if tok.eos_token_id in row else len(row)
-        reference.append(row[:end])
+        reference = generate_kept(model, ids, tok.pad_token_id, [tok.eos_token_id], 40)
     assert ours == reference
     lengths = sorted(len(a) for a in ours)
     assert lengths[0] < lengths[-1], "every answer had the same length: nothing to drop"

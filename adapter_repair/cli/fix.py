@@ -95,8 +95,6 @@ COMMON_PUSH = ("pr", "push_to", "dry_run")
 def fix(
     ctx: click.Context,
     source: str | None,
-    out: Path | None,
-    task: Path | None,
     as_json: bool,
     recipe: Path | None,
     **params: Any,
@@ -108,19 +106,16 @@ def fix(
     same base, with repair_report.{json,md,png} and a model card beside it. SOURCE is only
     read; nothing is pushed unless --pr or --push-to is given.
     """
-    params.update(out=out, task=task)
     if recipe is not None:
         configs = (RepairConfig, RestoreConfig, ProjectConfig, EvalConfig, LoadConfig, PushConfig)
         known = known_settings(*configs) | {p.name for p in ctx.command.params if p.name}
         values = read_recipe(recipe, known)
-        if source is None and "source" in values:
-            source = str(values.pop("source"))
-        values.pop("source", None)
-        apply_recipe(ctx, params, values)
-        out, task = params.pop("out"), params.pop("task")
-        task = Path(task) if task is not None else None
-    else:
-        params.pop("out"), params.pop("task")
+        recorded = values.pop("source", None)
+        if source is None and recorded is not None:
+            source = str(recorded)
+        apply_recipe(ctx, params, values)  # typed by each option: --task is a Path
+    out: Path | None = params.pop("out")
+    task: Path | None = params.pop("task")
     if source is None:
         raise RecipeError(
             "no SOURCE: give the adapter to repair.",

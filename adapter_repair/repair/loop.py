@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Concatenate, ParamSpec
 
 import torch
 
@@ -80,6 +80,7 @@ from adapter_repair.repair.select import (
 )
 
 logger = logging.getLogger(__name__)
+Params = ParamSpec("Params")
 
 
 @dataclass
@@ -265,6 +266,25 @@ def kept_record(result: RepairResult) -> Step:
     return measured[-1] if measured else result.history[0]
 
 
+def _removes_reference(
+    fn: Callable[Concatenate[Any, Params], RepairResult],
+) -> Callable[Concatenate[Any, Params], RepairResult]:
+    """``fn(model, ...)`` with the fidelity guard's reference copy of the adapter removed from
+    ``model`` on every exit path: an error inside stage 2 must not leave a second adapter
+    attached to the caller's model."""
+
+    @functools.wraps(fn)
+    def run(model: Any, *args: Params.args, **kwargs: Params.kwargs) -> RepairResult:
+        try:
+            return fn(model, *args, **kwargs)
+        finally:
+            if REFERENCE in getattr(model, "peft_config", {}):
+                model.delete_adapter(REFERENCE)
+
+    return run
+
+
+@_removes_reference
 def repair_once(
     model: Any,
     tokenizer: Any,
@@ -281,31 +301,6 @@ def repair_once(
     """One run of :func:`~adapter_repair.repair.pipeline.repair` with ``config``'s settings as
     they are (no search). ``on_step`` gets each stage-2 history entry as it is made (the
     starting state first): a caller's progress display; the library prints nothing."""
-    try:
-        return _repair_once(
-            model, tokenizer, adapter, config, probe=probe, guard=guard, judge=judge,
-            generation=generation, keep_checkpoints=keep_checkpoints, on_step=on_step,
-        )  # fmt: skip
-    finally:
-        # the fidelity guard's reference copy of the adapter goes on every exit path: an
-        # error inside stage 2 must not leave a second adapter attached to the caller's model
-        if REFERENCE in getattr(model, "peft_config", {}):
-            model.delete_adapter(REFERENCE)
-
-
-def _repair_once(
-    model: Any,
-    tokenizer: Any,
-    adapter: LoraAdapter,
-    config: RepairConfig,
-    *,
-    probe: P.PromptSet,
-    guard: Guard,
-    judge: Judge,
-    generation: GenerationConfig | None,
-    keep_checkpoints: bool,
-    on_step: Callable[[Step], None] | None,
-) -> RepairResult:
     t_start = time.perf_counter()
     step_done = on_step or (lambda _s: None)
     rc = config.restore
@@ -344,7 +339,7 @@ def _repair_once(
     guard_ref_value = 0.0
     if config.method != "project":
         if guard.kind == "fidelity":
-            add_reference(model)  # removed by repair_once on every exit path
+            add_reference(model)  # removed on every exit path (_removes_reference)
         else:  # the fine-tuned adapter's own task score, before any change
             guard_ref_value = guard_value(model, tokenizer, guard, gen)
 
