@@ -419,3 +419,27 @@ def test_demo_says_it_builds_the_pico_world_on_its_first_run(
     assert result.exit_code != 0
     assert "building the pico world first (once: about a minute" in result.stderr
     assert str(blocker) in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("name", "text", "needle"),
+    [
+        ("missing.toml", None, "no such file"),
+        ("settings.ini", "max_steps = 2\n", "unknown file type .ini"),
+        ("broken.toml", "max_steps = = 2\n", "could not be read"),
+        ("list.yaml", "- max_steps\n", "holds no mapping of settings"),
+        ("nosource.toml", "max_steps = 2\n", "no SOURCE"),
+    ],
+)
+def test_a_recipe_that_cannot_be_used_is_a_clear_error_before_anything_is_written(
+    tmp_path: Path, name: str, text: str | None, needle: str
+) -> None:
+    recipe = tmp_path / name
+    if text is not None:
+        recipe.write_text(text)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["fix", "--config", str(recipe), "--out", str(out)])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.startswith("error: ") and needle in result.stderr
+    assert "  fix: " in result.stderr
+    assert not out.exists()
