@@ -6,9 +6,9 @@ score rows alone. Writes bench/results/pico_repair.md and .json.
     python bench/pico_repair.py [--seeds 0,1] [--variants NAME,...]
 
 The pico worlds are built on first use (about a minute each) and cached. Each row is keyed by
-the world, the settings and a digest of the code that measures it (the package but its CLI and
-Hub client, and the repair benches), the judge and the prompt
-sets (``measured_by``), appended to a log as it is done (an interrupted run resumes), and the
+the world, the settings and a digest of the code that measures it (bench/repair.py's
+``measuring_code``: the package but its CLI, Hub client, settings' file and report rendering,
+and the repair benches), the judge and the prompt sets (``measured_by``), appended to a log as it is done (an interrupted run resumes), and the
 table lists only the rows of this run's keys: nothing is carried from an older table.
 """
 

@@ -810,10 +810,11 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         " own refusal to it. All in bench/baselines.py."
         f" Not run yet: {', '.join(m for m in missing if m.split('/')[1] not in plan.variants) or 'none'}.",
         "",
-        "Every row was measured by the code this table names (cache keys hold a digest of the"
-        " code that measures it: the package but its CLI and Hub client, and the repair benches;"
-        " the judge and the prompt sets); nothing is carried from an"
-        " older table.",
+        "Every row was measured by the code this table names (cache keys hold the resolved"
+        " settings and a digest of the code that measures it: the package but "
+        + ", ".join([*(f"{d}/" for d in NOT_MEASURING), *NOT_MEASURING_FILES])
+        + ", and the repair benches; the judge and the prompt sets); nothing is carried"
+        " from an older table.",
         "",
         *footer,
     ]
