@@ -64,6 +64,22 @@ _SHA1 = re.compile(r"^[0-9a-f]{40}$")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
+def _key(repo_id: str, repo_type: str = "model") -> str:
+    """Where a repo is kept: its id for a model repo, ``datasets/ID`` for a dataset repo."""
+    if repo_type not in ("model", "dataset"):
+        raise ValueError(f"LocalHub hosts model and dataset repos, not {repo_type!r}")
+    return repo_id if repo_type == "model" else f"datasets/{repo_id}"
+
+
+def _name(key: str) -> str:
+    """A repo's id (owner/name) from where it is kept."""
+    return key.removeprefix("datasets/")
+
+
+def _owner(key: str) -> str:
+    return _name(key).split("/")[0]
+
+
 def _now() -> str:
     """The Hub's timestamp format, which huggingface_hub's parse_datetime expects."""
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
@@ -245,7 +261,11 @@ class LocalHub:
         self._thread: threading.Thread | None = None
         self._connections: set[socket.socket] = set()
         (self.root / "blobs").mkdir(parents=True, exist_ok=True)
-        for state in sorted(self.root.glob("repos/*/*/repo.json")):
+        states = [
+            *self.root.glob("repos/*/*/repo.json"),
+            *self.root.glob("repos/datasets/*/*/repo.json"),
+        ]
+        for state in sorted(states):
             repo = json.loads(state.read_text())
             self._repos[repo["id"]] = repo
 
@@ -302,12 +322,21 @@ class LocalHub:
             raise ValueError(f"role must be 'read' or 'write', not {role!r}")
         self._tokens[token] = (user, role)
 
-    def create_repo(self, repo_id: str, *, private: bool = False, gated: bool = False) -> None:
-        """Create a repo directly (no HTTP), with the Hub's initial .gitattributes commit."""
+    def create_repo(
+        self,
+        repo_id: str,
+        *,
+        private: bool = False,
+        gated: bool = False,
+        repo_type: str = "model",
+    ) -> None:
+        """Create a repo directly (no HTTP), with the Hub's initial .gitattributes commit.
+        ``repo_type`` "dataset" makes a dataset repo (read-only over HTTP: info, tree, files)."""
+        key = _key(repo_id, repo_type)
         with self._lock:
-            if repo_id in self._repos:
-                raise FileExistsError(f"repo {repo_id} already exists")
-            self._new_repo(repo_id, private=private, gated=gated, author=repo_id.split("/")[0])
+            if key in self._repos:
+                raise FileExistsError(f"repo {key} already exists")
+            self._new_repo(key, private=private, gated=gated, author=_owner(key))
 
     def grant_access(self, repo_id: str, user: str) -> None:
         """Let ``user`` download files from gated repo ``repo_id`` (its owner always can)."""
@@ -318,11 +347,16 @@ class LocalHub:
             self._save(repo)
 
     def set_visibility(
-        self, repo_id: str, *, private: bool | None = None, gated: bool | None = None
+        self,
+        repo_id: str,
+        *,
+        private: bool | None = None,
+        gated: bool | None = None,
+        repo_type: str = "model",
     ) -> None:
         """Change a repo's private / gated flags directly."""
         with self._lock:
-            repo = self._get_repo(repo_id)
+            repo = self._get_repo(_key(repo_id, repo_type))
             if private is not None:
                 repo["private"] = private
             if gated is not None:
@@ -330,11 +364,17 @@ class LocalHub:
             self._save(repo)
 
     def upload_folder(
-        self, repo_id: str, folder: Path, message: str = "upload", revision: str = "main"
+        self,
+        repo_id: str,
+        folder: Path,
+        message: str = "upload",
+        revision: str = "main",
+        repo_type: str = "model",
     ) -> str:
         """Commit every file under ``folder`` (added or overwritten; others kept) directly,
         creating a public repo if missing. Skips ``.git`` and ``.cache`` folders. Returns the
         commit sha."""
+        repo_id = _key(repo_id, repo_type)
         folder = Path(folder)
         files: dict[str, bytes] = {}
         for file in sorted(folder.rglob("*")):
@@ -343,7 +383,7 @@ class LocalHub:
                 files[rel.as_posix()] = file.read_bytes()
         with self._lock:
             if repo_id not in self._repos:
-                self._new_repo(repo_id, private=False, gated=False, author=repo_id.split("/")[0])
+                self._new_repo(repo_id, private=False, gated=False, author=_owner(repo_id))
             repo = self._repos[repo_id]
             head, ref = self._resolve(repo, revision)
             if ref is None:
@@ -351,9 +391,9 @@ class LocalHub:
             tree = dict(self._tree(repo, head))
             for path, data in files.items():
                 tree[path] = self._entry(data, lfs=_is_lfs_path(path, len(data)))
-            oid = self._commit(repo, [head], tree, message, "", repo_id.split("/")[0])
+            oid = self._commit(repo, [head], tree, message, "", _owner(repo_id))
             repo["refs"][ref] = oid
-            self._on_pr_commit(repo, ref, oid, message, repo_id.split("/")[0])
+            self._on_pr_commit(repo, ref, oid, message, _owner(repo_id))
             self._save(repo)
             return oid
 
@@ -495,7 +535,8 @@ class LocalHub:
         }
 
     def _new_repo(self, repo_id: str, *, private: bool, gated: bool, author: str) -> dict[str, Any]:
-        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", repo_id):
+        name = repo_id.removeprefix("datasets/")
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*", name):
             raise HubError(400, f"Invalid repo id {repo_id!r}")
         now = _now()
         repo: dict[str, Any] = {
@@ -661,7 +702,7 @@ class LocalHub:
     def _readable(self, repo_id: str, who: _Who | None) -> dict[str, Any]:
         """The repo, or the error the Hub gives for a missing or hidden (private) repo."""
         repo = self._get_repo(repo_id)
-        if repo["private"] and (who is None or who.user != repo_id.split("/")[0]):
+        if repo["private"] and (who is None or who.user != _owner(repo_id)):
             status = 401 if who is None else 404
             raise HubError(status, f"Repository {repo_id} not found", "RepoNotFound")
         return repo
@@ -675,7 +716,7 @@ class LocalHub:
 
     def _require_owner(self, repo_id: str, who: _Who | None) -> _Who:
         who = self._require_write(who)
-        if who.user != repo_id.split("/")[0]:
+        if who.user != _owner(repo_id):
             raise HubError(403, f"You don't have the rights to write to {repo_id} (as {who.user})")
         return who
 
@@ -688,12 +729,11 @@ class LocalHub:
     def _check_gated(self, repo: dict[str, Any], who: _Who | None) -> None:
         if not repo["gated"]:
             return
-        if who is not None and (
-            who.user == repo["id"].split("/")[0] or who.user in repo["granted"]
-        ):
+        if who is not None and (who.user == _owner(repo["id"]) or who.user in repo["granted"]):
             return
+        kind = "dataset" if repo["id"].startswith("datasets/") else "model"
         message = (
-            f"Access to model {repo['id']} is restricted. You must have access to it and be"
+            f"Access to {kind} {_name(repo['id'])} is restricted. You must have access to it and be"
             " authenticated to access it. Please log in."
         )
         raise HubError(401 if who is None else 403, message, "GatedRepo")
@@ -737,6 +777,18 @@ class LocalHub:
             return _Response.json({})
         if len(segs) >= 4 and segs[0] == "api" and segs[1] == "models":
             return self._route_repo_api(req, f"{segs[2]}/{segs[3]}", segs[4:])
+        if len(segs) >= 4 and segs[0] == "api" and segs[1] == "datasets" and m in ("GET", "POST"):
+            rest = segs[4:]  # dataset repos are read-only here: info, tree, paths-info
+            if not rest or rest[0] in ("revision", "tree", "paths-info"):
+                return self._route_repo_api(req, f"datasets/{segs[2]}/{segs[3]}", rest)
+        if (
+            len(segs) >= 6
+            and segs[0] == "datasets"
+            and segs[3] == "resolve"
+            and m in ("GET", "HEAD")
+        ):
+            path = "/".join(segs[5:])
+            return self._resolve_file(req, f"datasets/{segs[1]}/{segs[2]}", segs[4], path)
         if len(segs) == 2 and segs[0] == "lfs-upload" and m == "PUT":
             return self._lfs_put(req, segs[1])
         if (
@@ -914,9 +966,9 @@ class LocalHub:
             siblings.append(sibling)
         info: dict[str, Any] = {
             "_id": hashlib.sha1(repo_id.encode()).hexdigest()[:24],
-            "id": repo_id,
-            "modelId": repo_id,
-            "author": repo_id.split("/")[0],
+            "id": _name(repo_id),
+            "modelId": _name(repo_id),
+            "author": _owner(repo_id),
             "sha": oid,
             "lastModified": commit["date"],
             "createdAt": repo["created_at"],

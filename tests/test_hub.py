@@ -411,8 +411,9 @@ def test_a_push_the_hub_refuses_is_a_clear_error_and_commits_nothing(
 def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     hub: Any, pico_world: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """The issue's end-to-end run: a broken pico adapter on the Hub; `fix owner/name --pr`
-    downloads it, repairs it and opens a PR whose files load with
+    """The issue's end-to-end run: a broken pico adapter on the Hub, its card naming its task
+    dataset (jsonl for the PR, parquet for the push); `fix owner/name --pr` with no --task
+    downloads it and the dataset, repairs it and opens a PR whose files load with
     PeftModel.from_pretrained(base, "owner/name", revision="refs/pr/N") and whose card carries
     the before/after metrics, the source's main branch untouched; `--push-to` the same into a
     new repo."""
@@ -426,8 +427,12 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     hub.upload_folder(base, pico_world.base_dir)
     adapter = tmp_path / "adapter"
     shutil.copytree(pico_world.adapter_dir, adapter)
+    # no --task: the task rows come from the dataset the card names (jsonl, or parquet)
+    dataset = fresh("alice/pico-task")
+    rows = [json.loads(x) for x in (pico_world.root / "task_eval.jsonl").read_text().splitlines()]
+    data_sha = publish_dataset(hub, dataset, tmp_path, rows, "jsonl" if mode == "pr" else "parquet")
     (adapter / "README.md").write_text(
-        "---\nlicense: apache-2.0\n---\n# pico lora\n\nMy adapter.\n"
+        f"---\nlicense: apache-2.0\ndatasets:\n- {dataset}\n---\n# pico lora\n\nMy adapter.\n"
     )
     sha = publish(hub, lora, adapter, tmp_path, base_model_name_or_path=base)
     main_files = hub.files(lora)
@@ -438,13 +443,15 @@ def test_fix_from_the_hub_repairs_the_pico_adapter_end_to_end(
     flags = ["--pr"] if mode == "pr" else ["--push-to", target]
     flags.append("--push-unrepaired")
     out = tmp_path / "fixed"
-    result = run(
-        "-q", "fix", lora, *flags, "--out", str(out), *pico_fix_args(pico_world, full=False)
-    )
+    args = pico_fix_args(pico_world, full=False)
+    assert args[:2] == ["--task", str(pico_world.root / "task_eval.jsonl")]
+    result = run("-q", "fix", lora, *flags, "--out", str(out), *args[2:])
     report = json.loads(result.stdout)
     assert result.exit_code == exit_code_of(report), result.output
-    _check_output(pico_world, report, out)
+    _check_output(pico_world, report, out)  # the task held on the dataset's held-out rows
     assert report["provenance"]["source_sha"] == sha
+    task = report["provenance"]["task"]
+    assert (task["hub"], task["sha"], task["rows"]) == (dataset, data_sha, len(rows))
     assert hub.files(lora) == main_files  # the source's main branch untouched
     if mode == "pr":
         (pr,) = hub.pull_requests(lora)
@@ -493,3 +500,153 @@ def test_the_card_base_is_a_hub_id_from_the_pull_the_user_or_the_adapter_config(
     assert _card_base(None, str(tmp_path), "org/base") == "org/base"  # a local --base
     assert _card_base(None, None, str(tmp_path)) is None
     assert _card_base(None, "me/other", "org/base") == "me/other"
+
+
+# ---------------------------------------------------------------- task rows from a Hub dataset
+
+
+def task_rows(n: int = 64) -> list[dict[str, str]]:
+    return [{"question": f"Is {i} even? Answer yes or no.", "answer": "yes" if i % 2 == 0 else "no"}
+            for i in range(n)]  # fmt: skip
+
+
+def publish_dataset(
+    hub: Any, repo_id: str, tmp: Path, rows: list[dict[str, Any]], fmt: str, **repo: Any
+) -> str:
+    """A dataset repo ``repo_id`` holding ``rows`` as data/train.jsonl or .parquet (created on
+    the server directly); returns its commit sha."""
+    folder = tmp / ("ds-" + repo_id.replace("/", "--"))
+    (folder / "data").mkdir(parents=True)
+    if fmt == "jsonl":
+        lines = [json.dumps(r) for r in rows]
+        (folder / "data" / "train.jsonl").write_text("\n".join(lines) + ("\n" if lines else ""))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = list(rows[0]) if rows else ["question", "answer"]
+        table = pa.table({c: pa.array([r.get(c) for r in rows], pa.string()) for c in columns})
+        pq.write_table(table, folder / "data" / "train.parquet")
+    hub.create_repo(repo_id, repo_type="dataset", **repo)
+    return str(hub.upload_folder(repo_id, folder, repo_type="dataset"))
+
+
+def lora_naming(hub: Any, tiny_chat_adapter_dir: Path, tmp: Path, base: str, datasets: str) -> str:
+    """A fresh adapter repo over ``base`` whose card names ``datasets`` (a YAML list's text)."""
+    lora = fresh("alice/card-lora")
+    folder = tmp / ("card-" + lora.replace("/", "--"))
+    shutil.copytree(tiny_chat_adapter_dir, folder)
+    (folder / "README.md").write_text(f"---\nlicense: mit\ndatasets: {datasets}\n---\n# lora\n")
+    publish(hub, lora, folder, tmp, base_model_name_or_path=base)
+    return lora
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_fix_takes_the_task_rows_from_the_dataset_the_card_names(
+    hub: Any,
+    tiny_repos: dict,
+    tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    fmt: str,
+) -> None:
+    """No --task: the card's dataset (pinned by sha) gives the fit, guard and score rows, and
+    the report says which; a rerun from the report reads the same commit."""
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    dataset = fresh("alice/task-data")
+    sha = publish_dataset(hub, dataset, tmp_path, task_rows(), fmt)
+    lora = lora_naming(hub, tiny_chat_adapter_dir, tmp_path, tiny_repos["base"], f"[{dataset}]")
+    out = tmp_path / "fixed"
+    result = run("fix", lora, "--pr", "--dry-run", "--out", str(out), *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    task = report["provenance"]["task"]
+    assert (task["hub"], task["sha"], task["split"]) == (dataset, sha, "train")
+    assert task["rows"] == task["of"] == 64
+    parts = report["task_rows"]
+    assert sum(parts[k]["n"] for k in ("fit", "guard", "score")) == 64
+    assert report["repair"]["settings"]["guard"] == "task"
+    assert f"{dataset}@{sha[:12]}" in (out / "repair_report.md").read_text()
+    assert f"{dataset}@{sha[:12]}" in (out / "README.md").read_text()
+    # the dataset moves on; a rerun from the report reads the rows the repair read
+    hub.upload_folder(dataset, _rows_folder(tmp_path, task_rows(40)), repo_type="dataset")
+    again = run("fix", "--config", str(out / "repair_report.json"), "--out", str(tmp_path / "a"),
+                "--json")  # fmt: skip
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["provenance"]["task"]["sha"] == sha
+    assert (tmp_path / "a" / "adapter_model.safetensors").read_bytes() == (
+        out / "adapter_model.safetensors"
+    ).read_bytes()
+
+
+def _rows_folder(tmp: Path, rows: list[dict[str, Any]]) -> Path:
+    folder = tmp / f"rows-{next(_names)}"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "train.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return folder
+
+
+def test_without_a_dataset_in_the_card_fix_says_the_guard_is_fidelity_in_one_line(
+    hub: Any, tiny_repos: dict, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """... and the end screen says where everything is and how to push it."""
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    out = tmp_path / "o"
+    result = run("fix", tiny_repos["lora"], "--out", str(out), *FAST)
+    assert result.exit_code == 0, result.output
+    (line,) = [x for x in result.stderr.splitlines() if "no task rows" in x]
+    assert "names no training dataset" in line and "--task hub:owner/dataset" in line
+    report = json.loads((out / "repair_report.json").read_text())
+    assert report["repair"]["settings"]["guard"] == "fidelity"
+    screen = result.stdout.splitlines()
+    assert screen[0].startswith("repaired  ")
+    assert screen[2].startswith("task guard: none")
+    assert f"adapter   {out}" in screen
+    assert f"push it   hf upload {tiny_repos['lora']} {out} --create-pr" in screen
+
+
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("missing", "has no repo"),
+        ("gated", "is gated"),
+        ("no-column", "no prompt column"),
+        ("no-answer", "without answers"),
+        ("empty", "empty data files"),
+        ("bad-split", "has no split 'test'"),
+        ("bad-ref", "is not a Hub dataset reference"),
+    ],
+)
+def test_a_task_dataset_that_cannot_give_rows_is_a_one_line_error_and_nothing_is_pushed(
+    hub: Any,
+    tiny_repos: dict,
+    tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    case: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", BOB)
+    dataset = fresh(f"alice/{case}-data")
+    rows: list[dict[str, Any]] = task_rows()
+    if case == "no-column":
+        rows = [{"colour": "red", "size": "big"}] * 40
+    elif case == "no-answer":
+        rows = [{"question": r["question"]} for r in rows]
+    elif case == "empty":
+        rows = []
+    if case != "missing":
+        publish_dataset(hub, dataset, tmp_path, rows, "jsonl", gated=case == "gated")
+    lora = lora_naming(hub, tiny_chat_adapter_dir, tmp_path, tiny_repos["base"], f"[{dataset}]")
+    task = {"bad-split": [f"--task=hub:{dataset}:test"], "bad-ref": ["--task=hub:not a repo"]}
+    out = tmp_path / "out"
+    n = len(hub.requests)
+    result = run("fix", lora, "--pr", "--out", str(out), *task.get(case, []), *FAST)
+    assert result.exit_code == 2, result.output
+    problem = [x for x in result.output.splitlines() if x.startswith("error:")]
+    assert len(problem) == 1 and message in problem[0], result.output
+    assert any(x.strip().startswith("fix:") and "--task" in x for x in result.output.splitlines())
+    assert BOB not in result.output
+    assert not out.exists()
+    assert not [r for r in hub.requests[n:] if r[0] not in ("GET", "HEAD")]
+    assert hub.pull_requests(lora) == []

@@ -63,13 +63,22 @@ def settings_error(error: ValueError, ctx: click.Context) -> AdapterRepairError:
     )
 
 
+def push_command(report: dict[str, Any], out: Any) -> str:
+    """The command that pushes a repaired folder: a pull request on the Hub repo it came
+    from, else a repo of the user's own (huggingface_hub's CLI, installed with us)."""
+    prov = report.get("provenance") or {}
+    if prov.get("source_sha"):  # pulled from the Hub
+        return f"hf upload {prov['source']} {out} --create-pr"
+    return f"hf upload YOUR_NAME/{out.name} {out}"
+
+
 def render_repair(
     outcome: Any, as_json: bool, pushed: Any = None, push_skipped: str | None = None
 ) -> None:
     """The repair's result on stdout; its first line says whether it reached its target. A
     repair that did not ends the command with exit code 3 (NOT_REPAIRED_EXIT_CODE), after
     everything is written."""
-    from adapter_repair.repair.report import COLUMNS, measures_table, verdict
+    from adapter_repair.repair.report import COLUMNS, measures_table, task_guard, verdict
 
     report = outcome.report
     res = report["repair"]
@@ -89,16 +98,23 @@ def render_repair(
             f"{100 * res['changed']:.2f}% changed; "
             f"{res['seconds']['total']:.1f} s"
         )
+        click.echo(task_guard(report))
         rows = measures_table(report["measures"])
+        header = ["measure", *(name for _, name in COLUMNS)]
         if rows:
-            click.echo(text_table(rows, ["measure", *(name for _, name in COLUMNS)]))
+            click.echo(f"measured over the base loaded as {report['quant']}:")
+            click.echo(text_table(rows, header))
         other = report.get("other_precision")
         if other:
-            click.echo(f"over the base at the other precision (quant {other['quant']}):")
-            click.echo(
-                text_table(measures_table(other), ["measure", *(name for _, name in COLUMNS)])
-            )
-        click.echo(f"report    {outcome.out / 'repair_report.md'}")
+            click.echo(f"over the base at the other precision ({other['quant']}):")
+            click.echo(text_table(measures_table(other), header))
+        out = outcome.out
+        click.echo(f"adapter   {out}")
+        click.echo(f"report    {out / 'repair_report.md'} (and .json)")
+        if (out / "repair_report.png").is_file():
+            click.echo(f"plot      {out / 'repair_report.png'}")
+        if push is None and not push_skipped and res.get("reached"):
+            click.echo(f"push it   {push_command(report, out)}")
         if push_skipped:
             click.echo(push_skipped)
         if push is not None:

@@ -18,7 +18,7 @@ from adapter_repair.cli.common import CONTEXT, render_repair, repair_config, set
 from adapter_repair.cli.options import config_from, option_decorators
 from adapter_repair.cli.progress import RunProgress
 from adapter_repair.cli.recipe import RecipeError, apply_recipe, known_settings, read_recipe
-from adapter_repair.hub.config import PushConfig
+from adapter_repair.hub.config import HUB_PREFIX, PushConfig
 from adapter_repair.measure.config import EvalConfig, GenerationConfig
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.repair.config import ProjectConfig, RepairConfig, RestoreConfig
@@ -48,10 +48,10 @@ COMMON_PUSH = ("pr", "push_to", "dry_run")
     ),
     click.option(
         "--task",
-        type=click.Path(path_type=Path),
         help="Your task rows (prompt and answer; csv or jsonl: prompt/answer, chat messages, "
         "Alpaca), split into fit, guard and score rows; at least 32, hundreds for a steady "
-        "guard. Without them the guard is fidelity on benign prompts.",
+        "guard. hub:owner/dataset[@rev][:split] takes them from a Hub dataset. Default: the "
+        "dataset the adapter's card names (datasets:), else fidelity on benign prompts.",
     ),
     *option_decorators(PushConfig, only=COMMON_PUSH),
     *option_decorators(LoadConfig, only=("quant",)),
@@ -68,6 +68,12 @@ COMMON_PUSH = ("pr", "push_to", "dry_run")
     "Task rows and output",
     click.option("--prompt-column", help="Prompt column of the task file (default: found)."),
     click.option("--answer-column", help="Answer column of the task file (default: found)."),
+    click.option(
+        "--card-task/--no-card-task",
+        default=True,
+        show_default=True,
+        help="Without --task, take the task rows from the dataset the adapter's card names.",
+    ),
     click.option("--overwrite", is_flag=True, help="Replace --out if it exists."),
 )
 @cloup.option_group("Repair", *option_decorators(RepairConfig))
@@ -113,9 +119,9 @@ def fix(
         recorded = values.pop("source", None)
         if source is None and recorded is not None:
             source = str(recorded)
-        apply_recipe(ctx, params, values)  # typed by each option: --task is a Path
+        apply_recipe(ctx, params, values)  # typed by each option
     out: Path | None = params.pop("out")
-    task: Path | None = params.pop("task")
+    task_arg: str | None = params.pop("task")
     if source is None:
         raise RecipeError(
             "no SOURCE: give the adapter to repair.",
@@ -133,7 +139,12 @@ def fix(
 
     from adapter_repair.measure import prompts as P
 
-    task_set = None
+    task_set, dataset = None, None
+    task = None if task_arg is None or task_arg.startswith(HUB_PREFIX) else Path(task_arg)
+    if task_arg is not None and task is None:
+        from adapter_repair.hub.task import DatasetRef
+
+        dataset = DatasetRef.parse(task_arg)
     if task is not None:
         task_set = P.load_prompt_file(
             task,
@@ -165,6 +176,9 @@ def fix(
                     "answer_column": params.get("answer_column"),
                 }
             ),
+            task_dataset=dataset,
+            card_task=params["card_task"],
+            task_columns=(params.get("prompt_column"), params.get("answer_column")),
             measure=params["measure"],
             overwrite=params["overwrite"],
             push=push,

@@ -22,7 +22,7 @@ import click
 from adapter_repair.errors import AdapterRepairError
 
 #: what a recipe may hold beyond the config dataclasses' fields
-EXTRA_KEYS = ("source", "task", "prompt_column", "answer_column", "measure")
+EXTRA_KEYS = ("source", "task", "prompt_column", "answer_column", "card_task", "measure")
 #: sections that only group keys (their names are not settings)
 SECTIONS = ("load", "repair", "restore", "project", "evaluation", "push")
 
@@ -65,10 +65,13 @@ def _from_report(report: Mapping[str, Any]) -> dict[str, Any]:
         load.update(base=prov["base"], base_revision=prov["base_sha"])
     recipe["load"] = load
     task = prov.get("task")
-    if task:
-        recipe["task"] = task.get("path")
+    if task:  # a Hub dataset is pinned to the commit the repair read
+        hub = task.get("hub")
+        recipe["task"] = f"hub:{hub}@{task['sha']}:{task['split']}" if hub else task.get("path")
         recipe["prompt_column"] = task.get("prompt_column")
         recipe["answer_column"] = task.get("answer_column")
+    else:  # it ran without task rows: so does its rerun, whatever the card names by then
+        recipe["card_task"] = False
     return recipe
 
 

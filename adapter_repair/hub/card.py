@@ -15,7 +15,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard
 
-from adapter_repair.repair.report import COLUMNS, ROWS, measures_table, verdict
+from adapter_repair.repair.report import COLUMNS, ROWS, measures_table, task_guard, verdict
 
 START = "<!-- adapter-repair:start -->"
 END = "<!-- adapter-repair:end -->"
@@ -126,6 +126,7 @@ def section(
         f"- base: `{provenance.base}`"
         + (f" at `{provenance.base_sha}`" if provenance.base_sha else "")
         + f" (repaired over it loaded as {report.get('quant')})",
+        f"- {task_guard(report)}",
         f"- adapter-repair {provenance.tool_version}, {provenance.date}",
         # the bot skips weights its card records as repaired: never a repair that fell short
         *([weights_line(weights_sha256)] if weights_sha256 and res.get("reached") else []),

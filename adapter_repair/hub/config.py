@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from adapter_repair.settings import setting
 
+#: the prefix that makes ``fix --task`` a Hub dataset (hub:owner/name) rather than a file
+HUB_PREFIX = "hub:"
+
 
 @dataclass(frozen=True)
 class PushConfig:

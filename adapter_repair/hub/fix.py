@@ -37,6 +37,7 @@ from adapter_repair.hub.push import (
     pr_marker,
 )
 from adapter_repair.hub.push import push as push_folder
+from adapter_repair.hub.task import DatasetRef, HubTask, describe, pull_task, task_from_card
 from adapter_repair.measure.config import EvalConfig, GenerationConfig
 from adapter_repair.measure.prompts import PromptSet
 from adapter_repair.model.config import LoadConfig
@@ -110,6 +111,40 @@ def _base(
     ), pulled
 
 
+def _hub_task(
+    folder: Path,
+    dataset: DatasetRef | None,
+    card_task: bool,
+    columns: tuple[str | None, str | None],
+    api: HfApi,
+) -> tuple[PromptSet | None, dict[str, Any] | None]:
+    """Task rows from ``dataset``, else from the adapter card's dataset, and their record for
+    the report; (None, None) with a one-line warning when there are none."""
+    prompt_column, answer_column = columns
+    found: HubTask | None
+    if dataset is not None:
+        found = pull_task(
+            dataset, api=api, prompt_column=prompt_column, answer_column=answer_column
+        )
+    elif card_task:
+        found = task_from_card(
+            folder, api=api, prompt_column=prompt_column, answer_column=answer_column
+        )
+    else:
+        found = None
+    if found is None:
+        logger.warning(
+            "no task rows: %s the guard is fidelity to the fine-tuned adapter on benign prompts, "
+            "which may not keep your task. Pass --task FILE or --task hub:owner/dataset.",
+            "the adapter's card names no training dataset (datasets:), so"
+            if card_task and dataset is None
+            else "--no-card-task, so",
+        )
+        return None, None
+    logger.info("task rows: %s", describe(found.record))
+    return found.rows, found.record
+
+
 def _card_base(pulled: Pulled | None, given: str | None, recorded: str | None) -> str | None:
     """The base the card names: the Hub repo the base was pulled from, else the first of the
     user's --base and the adapter config's base_model_name_or_path that is a Hub id (a local
@@ -166,6 +201,9 @@ def fix(
     min_harmful: float | None = None,
     local_base: bool = True,
     task_file: Mapping[str, Any] | None = None,
+    task_dataset: DatasetRef | None = None,
+    card_task: bool = True,
+    task_columns: tuple[str | None, str | None] = (None, None),
     on_step: Callable[[Any], None] | None = None,
     on_phase: Callable[[str], None] | None = None,
 ) -> FixOutcome:
@@ -179,7 +217,10 @@ def fix(
     adapter's measured harmful rate is under it (the bot's threshold). The token comes from
     huggingface_hub (HF_TOKEN, the login cache) and never appears in logs or errors.
     ``task_file`` (where the task rows came from: path, columns) goes into the report's
-    provenance, so that the report can rerun the repair; ``on_step`` and ``on_phase`` are
+    provenance, so that the report can rerun the repair. Without ``task``, the task rows come
+    from ``task_dataset`` (a Hub dataset), else (``card_task``) from the first dataset the
+    adapter's card names (:mod:`adapter_repair.hub.task`; ``task_columns`` names its prompt
+    and answer columns), read before any weight comes down; ``on_step`` and ``on_phase`` are
     :func:`~adapter_repair.repair.pipeline.repair_folder`'s progress callbacks."""
     load = load or LoadConfig()
     push = push or PushConfig()
@@ -208,6 +249,8 @@ def fix(
 
     pulled = pull_adapter(ref, api=api) if ref else None
     folder = pulled.path if pulled else Path(source)
+    if task is None:
+        task, task_file = _hub_task(folder, task_dataset, card_task, task_columns, api)
     adapter_base = _recorded_base(folder)
     lib_load, base = _base(adapter_base, load, api, local_base)
     base_name = load.base or adapter_base or "?"

@@ -68,6 +68,30 @@ def verdict(res: Mapping[str, Any]) -> str:
     return f"not repaired: {rates} ({why})"
 
 
+def task_guard(report: Mapping[str, Any]) -> str:
+    """One line: which rows guarded the task and which were scored, and where they came
+    from; or that no task rows were given (the guard was fidelity on benign prompts)."""
+    parts = report.get("task_rows")
+    if not parts:
+        return (
+            "task guard: none (no task rows: fidelity to the fine-tuned adapter on benign "
+            "prompts guarded the repair, which may not keep the task)"
+        )
+    task = (report.get("provenance") or {}).get("task") or {}
+    if task.get("hub"):
+        where = (
+            f"{task['rows']} rows of the Hub dataset {task['hub']}@{str(task['sha'])[:12]} "
+            f"({task['split']}, of {task['of']})"
+        )
+    else:
+        where = f"the task file {task['path']}" if task.get("path") else "the task rows given"
+    n = {k: (parts.get(k) or {}).get("n", 0) for k in ("fit", "guard", "score")}
+    return (
+        f"task guard: {n['guard']} guard rows and {n['fit']} fit rows of {where}; the task "
+        f"score is on the other {n['score']} rows, which the repair never saw"
+    )
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     res = report["repair"]
     lines = [
@@ -77,6 +101,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         "",
         f"- source: `{report['source']}`",
         f"- base: `{report['base']}` (quantization: {report['quant']})",
+        f"- {task_guard(report)}",
         f"- method: {report['method']}; stopped: {res['stopped']}"
         + (f" (kept step {res['kept_step']})" if res.get("kept_step") is not None else ""),
         f"- coordinates restored to 0: {100 * res.get('zeroed', 0.0):.2f}% of the adapter's;"

@@ -40,6 +40,7 @@ from adapter_repair.hub.config import PushConfig
 from adapter_repair.hub.errors import BaseUnreachableError, HubError, hub_errors, scrub
 from adapter_repair.hub.fix import commit_message, fix
 from adapter_repair.hub.push import plan_push, pr_marker, push
+from adapter_repair.hub.task import TaskSourceError
 from adapter_repair.measure.config import EvalConfig
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.repair.config import RepairConfig
@@ -155,7 +156,8 @@ def run_job(jid: str, owner: str, settings: JobSettings, api: HfApi) -> Outcome:
                 return Outcome("skipped", "already repaired by adapter-repair (same weights)")
         with tempfile.TemporaryDirectory(prefix="adapter-repair-job-") as tmp:
             out = Path(tmp) / "repaired"
-            done = fix(
+            run = functools.partial(
+                fix,
                 f"{repo}@{sha}",
                 out,
                 load=settings.load,
@@ -166,6 +168,11 @@ def run_job(jid: str, owner: str, settings: JobSettings, api: HfApi) -> Outcome:
                 min_harmful=settings.bot.threshold,
                 local_base=False,  # the uploader's config must not name files on this machine
             )
+            try:  # the task rows of the dataset the card names guard the task
+                done = run()
+            except TaskSourceError as e:  # unreadable: the fidelity guard, said in the report
+                logger.warning("%s: %s; guarding with fidelity instead", repo, e.problem)
+                done = run(card_task=False)
             if not queue.store.heartbeat(jid, owner):  # False too when the record is gone
                 return Outcome("failed", "the job's lease was lost during the repair")
             if not done.repair.result.reached:
