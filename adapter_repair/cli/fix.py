@@ -48,6 +48,7 @@ COMMON_PUSH = ("pr", "push_to", "dry_run")
     ),
     click.option(
         "--task",
+        metavar="FILE|hub:ID",
         help="Your task rows (prompt and answer; csv or jsonl: prompt/answer, chat messages, "
         "Alpaca), split into fit, guard and score rows; at least 32, hundreds for a steady "
         "guard. hub:owner/dataset[@rev][:split] takes them from a Hub dataset. Default: the "
@@ -66,8 +67,8 @@ COMMON_PUSH = ("pr", "push_to", "dry_run")
 )
 @cloup.option_group(
     "Task rows and output",
-    click.option("--prompt-column", help="Prompt column of the task file (default: found)."),
-    click.option("--answer-column", help="Answer column of the task file (default: found)."),
+    click.option("--prompt-column", help="Prompt column of the task rows (default: found)."),
+    click.option("--answer-column", help="Answer column of the task rows (default: found)."),
     click.option(
         "--card-task/--no-card-task",
         default=True,
