@@ -248,8 +248,8 @@ class RepairConfig:
     method: str = setting(
         "restore",
         "project (stage 1 only), restore (stage 2 only), or both (projection, then "
-        "restoration). Default restore: in DESIGN.md's first trial projection left the broken "
-        "adapter 100% harmful on every side and strength.",
+        "restoration). Default restore: in the project's first trial, projection left the "
+        "broken adapter 100% harmful on every side and strength.",
         choices=REPAIR_METHODS,
     )
     probe_prompts: int = setting(
