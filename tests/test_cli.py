@@ -405,6 +405,7 @@ def test_on_a_terminal_the_run_is_one_progress_bar_and_no_info_lines(
     assert "INFO" in loud
     _, quiet, _ = run_on_tty("-q", *args, "--out", str(tmp_path / "c"))
     assert "stage 2 step" not in quiet
+    assert "Loading weights" not in quiet and "prompt/s" not in quiet  # -q: no bar of theirs
 
 
 def test_demo_says_it_builds_the_pico_world_on_its_first_run(

@@ -76,7 +76,7 @@ def restore(loaded: Any, keep_checkpoints: bool = False, **settings: Any) -> Any
 def test_task_loss_is_the_gold_answers_nll_or_the_choice_margin(loaded) -> None:
     """The guard's task loss, against the model's own logits: mean NLL per gold answer token,
     and for a choice task minus the mean margin of the gold answer's log-probability over the
-    other choice."""
+    other choice, in the gold answer class where that is worst."""
     model, tok, _ = loaded
     model.eval()
     prompts = ("Is this good?", "Was it bad?", "Rate the film.")
@@ -98,7 +98,10 @@ def test_task_loss_is_the_gold_answers_nll_or_the_choice_margin(loaded) -> None:
         logprob(p, a)[0] - logprob(p, "no" if a == "yes" else "yes")[0]
         for p, a in zip(prompts, answers, strict=True)
     ]
-    expected = -sum(margins) / len(margins)
+    # per gold answer, the worst class's mean: a shift toward "no" lowers the "yes" rows'
+    # margins as much as it raises the "no" rows', which a mean over all rows would not see
+    by_class = {"yes": [-margins[0], -margins[2]], "no": [-margins[1]]}
+    expected = max(sum(v) / len(v) for v in by_class.values())
     assert task_loss(model, tok, task, "choice", gen) == pytest.approx(expected, rel=1e-4)
 
 

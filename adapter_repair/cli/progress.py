@@ -27,15 +27,14 @@ class RunProgress:
         self._redirect: Any = None
 
     def __enter__(self) -> RunProgress:
-        # the one bar: transformers' and the Hub client's own bars (loading weights,
-        # downloads) are off, and log lines are written above the bar, not through it
+        # the one bar (none with -q): transformers' and the Hub client's own bars (loading
+        # weights, downloads) are off, and log lines are written above the bar, not through it
         from transformers.utils import logging as hf_logging
 
         from adapter_repair.hub.pull import quiet_downloads
 
-        if self.disable is None:
-            hf_logging.disable_progress_bar()
-            quiet_downloads()
+        hf_logging.disable_progress_bar()  # with -q too: no bar at all
+        quiet_downloads()
         self._redirect = logging_redirect_tqdm([logging.getLogger("adapter_repair")])
         self._redirect.__enter__()
         # total = the steps; phases before stage 2 show in the description at step 0

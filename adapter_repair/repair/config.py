@@ -135,7 +135,7 @@ class RestoreConfig:
         0.035,
         "Task guard with task data: the task loss of the gold answers (nats per answer token; "
         "for --match choice, minus the gold answer's mean log-probability margin over the "
-        "other choices) may rise at most this much above the fine-tuned adapter's, on guard "
+        "other choices, in the answer class where it is worst) may rise at most this much above the fine-tuned adapter's, on guard "
         "rows the repair never fits. On two pico worlds the demo's repair (with its heal) "
         "kept 98% of the held-out task score up to a rise of 0.0549 (bench/results/guard.md); "
         "the default stays below it, as the earlier calibration without the heal chose. Not "

@@ -4,7 +4,10 @@ The guard is a continuous quantity that moves before accuracy does and needs no 
 (a 0/1 score on a few dozen rows read flat while held-out accuracy fell). With task rows
 (prompt, answer) it is the task loss of the gold answers, teacher-forced: the mean negative
 log-probability per answer token, or, for a choice task, minus the mean margin of the gold
-answer's log-probability over the best other choice; it may rise at most ``max_rise`` nats
+answer's log-probability over the best other choice, in the answer class where it is worst
+(a shift toward one answer, the way restored refusals lean a sentiment task toward
+"negative", lowers one class's margins as much as it raises the other's: their mean over a
+balanced set does not move while accuracy falls); it may rise at most ``max_rise`` nats
 above the fine-tuned adapter's. Without task rows it is fidelity to the fine-tuned adapter on
 benign prompts (mean next-token KL at most ``max_kl``). Lower is better for both. The rows its
 loss is fit on are never the rows it is checked on; task accuracy is still measured and
@@ -161,7 +164,8 @@ def task_loss(
     """The task loss the guard watches, lower is better. A choice task with 2 to MAX_CHOICES
     distinct answers (``choices``, default those of ``task``; compared without case and
     surrounding space): minus the mean over rows of log p(gold) - max over the other choices
-    of log p(choice), the answers scored whole (with their end token); otherwise the mean
+    of log p(choice), the answers scored whole (with their end token), taken per gold answer
+    and the worst of those means returned (see the module docstring); otherwise the mean
     negative log-probability per token of the gold answers."""
     answers = list(task.answers or ())
     if len(answers) != len(task):
@@ -180,7 +184,7 @@ def task_loss(
         others = lp.clone()
         others[rows, gold] = -torch.inf
         margin = lp[rows, gold] - others.max(1).values  # (n,)
-        return float(-margin.mean())
+        return max(float(-margin[gold == k].mean()) for k in gold.unique())
     sums, counts = _answer_logprobs(
         model, tokenizer, list(zip(task.prompts, answers, strict=True)), gen
     )
