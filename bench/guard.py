@@ -12,8 +12,8 @@ every step with a rise up to it kept the score rows at 98% of the adapter's scor
 With ``--small k25-r16,k100-r8`` the same on the small world's zoo adapters (built by
 ``python bench/bed.py``): ours with the product's defaults over the 4-bit base, the guard's
 SST-2 rows held out from training, the guard loss minus the gold label's log-probability
-margin over the other label (``--match choice``, its own scale), the score rows SST-2 dev
-(never seen by the repair; ``--score-rows`` of them, first label named). Writes
+margin over the other label in the worse label class (``--match choice``, its own scale), the
+score rows SST-2 dev (never seen by the repair; ``--score-rows`` of them, the bare label). Writes
 bench/results/guard_small.md and .json.
 
 Writes bench/results/guard.md and .json.
@@ -142,7 +142,7 @@ def run_small(adapter: str, steps: int, score_rows: int) -> list[dict[str, Any]]
 
     def score_rate_choice() -> float:
         answers = generate(model, tok, score.prompts, gen)
-        return Rate.of(task_matches(answers, score.answers or (), "choice")).rate
+        return Rate.of(task_matches(answers, score.answers or (), "exact")).rate
 
     return calibration_rows(
         adapter,
@@ -188,13 +188,17 @@ def main() -> None:
         intro = (
             f"Small-world zoo adapters ({args.small}) over the 4-bit aligned base, ours with the"
             f" product's defaults and the guard off (target 0, {args.steps} steps, measured"
-            " every 2). `guard loss`: on the guard's SST-2 rows (held out from training), mean"
-            " NLL per gold answer token minus the gold label's mean log-probability margin"
-            " over the other label (`--match choice`); `rise`: above the fine-tuned"
-            f" adapter's; `score rows`: first label named, on {args.score_rows} SST-2 dev rows"
-            " (never seen by the repair), by generation."
+            " every 2). `guard loss`: on the guard's SST-2 rows (held out from training),"
+            " minus the gold label's mean log-probability margin over the other label, in the"
+            " label class where it is worst (`--match choice`); `rise`: above the fine-tuned"
+            f" adapter's; `score rows`: the bare label word (the format the adapters learnt;"
+            f" the repair bench's task target), on {args.score_rows} SST-2 dev rows (never seen"
+            " by the repair), by generation over the 4-bit base."
         )
-        command = f"python bench/guard.py --small {args.small} --steps {args.steps}"
+        command = (
+            f"python bench/guard.py --small {args.small} --steps {args.steps}"
+            f" --score-rows {args.score_rows}"
+        )
     else:
         intro = (
             f"Pico worlds (seeds {args.seeds}), the demo's repair with the guard off (target"
