@@ -116,27 +116,21 @@ def _prompts(n: int) -> tuple[list[str], list[tuple[str, str]]]:
     return probe, [(p, "Sure, here is a short answer to that.") for p in benign]
 
 
-def run_ours(base: Path, adapter: Path, quant: str, steps: int, n: int) -> dict[str, Any]:
-    """Stage 2 steps at adapter rank (L = n_layers, per-prompt targets, answers loss, the
-    benign-aware score and rollback), each timed, and the same passes timed alone."""
+def step_parts(model: Any, tok: Any, n: int) -> tuple[Any, ...]:
+    """What one restoration step needs, as bench/cost.py and bench/memory.py run it: (walk,
+    L = n_layers, the factors below L, their reference values, probe batches, their aligned
+    targets, the settings, the benign-gradient callable); ``n`` harmful and benign prompts."""
     from adapter_repair.measure.measures import use_adapter
-    from adapter_repair.model.config import LoadConfig
-    from adapter_repair.model.loading import load_model, load_tokenizer
     from adapter_repair.model.walk import walk
     from adapter_repair.repair.config import RepairConfig, RestoreConfig
     from adapter_repair.repair.factors import ADAPTER, factor_params
-    from adapter_repair.repair.loop import restore_step
     from adapter_repair.repair.losses import (
         answer_batches,
         answer_gradients,
-        direction_gradients,
         prompt_batches,
         prompt_targets,
     )
 
-    dtype = "bfloat16" if quant == "4bit" else "float32"
-    model, _ = load_model(adapter, LoadConfig(base=str(base), quant=quant, dtype=dtype))
-    tok = load_tokenizer(None, str(base))
     mm = walk(model)
     L = mm.n_layers
     below = factor_params(mm, L, ADAPTER)
@@ -153,6 +147,24 @@ def run_ours(base: Path, adapter: Path, quant: str, steps: int, n: int) -> dict[
 
     def benign() -> Any:
         return answer_gradients(model, answers, below)[1]
+
+    return mm, L, below, reference, batches, h_star, config, benign
+
+
+def run_ours(base: Path, adapter: Path, quant: str, steps: int, n: int) -> dict[str, Any]:
+    """Stage 2 steps at adapter rank (L = n_layers, per-prompt targets, answers loss, the
+    benign-aware score and rollback), each timed, and the same passes timed alone."""
+    from adapter_repair.model.config import LoadConfig
+    from adapter_repair.model.loading import load_model, load_tokenizer
+    from adapter_repair.repair.loop import restore_step
+    from adapter_repair.repair.losses import (
+        direction_gradients,
+    )
+
+    dtype = "bfloat16" if quant == "4bit" else "float32"
+    model, _ = load_model(adapter, LoadConfig(base=str(base), quant=quant, dtype=dtype))
+    tok = load_tokenizer(None, str(base))
+    mm, L, below, reference, batches, h_star, config, benign = step_parts(model, tok, n)
 
     step_s, bare_s = [], []
     reset_peak_rss()

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import results_io
-from cost import _prompts, current_peak_rss_gb, make_shape, reset_peak_rss
+from cost import current_peak_rss_gb, make_shape, reset_peak_rss, step_parts
 
 HERE = Path(__file__).resolve().parent
 GB = 1024**3
@@ -127,19 +127,9 @@ def run(shape: str, quant: str, n: int, cache: Path, sst2: str) -> dict[str, Any
     import torch  # noqa: F401  (the stack's import, measured)
     import transformers  # noqa: F401
 
-    from adapter_repair.measure.measures import use_adapter
     from adapter_repair.model.config import LoadConfig
     from adapter_repair.model.loading import load_model, load_tokenizer
-    from adapter_repair.model.walk import walk
-    from adapter_repair.repair.config import RepairConfig, RestoreConfig
-    from adapter_repair.repair.factors import ADAPTER, factor_params
     from adapter_repair.repair.loop import restore_step
-    from adapter_repair.repair.losses import (
-        answer_batches,
-        answer_gradients,
-        prompt_batches,
-        prompt_targets,
-    )
 
     out: dict[str, Any] = {"rss_after_import_gb": rss_gb()}
     base, adapter = make_shape(shape, cache, sst2)
@@ -150,22 +140,7 @@ def run(shape: str, quant: str, n: int, cache: Path, sst2: str) -> dict[str, Any
     out["rss_after_load_gb"] = rss_gb()
     out["held"] = held_tensors(model)
     tok = load_tokenizer(None, str(base))
-    mm = walk(model)
-    L = mm.n_layers
-    below = factor_params(mm, L, ADAPTER)
-    probe, pairs = _prompts(n)
-    batches = prompt_batches(tok, probe, 8)
-    answers = answer_batches(tok, pairs, 8, 16)
-    with use_adapter(model, None):
-        h_star = prompt_targets(model, batches, L, layers=mm.layers)
-    reference = {k: p.detach().clone() for k, p in below.items()}
-    config = RepairConfig(
-        method="restore",
-        restore=RestoreConfig(layer=L, targets="prompt", benign_loss="answers", rate=0.01),
-    )
-
-    def benign() -> Any:
-        return answer_gradients(model, answers, below)[1]
+    mm, L, below, reference, batches, h_star, config, benign = step_parts(model, tok, n)
 
     def step(k: int) -> None:
         restore_step(model, mm, below, reference, (batches, h_star), benign, L, config, k, 0.01)
