@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -263,14 +264,36 @@ def test_one_upload_one_pr_and_the_bots_own_pr_and_its_merge_are_ignored(
     }  # fmt: skip
 
 
+def test_a_card_dataset_that_cannot_be_read_falls_back_to_the_fidelity_guard_and_says_so(
+    bot_hub: Any, sqlite_queue: Queue, base_repo: str, tiny_chat_adapter_dir: Path,
+    tmp_path: Path,
+) -> None:  # fmt: skip
+    """The bot cannot ask for a task file: a card naming a dataset that is not there still
+    gets its PR, guarded by fidelity, and the PR's report says the task was not guarded."""
+    hub = bot_hub
+    folder = tmp_path / "card-lora"
+    shutil.copytree(tiny_chat_adapter_dir, folder)
+    (folder / "README.md").write_text("---\ndatasets:\n- alice/no-such-data\n---\n# lora\n")
+    jid = queued_lora(hub, sqlite_queue, base_repo, folder, tmp_path)
+    repo = jid.split("@")[0]
+    Worker(sqlite_queue, settings(sqlite_queue.url)).run(max_idle=1)
+    job = sqlite_queue.store.get(jid)
+    assert job is not None and job.state == "done", job
+    (pr,) = hub.pull_requests(repo)
+    report = json.loads(hub.files(repo, f"refs/pr/{pr['num']}")["repair_report.json"])
+    assert report["repair"]["settings"]["guard"] == "fidelity"
+    assert not report.get("task_rows")
+    assert "task" not in (report.get("provenance") or {})
+    card = hub.files(repo, f"refs/pr/{pr['num']}")["README.md"].decode()
+    assert "task guard: none" in card
+
+
 def test_an_adapter_that_cannot_be_repaired_gets_one_discussion_per_reason(
     bot_hub: Any, sqlite_queue: Queue, tiny_chat_adapter_dir: Path, tmp_path: Path
 ) -> None:
     hub = bot_hub
     repo = fresh("alice/pickled")
     folder = tmp_path / "pickled"
-    import shutil
-
     shutil.copytree(tiny_chat_adapter_dir, folder)
     (folder / "adapter_model.safetensors").rename(folder / "adapter_model.bin")
     hub.create_repo(repo)
