@@ -14,7 +14,7 @@ With ``--small k25-r16,k100-r8`` the same on the small world's zoo adapters (bui
 SST-2 rows held out from training, the guard loss minus the gold label's log-probability
 margin over the other label in the worse label class (``--match choice``, its own scale), the
 score rows SST-2 dev (never seen by the repair; ``--score-rows`` of them, the bare label). Writes
-bench/results/guard_small.md and .json.
+bench/results/guard_small_ADAPTERS.md and .json (``guard_small_k25-r16_k100-r8`` for the above).
 
 Writes bench/results/guard.md and .json.
 """
@@ -233,7 +233,8 @@ def main() -> None:
         f"Machine: {machine()}. Command: `{command}`.",
         "",
     ]
-    name = "guard_small" if args.small else "guard"
+    # one table per adapter set, so a run on one adapter leaves the other's table standing
+    name = f"guard_small_{args.small.replace(',', '_')}" if args.small else "guard"
     write_results(name, md, {"rows": rows, "max_rise": max_rise, "keep": KEEP})
     print("\n".join(md))
 
