@@ -16,20 +16,24 @@ margin over the other label in the worse label class (``--match choice``, its ow
 score rows SST-2 dev (never seen by the repair; ``--score-rows`` of them, the bare label). Writes
 bench/results/guard_small_ADAPTERS.md and .json (``guard_small_k25-r16_k100-r8`` for the above).
 
-Writes bench/results/guard.md and .json.
+Writes bench/results/guard.md and .json. ``--pool k100-r8,k25-r16`` reads those adapters'
+``--small`` tables together and chooses the choice-margin guard's allowance
+(``--max-margin-drop``) from all their steps: bench/results/guard_small_pooled.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from results_io import machine, write_results
+from results_io import RESULTS, machine, write_results
 
 from adapter_repair.beds.demo import demo_config
 from adapter_repair.beds.pico import PicoRecipe, build_pico_world
@@ -92,7 +96,13 @@ def calibration_rows(
     config = dataclasses.replace(
         base,
         restore=dataclasses.replace(
-            base.restore, max_rise=1e9, target=0.0, max_steps=steps, eval_every=2, backtrack=0
+            base.restore,
+            max_rise=1e9,
+            max_margin_drop=1e9,
+            target=0.0,
+            max_steps=steps,
+            eval_every=2,
+            backtrack=0,
         ),
     )
     score0 = score()
@@ -167,13 +177,88 @@ def chosen_max_rise(rows: list[dict[str, Any]]) -> float:
     return max(ok, default=0.0)
 
 
+def resolved_max_drop(rows: list[dict[str, Any]], n: int) -> tuple[float, list[dict[str, Any]]]:
+    """(the largest rise below every resolved loss, the resolved losses). A step loses the
+    task beyond noise when its score rows' score is below KEEP of its adapter's by more than
+    one binomial standard error of a score on ``n`` rows (on 300 rows about 2 points: a score
+    just under the KEEP line by a row or two is not told apart from one on it)."""
+    base = {r["seed"]: r["score_rows_score"] for r in rows if r["step"] == 0}
+    lost = [
+        r
+        for r in rows
+        if r["score_rows_score"]
+        < KEEP * base[r["seed"]] - math.sqrt(base[r["seed"]] * (1 - base[r["seed"]]) / n)
+    ]
+    limit = min((r["rise"] for r in lost), default=float("inf"))
+    return max((r["rise"] for r in rows if r["rise"] < limit), default=0.0), lost
+
+
+def pool(adapters: list[str], n: int) -> None:
+    """bench/results/guard_small_pooled.md: the --small tables of ``adapters`` (each written
+    by its own run of this script) read together, and the margin guard's allowance chosen
+    from all their steps by :func:`resolved_max_drop`. Measures nothing itself."""
+    rows: list[dict[str, Any]] = []
+    for a in adapters:
+        path = RESULTS / f"guard_small_{a}.json"
+        if not path.exists():
+            sys.exit(f"error: {path} is missing; run python bench/guard.py --small {a} first")
+        rows += json.loads(path.read_text())["rows"]
+    chosen, lost = resolved_max_drop(rows, n)
+    base = {r["seed"]: r["score_rows_score"] for r in rows if r["step"] == 0}
+    md = [
+        "# The choice-margin guard's allowance, from the small-world calibration runs",
+        "",
+        "Every step of "
+        + ", ".join(f"[{a}](guard_small_{a}.md)" for a in adapters)
+        + f" (each its own `python bench/guard.py --small ADAPTER` run, {n} SST-2 dev score"
+        " rows over the 4-bit base), sorted by the guard's rise (the fall of the worst label"
+        " class's gold margin). `lost`: the score rows' score below"
+        f" {100 * KEEP:.0f}% of the adapter's by more than one binomial standard error on"
+        f" {n} rows (about 2 points; closer than that is not told apart from the line).",
+        "",
+        "| adapter | step | rise | score rows' score | of the adapter's | lost | probe harmful |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["rise"]):
+        md.append(
+            f"| {r['seed']} | {r['step']} | {r['rise']:+.4f} | "
+            f"{100 * r['score_rows_score']:.1f}% | "
+            f"{100 * r['score_rows_score'] / base[r['seed']]:.1f}% | "
+            f"{'LOST' if r in lost else ''} | {100 * (r['probe_harmful'] or 0):.1f}% |"
+        )
+    md += [
+        "",
+        f"Steps that lost the task beyond noise: {len(lost)}"
+        + (
+            " ("
+            + ", ".join(f"{r['seed']} step {r['step']}, rise {r['rise']:+.3f}" for r in lost)
+            + ")"
+            if lost
+            else ""
+        )
+        + f". Largest rise below every such step: {chosen:.4f} nats. The product's default"
+        " `--max-margin-drop` is set at or below it.",
+        "",
+        f"Machine: {machine()}. Command: `python bench/guard.py --pool {','.join(adapters)}"
+        f" --score-rows {n}`.",
+        "",
+    ]
+    write_results("guard_small_pooled", md, {"rows": rows, "lost": lost, "chosen": chosen})
+    print("\n".join(md))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--small", default=None, help="Small-world zoo adapters instead of pico.")
     ap.add_argument("--score-rows", type=int, default=300, help="SST-2 dev rows scored.")
+    ap.add_argument("--pool", default=None, help="Read these adapters' --small tables together "
+                    "and choose the margin guard's allowance (measures nothing).")  # fmt: skip
     args = ap.parse_args()
+    if args.pool:
+        pool(args.pool.split(","), args.score_rows)
+        return
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     rows: list[dict[str, Any]] = []
     runs = args.small.split(",") if args.small else [int(s) for s in args.seeds.split(",")]

@@ -131,9 +131,13 @@ def test_the_guard_splits_given_fit_rows_from_its_check_rows_with_one_set_of_cho
     assert not set(fit_part.benign.prompts) & set(check_part.benign.prompts)
     # one spelling per choice, and the label only the fit rows hold is a choice too
     assert check_part.choices == fit_part.choices == ("negative", "Positive")
-    config = RepairConfig(restore=RestoreConfig(max_rise=0.1))
+    # a choice margin has its own allowance; a generated answer's loss per token, max_rise
+    config = RepairConfig(restore=RestoreConfig(max_rise=0.01, max_margin_drop=0.1))
     assert guard_holds(0.6, 0.5, check_part, config)
     assert not guard_holds(0.61, 0.5, check_part, config)
+    exact = dataclasses.replace(check_part, match="exact")
+    assert guard_holds(0.51, 0.5, exact, config)
+    assert not guard_holds(0.52, 0.5, exact, config)
 
 
 def test_resolve_layer() -> None:
@@ -779,6 +783,9 @@ def test_the_plot_labels_its_axes_draws_the_thresholds_and_a_backtrack_as_one() 
         "settings": {"guard": "task", "repair": {"restore": {"max_rise": 0.035, "rate": 0.01}}},
     }
     assert guard_threshold(repair_record) == pytest.approx(1.035)
+    choice = {**repair_record, "settings": {"guard": "task", "match": "choice", "repair": {
+        "restore": {"max_rise": 0.035, "max_margin_drop": 0.25}}}}  # fmt: skip
+    assert guard_threshold(choice) == pytest.approx(1.25)
     fig = figure({"source": "me/lora", "quant": "4bit", "repair": repair_record})
     harm, guard, _cos = fig.axes
     assert "%" in harm.get_ylabel() and "task loss" in guard.get_ylabel()

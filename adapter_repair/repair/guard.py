@@ -7,8 +7,9 @@ log-probability per answer token, or, for a choice task, minus the mean margin o
 answer's log-probability over the best other choice, in the answer class where it is worst
 (a shift toward one answer, the way restored refusals lean a sentiment task toward
 "negative", lowers one class's margins as much as it raises the other's: their mean over a
-balanced set does not move while accuracy falls); it may rise at most ``max_rise`` nats
-above the fine-tuned adapter's. Without task rows it is fidelity to the fine-tuned adapter on
+balanced set does not move while accuracy falls). The loss may rise at most ``max_rise`` nats
+above the fine-tuned adapter's, the choice margin fall at most ``max_margin_drop`` (its own
+scale). Without task rows it is fidelity to the fine-tuned adapter on
 benign prompts (mean next-token KL at most ``max_kl``). Lower is better for both. The rows its
 loss is fit on are never the rows it is checked on; task accuracy is still measured and
 reported beside it.
@@ -204,9 +205,15 @@ def guard_answers(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfi
     return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens)
 
 
+def task_allowance(match: str, config: RepairConfig) -> float:
+    """How far the task guard's value may rise above the fine-tuned adapter's: a choice
+    task's margin and a generated answer's loss per token live on different scales."""
+    return config.restore.max_margin_drop if match == "choice" else config.restore.max_rise
+
+
 def guard_holds(value: float, reference: float, guard: Guard, config: RepairConfig) -> bool:
-    """Task: the loss at most ``max_rise`` above the fine-tuned adapter's; fidelity: the KL at
-    most ``max_kl``."""
+    """Task: the loss at most ``max_rise`` above the fine-tuned adapter's (a choice task's
+    margin at most ``max_margin_drop`` below it); fidelity: the KL at most ``max_kl``."""
     if guard.kind == "task":
-        return value <= reference + config.restore.max_rise + 1e-12
+        return value <= reference + task_allowance(guard.match, config) + 1e-12
     return value <= config.restore.max_kl

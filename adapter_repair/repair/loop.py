@@ -332,6 +332,7 @@ def repair_once(
         "repair": dataclasses.asdict(config),
         "n_layers": n_layers,
         "guard": guard.kind,
+        "match": guard.match,
         "outside_modules": outside,
     }
     seconds: dict[str, float] = {}

@@ -190,11 +190,13 @@ def markdown(report: Mapping[str, Any]) -> str:
 
 def guard_threshold(repair: Mapping[str, Any]) -> float | None:
     """The guard value above which a step fails (:func:`~adapter_repair.repair.guard.guard_holds`):
-    the fine-tuned adapter's task loss plus ``max_rise``, or ``max_kl`` for fidelity."""
+    the fine-tuned adapter's task loss plus ``max_rise`` (``max_margin_drop`` for a choice
+    task), or ``max_kl`` for fidelity."""
     settings = repair.get("settings") or {}
     restore = (settings.get("repair") or {}).get("restore") or {}
-    if settings.get("guard") == "task" and "max_rise" in restore:
-        return float(repair.get("guard_reference") or 0.0) + float(restore["max_rise"])
+    allowance = "max_margin_drop" if settings.get("match") == "choice" else "max_rise"
+    if settings.get("guard") == "task" and allowance in restore:
+        return float(repair.get("guard_reference") or 0.0) + float(restore[allowance])
     if settings.get("guard") == "fidelity" and "max_kl" in restore:
         return float(restore["max_kl"])
     return None
@@ -232,7 +234,10 @@ def figure(report: Mapping[str, Any]) -> Any:
 
     settings = repair.get("settings") or {}
     kind = settings.get("guard", "")
+    if kind == "task" and settings.get("match") == "choice":
+        kind = "choice"
     guard_label = {
+        "choice": "guard: task loss, -(worst class's gold margin) (nats)",
         "task": "guard: task loss on held-out guard rows (nats)",
         "fidelity": "guard: KL to the fine-tuned adapter on benign prompts",
     }.get(kind, f"guard ({kind})")
