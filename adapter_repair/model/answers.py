@@ -49,9 +49,10 @@ def answer_loss(model: Any, ids: torch.Tensor, mask: torch.Tensor, labels: torch
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
-        return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, t, d)
-    return _head_loss(head, hidden, labels)
+        return model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+    # no cache: nothing decodes after this pass, and a checkpointed layer must not write one
+    hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+    return _head_loss(head, hidden, labels)  # hidden (b, t, d)
 
 
 def _head_loss(head: Any, hidden: torch.Tensor, labels: torch.Tensor) -> Any:
@@ -72,9 +73,9 @@ def answer_logprobs(
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     decoder, head = inner.get_decoder(), inner.get_output_embeddings()
     if decoder is None or head is None or getattr(inner.config, "final_logit_softcapping", None):
-        logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1][keep]  # (n, vocab)
-    else:
-        hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state  # (b, t, d)
+        logits = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[:, :-1][keep]
+    else:  # (n, vocab) above; hidden (b, t, d) here
+        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         logits = head(hidden[:, :-1][keep])  # (n, vocab)
     token_lp = logits.float().log_softmax(-1).gather(1, target[keep][:, None])[:, 0]  # (n,)
     rows = keep.nonzero()[:, 0]  # (n,) the row of each labelled token

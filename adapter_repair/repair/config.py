@@ -201,6 +201,13 @@ class RestoreConfig:
         "over-refusal, slower fall of harm).",
         metavar="W",
     )
+    checkpoint: bool = setting(
+        False,
+        "Activation checkpointing over the decoder layers while stage 2 takes gradients: each "
+        "layer keeps only its input and runs again in the backward pass. Less memory (at the "
+        "1.2B shape over 4-bit, bench/results/cost.md) for about one more forward pass a "
+        "gradient; the same values.",
+    )
     backtrack: int = setting(
         2,
         "On a task-guard failure, return to the last step that held, halve the rate and go on, "

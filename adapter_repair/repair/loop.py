@@ -30,6 +30,7 @@ from adapter_repair.measure.config import GenerationConfig
 from adapter_repair.measure.generation import generate
 from adapter_repair.measure.judges import Judge
 from adapter_repair.measure.measures import Rate, use_adapter
+from adapter_repair.model.memory import checkpointed, release_freed_memory
 from adapter_repair.model.walk import ModelMap, walk
 from adapter_repair.repair.basis import canonicalize_
 from adapter_repair.repair.config import RepairConfig
@@ -487,26 +488,28 @@ def repair_once(
         for step in range(1, rc.max_steps + 1):
             t_step = time.perf_counter()
             before = snapshot(below) if rc.recalibrate else {}
-            rec = restore_step(
-                model,
-                model_map,
-                below,
-                reference,
-                (probe_batches, h_star),
-                benign_gradients,
-                L,
-                config,
-                step,
-                rate,
-                fisher_fn,
-            )
+            with checkpointed(model_map.layers, rc.checkpoint):
+                rec = restore_step(
+                    model,
+                    model_map,
+                    below,
+                    reference,
+                    (probe_batches, h_star),
+                    benign_gradients,
+                    L,
+                    config,
+                    step,
+                    rate,
+                    fisher_fn,
+                )
             if rec is None:
                 stopped = "no candidates"
                 break
             if rc.recalibrate:
                 recalibrate(model, model_map, below, before, reference, fit_answers())
             if heal_loss is not None:
-                healed = heal(model, below, reference, heal_loss, rc.heal, rc.heal_lr)
+                with checkpointed(model_map.layers, rc.checkpoint):
+                    healed = heal(model, below, reference, heal_loss, rc.heal, rc.heal_lr)
                 rec.heal_loss = healed[-1]
             rec.changed = changed_share(params, original)
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
@@ -517,6 +520,7 @@ def repair_once(
                 rec.guard = guard_value(model, tokenizer, guard, gen)
                 rec.accuracy = guard_accuracy(model, tokenizer, guard, gen)
                 rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
+            release_freed_memory()  # the step's freed temporaries back to the system
             rec.seconds = time.perf_counter() - t_step
             history.append(rec)
             step_done(rec)
