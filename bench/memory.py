@@ -1,7 +1,7 @@
 """Where a restoration step's memory goes, at the 1.2B shape over the 4-bit base (and the small
 world's shape): measured with torch's own profiler, beside the process's resident set.
 
-    python bench/memory.py [--shapes 1b,small] [--prompts 4] [--quant 4bit]
+    python bench/memory.py [--shapes 1b,small] [--prompts 4] [--quant 4bit] [--checkpoint]
 
 For each shape, in a process of its own (its RSS is its own):
 
@@ -15,7 +15,7 @@ For each shape, in a process of its own (its RSS is its own):
 
 so that what is not the model (the allocator's free pages, a dequantized copy kept for the
 backward, full-vocabulary logits) shows as the difference. Writes bench/results/memory.md and
-.json. Issue 20 asks where the 1.2B shape's 5.68 GB (bench/results/cost.md) goes.
+.json (memory_checkpoint with ``--checkpoint``). Issue 20 asks where the 1.2B shape's 5.68 GB (bench/results/cost.md) goes.
 """
 
 from __future__ import annotations
@@ -122,13 +122,16 @@ def profile_step(step: Any) -> dict[str, Any]:
     }
 
 
-def run(shape: str, quant: str, n: int, cache: Path, sst2: str) -> dict[str, Any]:
+def run(
+    shape: str, quant: str, n: int, cache: Path, sst2: str, checkpoint: bool = False
+) -> dict[str, Any]:
     """One shape: RSS along the way, the model's tensors by kind, one step profiled."""
     import torch  # noqa: F401  (the stack's import, measured)
     import transformers  # noqa: F401
 
     from adapter_repair.model.config import LoadConfig
     from adapter_repair.model.loading import load_model, load_tokenizer
+    from adapter_repair.model.memory import checkpointed, release_freed_memory
     from adapter_repair.repair.loop import restore_step
 
     out: dict[str, Any] = {"rss_after_import_gb": rss_gb()}
@@ -142,8 +145,10 @@ def run(shape: str, quant: str, n: int, cache: Path, sst2: str) -> dict[str, Any
     tok = load_tokenizer(None, str(base))
     mm, L, below, reference, batches, h_star, config, benign = step_parts(model, tok, n)
 
-    def step(k: int) -> None:
-        restore_step(model, mm, below, reference, (batches, h_star), benign, L, config, k, 0.01)
+    def step(k: int) -> None:  # as the repair loop runs one
+        with checkpointed(mm.layers, checkpoint):
+            restore_step(model, mm, below, reference, (batches, h_star), benign, L, config, k, 0.01)
+        release_freed_memory()
 
     step(1)  # warm-up: lazily built state (kernels, caches) is not the step's
     out["rss_before_step_gb"] = rss_gb()
@@ -160,7 +165,10 @@ def run(shape: str, quant: str, n: int, cache: Path, sst2: str) -> dict[str, Any
 def child(args: argparse.Namespace) -> None:
     shape = args.one
     print(
-        "RESULT " + json.dumps(run(shape, args.quant, args.prompts, Path(args.cache), args.sst2)),
+        "RESULT "
+        + json.dumps(
+            run(shape, args.quant, args.prompts, Path(args.cache), args.sst2, args.checkpoint)
+        ),
         flush=True,
     )
 
@@ -171,7 +179,9 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "",
         f"One restoration step (L = n_layers, per-prompt targets, answers loss, rate 0.01) on"
         f" {args.prompts} harmful and {args.prompts} benign prompts, batch 8, the base loaded"
-        f" {args.quant}. RSS from /proc/self/status (the peak is VmHWM, reset before the step);"
+        f" {args.quant}{', activation checkpointing over the decoder layers' if args.checkpoint else ''},"
+        " run as the repair loop runs it (the C allocator's freed memory handed back after"
+        " each step). RSS from /proc/self/status (the peak is VmHWM, reset before the step);"
         " torch's view from `torch.profiler` with `profile_memory` (its memory timeline by"
         " category, parameters alive before the step included). A step after a warm-up step.",
         "",
@@ -218,9 +228,10 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         ]
     md.append(
         f"Machine: {results_io.machine()}. Command: `python bench/memory.py --shapes {args.shapes}"
-        f" --prompts {args.prompts} --quant {args.quant}`."
+        f" --prompts {args.prompts} --quant {args.quant}{' --checkpoint' if args.checkpoint else ''}`."
     )
-    results_io.write_results("memory", md, {"rows": rows, "args": vars(args)})
+    name = "memory_checkpoint" if args.checkpoint else "memory"
+    results_io.write_results(name, md, {"rows": rows, "args": vars(args)})
 
 
 def main() -> None:
@@ -230,6 +241,9 @@ def main() -> None:
     ap.add_argument("--quant", default="4bit", choices=["4bit", "none"])
     ap.add_argument("--sst2", default=str(HERE / "data" / "sst2"))
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapter-repair-cost"))
+    ap.add_argument(
+        "--checkpoint", action="store_true", help="Activation checkpointing over the layers."
+    )
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
@@ -240,6 +254,7 @@ def main() -> None:
     for shape in args.shapes.split(","):
         cmd = [sys.executable, __file__, "--one", shape, "--prompts", str(args.prompts)]
         cmd += ["--quant", args.quant, "--sst2", args.sst2, "--cache", args.cache]
+        cmd += ["--checkpoint"] if args.checkpoint else []
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("RESULT ")]
         if proc.returncode != 0 or not lines:
