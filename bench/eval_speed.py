@@ -154,7 +154,9 @@ def main() -> None:
         f"{meta['n_prompts']} AdvBench eval prompts, greedy, max_new_tokens {meta['max_new_tokens']}, "
         f"batch {meta['batch_size']}; {meta['model']}; {meta['machine']}; {meta['date']}. "
         f"Same prompts, one run, median of {meta['repeats']} interleaved repeats; "
-        "`python bench/eval_speed.py`.",
+        f"`python bench/eval_speed.py --n {meta['n_prompts']} --max-new-tokens"
+        f" {meta['max_new_tokens']} --batch-size {meta['batch_size']} --repeats"
+        f" {meta['repeats']}`.",
         "",
         "| method | seconds | prompts/s | ours is x faster | harmful rate | answers as plain batched |",
         "|---|---|---|---|---|---|",
