@@ -4,7 +4,7 @@ config with random weights, loaded 4-bit NF4, under a random r=16 all-linear ada
 small shape of the same family on CPU. Writes bench/results/scale.md and .json.
 
     python bench/scale.py [--shape 7b|small] [--steps 20] [--prompts 64] [--new-tokens 32]
-                          [--tokenizer DIR]
+                          [--checkpoint] [--tokenizer DIR]
 
 On this CPU machine: ``python bench/scale.py --shape 7b --steps 2 --prompts 4 --new-tokens 8``
 (the target: peak RSS during repair() under 8 GB, so the same work fits a 12 GB card).
@@ -131,7 +131,13 @@ def shape_parameters(base: Path) -> int:
 
 
 def run(
-    shape: str, steps: int, prompts: int, tokenizer: Path, root: Path, new_tokens: int = 32
+    shape: str,
+    steps: int,
+    prompts: int,
+    tokenizer: Path,
+    root: Path,
+    new_tokens: int = 32,
+    checkpoint: bool = False,
 ) -> dict[str, Any]:
     import torch
 
@@ -165,7 +171,9 @@ def run(
         probe_prompts=prompts,
         guard_prompts=prompts,
         max_new_tokens=new_tokens,
-        restore=RestoreConfig(max_steps=steps, target=0.0, max_kl=1e9, backtrack=0),
+        restore=RestoreConfig(
+            max_steps=steps, target=0.0, max_kl=1e9, backtrack=0, checkpoint=checkpoint
+        ),
     )
     rss_reset = reset_peak_rss()  # what follows alone, not the load's mapped checkpoint pages
     t0 = time.perf_counter()
@@ -196,6 +204,7 @@ def run(
         "peak_rss_gb": peak_rss_gb(),
         "repair_peak_rss_gb": current_peak_rss_gb() if rss_reset else None,
         "new_tokens": new_tokens,
+        "checkpoint": checkpoint,
         "stopped": result.stopped,
     }
 
@@ -213,7 +222,9 @@ def write(r: dict[str, Any], command: str) -> None:
         f" random weights), a random r=16 all-linear adapter ({r['adapter_coordinates']:,}"
         f" coordinates), {r['prompts']} probe and {r['prompts']} benign prompts, {r['steps']}"
         f" stage 2 step(s) with the probe and guard measured every 5 and at the end,"
-        f" {r.get('new_tokens', 32)} new tokens an answer, default settings otherwise. On CPU"
+        f" {r.get('new_tokens', 32)} new tokens an answer,"
+        f"{' activation checkpointing over the decoder layers (--checkpoint),' if r.get('checkpoint') else ''}"
+        " default settings otherwise. On CPU"
         " the base is written one decoder layer at a time and quantized shard by shard as it"
         " loads: no whole unquantized copy is ever in memory. `peak RSS during repair()`: the"
         " process's peak resident set from after loading to the end of the repair (Linux"
@@ -251,7 +262,7 @@ def write(r: dict[str, Any], command: str) -> None:
     else:
         md += ["No GPU in this run: the 7B targets are not measured here.", ""]
     md += [f"Machine: {results_io.machine()}. Command: `{command}`.", ""]
-    results_io.write_results("scale", md, r)
+    results_io.write_results("scale_checkpoint" if r.get("checkpoint") else "scale", md, r)
     print("\n".join(md))
 
 
@@ -261,6 +272,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32, help="Tokens generated an answer.")
+    ap.add_argument("--checkpoint", action="store_true", help="Activation checkpointing.")
     ap.add_argument("--tokenizer", default=None, help="default: the pico world's tokenizer")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapter-repair-scale"))
     args = ap.parse_args()
@@ -274,7 +286,10 @@ def main() -> None:
         from adapter_repair.beds.pico import PicoRecipe, build_pico_world
 
         tokenizer = build_pico_world(PicoRecipe()).base_dir
-    result = run(shape, args.steps, args.prompts, tokenizer, Path(args.cache), args.new_tokens)
+    result = run(
+        shape, args.steps, args.prompts, tokenizer, Path(args.cache), args.new_tokens,
+        args.checkpoint,
+    )  # fmt: skip
     write(result, " ".join(["python bench/scale.py", *sys.argv[1:]]))
 
 
