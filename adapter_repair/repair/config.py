@@ -208,6 +208,14 @@ class RestoreConfig:
         "1.2B shape over 4-bit, bench/results/cost.md) for about one more forward pass a "
         "gradient; the same values.",
     )
+
+    @staticmethod
+    def allowance_name(match: str) -> str:
+        """The setting that bounds the task guard's rise for answers matched by ``match``: a
+        choice task's margin and a generated answer's loss per token live on different
+        scales."""
+        return "max_margin_drop" if match == "choice" else "max_rise"
+
     backtrack: int = setting(
         2,
         "On a task-guard failure, return to the last step that held, halve the rate and go on, "

@@ -208,7 +208,7 @@ def guard_answers(model: Any, tokenizer: Any, guard: Guard, gen: GenerationConfi
 def task_allowance(match: str, config: RepairConfig) -> float:
     """How far the task guard's value may rise above the fine-tuned adapter's: a choice
     task's margin and a generated answer's loss per token live on different scales."""
-    return config.restore.max_margin_drop if match == "choice" else config.restore.max_rise
+    return float(getattr(config.restore, config.restore.allowance_name(match)))
 
 
 def guard_holds(value: float, reference: float, guard: Guard, config: RepairConfig) -> bool:

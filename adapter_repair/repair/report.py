@@ -14,6 +14,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from adapter_repair.repair.config import RestoreConfig
+
 logger = logging.getLogger(__name__)
 
 JSON_NAME = "repair_report.json"
@@ -194,7 +196,7 @@ def guard_threshold(repair: Mapping[str, Any]) -> float | None:
     task), or ``max_kl`` for fidelity."""
     settings = repair.get("settings") or {}
     restore = (settings.get("repair") or {}).get("restore") or {}
-    allowance = "max_margin_drop" if settings.get("match") == "choice" else "max_rise"
+    allowance = RestoreConfig.allowance_name(str(settings.get("match")))
     if settings.get("guard") == "task" and allowance in restore:
         return float(repair.get("guard_reference") or 0.0) + float(restore[allowance])
     if settings.get("guard") == "fidelity" and "max_kl" in restore:
