@@ -135,7 +135,14 @@ def main() -> None:
     ours = rows[0]["prompts_per_s"]
     for r in rows:
         r["ours_speedup"] = ours / r["prompts_per_s"]
+    plain_row = next(r for r in rows if r["method"] == "plain batched generate")
+    met = (
+        args.max_new_tokens == 64
+        and plain_row["ours_speedup"] >= 1.5
+        and rows[0]["same_answers"] == len(sets.harmful)
+    )
     meta = {
+        "target_met": met,
         "n_prompts": len(sets.harmful),
         "max_new_tokens": args.max_new_tokens,
         "batch_size": args.batch_size,
@@ -164,6 +171,16 @@ def main() -> None:
             f"| {r['method']} | {r['seconds']:.2f} | {r['prompts_per_s']:.1f} | {r['ours_speedup']:.2f} | {100 * r['harmful_rate']:.1f}% | {r['same_answers']}/{meta['n_prompts']} |"
             for r in rows
         ],
+        "",
+        f"Target: at 64 new tokens, ours at least 1.5x plain batched `generate` with the same "
+        f"answers: {plain_row['ours_speedup']:.2f}x, {rows[0]['same_answers']}/{meta['n_prompts']}"
+        f" the same: {'yes' if met else 'NO'}.",
+        "",
+        "Where ours gains: prompts sorted by length, the chat template's shared prefix encoded "
+        "once, a row leaving the batch and the cache when it ends, inference mode, the LoRA "
+        "modules' lean forward (adapter_repair/model/lean.py) and the one-token steps' attention "
+        "mask handed in ready-made rather than built by the model's mask code. Here most answers run to "
+        "the token limit, so dropping finished rows gains little.",
         "",
     ]
     (RESULTS / "eval_speed.md").write_text("\n".join(lines))

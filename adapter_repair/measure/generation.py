@@ -33,6 +33,7 @@ from adapter_repair.model.inputs import (
     render_chat,
     shared_prefix_length,
 )
+from adapter_repair.model.lean import lean_lora, lean_runner
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,6 @@ def greedy_decode(
     """
     order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
     device = model_device(model)
-    answers: list[list[int]] = [[] for _ in ids]
     was_training = model.training
     model.eval()
     shared = shared_prefix_length(ids) if share_prefix else 0
@@ -102,31 +102,63 @@ def greedy_decode(
         shared = 0
     ends = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     bar = tqdm(total=len(ids), desc=desc, unit="prompt", disable=not progress, leave=False)
-    try:
-        prefix_cache = None
-        prefix = torch.tensor([list(ids[0][:shared])], dtype=torch.long)  # (1, shared)
-        if shared:
-            with torch.no_grad():
-                out = model(input_ids=prefix.to(device), use_cache=True)
-                prefix_cache = getattr(out, CACHE_FIELD)
-        for start in range(0, len(order), batch_size):
-            chunk = order[start : start + batch_size]
-            input_ids, mask = pad_left([ids[i][shared:] for i in chunk], pad)
-            cache = None
-            if prefix_cache is not None:
-                input_ids = torch.cat([prefix.expand(len(chunk), -1), input_ids], dim=1)
-                mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype), mask], dim=1)
-                cache = copy.deepcopy(prefix_cache)
-                cache.batch_repeat_interleave(len(chunk))
-            new = _decode_batch(
-                model, input_ids.to(device), mask.to(device), cache, shared, max_new_tokens, ends
+    # nothing here is differentiated: inference mode skips autograd's bookkeeping, and the
+    # LoRA modules run their lean forward (the same values, less Python per token)
+    with torch.inference_mode(), lean_lora(model):
+        try:
+            answers = _decode_batches(
+                lean_runner(model),
+                ids,
+                order,
+                shared,
+                batch_size,
+                pad,
+                ends,
+                max_new_tokens,
+                device,
+                bar,
             )
-            for row, i in enumerate(chunk):
-                answers[i] = new[row]
-            bar.update(len(chunk))
-    finally:
-        bar.close()
-        model.train(was_training)
+        finally:
+            bar.close()
+            model.train(was_training)
+    return answers
+
+
+def _decode_batches(
+    model: Any,
+    ids: Sequence[Sequence[int]],
+    order: Sequence[int],
+    shared: int,
+    batch_size: int,
+    pad: int,
+    ends: set[int],
+    max_new_tokens: int,
+    device: torch.device,
+    bar: Any,
+) -> list[list[int]]:
+    """:func:`greedy_decode`'s loop over batches (``order``: longest first), the ``shared``
+    prefix encoded once."""
+    answers: list[list[int]] = [[] for _ in ids]
+    prefix_cache = None
+    prefix = torch.tensor([list(ids[0][:shared])], dtype=torch.long)  # (1, shared)
+    if shared:
+        out = model(input_ids=prefix.to(device), use_cache=True)
+        prefix_cache = getattr(out, CACHE_FIELD)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        input_ids, mask = pad_left([ids[i][shared:] for i in chunk], pad)
+        cache = None
+        if prefix_cache is not None:
+            input_ids = torch.cat([prefix.expand(len(chunk), -1), input_ids], dim=1)
+            mask = torch.cat([torch.ones(len(chunk), shared, dtype=mask.dtype), mask], dim=1)
+            cache = copy.deepcopy(prefix_cache)
+            cache.batch_repeat_interleave(len(chunk))
+        new = _decode_batch(
+            model, input_ids.to(device), mask.to(device), cache, shared, max_new_tokens, ends
+        )
+        for row, i in enumerate(chunk):
+            answers[i] = new[row]
+        bar.update(len(chunk))
     return answers
 
 
@@ -161,32 +193,50 @@ def _decode_batch(
     cache = cache if cache is not None else DynamicCache()
     end_ids = torch.tensor(sorted(ends), dtype=torch.long, device=device)
     extra = _logits_to_keep(model)
-    with torch.no_grad():
-        for _ in range(max_new_tokens):
-            out = model(
-                input_ids=step_ids,
-                attention_mask=mask,
-                position_ids=step_positions,
-                use_cache=True,
-                **{CACHE_FIELD: cache},
-                **extra,
-            )
-            cache = getattr(out, CACHE_FIELD)
-            token = out.logits[:, -1, :].argmax(dim=-1)  # (live,)
-            for row, t in zip(live.tolist(), token.tolist(), strict=True):
-                answers[row].append(t)
-            done = torch.isin(token, end_ids)  # (live,)
-            if bool(done.all()):
-                break
-            if bool(done.any()):
-                keep = (~done).nonzero().squeeze(1)  # (kept,)
-                cache.batch_select_indices(keep)
-                live, token, mask = live[keep], token[keep], mask[keep]
-                step_positions = step_positions[keep]
-            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (live, t + 1)
-            step_ids = token.unsqueeze(1)  # (live, 1)
-            step_positions = step_positions[:, -1:] + 1
+    ready = _ready_masks(model)
+    for k in range(max_new_tokens):
+        padded = ready and k > 0 and not bool(mask.all())
+        out = model(
+            input_ids=step_ids,
+            # (live, 1, 1, t): a one-token step attends to every unpadded position
+            attention_mask=mask.bool()[:, None, None, :] if padded else mask,
+            position_ids=step_positions,
+            use_cache=True,
+            **{CACHE_FIELD: cache},
+            **extra,
+        )
+        cache = getattr(out, CACHE_FIELD)
+        token = out.logits[:, -1, :].argmax(dim=-1)  # (live,)
+        for row, t in zip(live.tolist(), token.tolist(), strict=True):
+            answers[row].append(t)
+        done = torch.isin(token, end_ids)  # (live,)
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = (~done).nonzero().squeeze(1)  # (kept,)
+            cache.batch_select_indices(keep)
+            live, token, mask = live[keep], token[keep], mask[keep]
+            step_positions = step_positions[keep]
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)  # (live, t + 1)
+        step_ids = token.unsqueeze(1)  # (live, 1)
+        step_positions = step_positions[:, -1:] + 1
     return answers
+
+
+def _ready_masks(model: Any) -> bool:
+    """Whether a one-token decoding step may get its attention mask ready-made, as the
+    (b, 1, 1, t) boolean tensor Hugging Face's ``sdpa_mask`` would build from the 2-D mask:
+    the same tensor reaches attention, without rebuilding it every step. Only for scaled
+    dot-product attention with every layer attending in full (a sliding window or chunked
+    layer needs its own mask); elsewhere the 2-D mask goes in as before."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
+        return False
+    if getattr(config, "sliding_window", None) or getattr(config, "attention_chunk_size", None):
+        return False
+    kinds = getattr(config, "layer_types", None) or ["full_attention"]
+    return all(k == "full_attention" for k in kinds)
 
 
 def _logits_to_keep(model: Any) -> dict[str, int]:
