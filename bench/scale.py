@@ -4,7 +4,7 @@ config with random weights, loaded 4-bit NF4, under a random r=16 all-linear ada
 small shape of the same family on CPU. Writes bench/results/scale.md and .json.
 
     python bench/scale.py [--shape 7b|small] [--steps 20] [--prompts 64] [--new-tokens 32]
-                          [--checkpoint] [--tokenizer DIR]
+                          [--checkpoint auto|on|off] [--tokenizer DIR]
 
 On this CPU machine: ``python bench/scale.py --shape 7b --steps 2 --prompts 4 --new-tokens 8``
 (the target: peak RSS during repair() under 8 GB, so the same work fits a 12 GB card).
@@ -137,7 +137,7 @@ def run(
     tokenizer: Path,
     root: Path,
     new_tokens: int = 32,
-    checkpoint: bool = False,
+    checkpoint: str = "auto",
 ) -> dict[str, Any]:
     import torch
 
@@ -146,6 +146,7 @@ def run(
     from adapter_repair.measure.judges import load_judge
     from adapter_repair.model.config import LoadConfig
     from adapter_repair.model.loading import load_model, load_tokenizer
+    from adapter_repair.model.memory import wants_checkpointing
     from adapter_repair.repair.config import RepairConfig, RestoreConfig
     from adapter_repair.repair.guard import Guard
     from adapter_repair.repair.pipeline import repair
@@ -205,6 +206,7 @@ def run(
         "repair_peak_rss_gb": current_peak_rss_gb() if rss_reset else None,
         "new_tokens": new_tokens,
         "checkpoint": checkpoint,
+        "checkpointed": wants_checkpointing(checkpoint, model),
         "stopped": result.stopped,
     }
 
@@ -223,7 +225,8 @@ def write(r: dict[str, Any], command: str) -> None:
         f" coordinates), {r['prompts']} probe and {r['prompts']} benign prompts, {r['steps']}"
         f" stage 2 step(s) with the probe and guard measured every 5 and at the end,"
         f" {r.get('new_tokens', 32)} new tokens an answer,"
-        f"{' activation checkpointing over the decoder layers (--checkpoint),' if r.get('checkpoint') else ''}"
+        f" --checkpoint {r['checkpoint']} (activation checkpointing over the decoder layers"
+        f" {'on' if r['checkpointed'] else 'off'}),"
         " default settings otherwise. On CPU"
         " the base is written one decoder layer at a time and quantized shard by shard as it"
         " loads: no whole unquantized copy is ever in memory. `peak RSS during repair()`: the"
@@ -262,7 +265,8 @@ def write(r: dict[str, Any], command: str) -> None:
     else:
         md += ["No GPU in this run: the 7B targets are not measured here.", ""]
     md += [f"Machine: {results_io.machine()}. Command: `{command}`.", ""]
-    results_io.write_results("scale_checkpoint" if r.get("checkpoint") else "scale", md, r)
+    name = "scale" if r["checkpoint"] == "auto" else f"scale_checkpoint_{r['checkpoint']}"
+    results_io.write_results(name, md, r)
     print("\n".join(md))
 
 
@@ -272,7 +276,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--new-tokens", type=int, default=32, help="Tokens generated an answer.")
-    ap.add_argument("--checkpoint", action="store_true", help="Activation checkpointing.")
+    ap.add_argument(
+        "--checkpoint",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="Activation checkpointing (the repair's setting; auto: on from 3B parameters);"
+        " a value other than auto writes scale_checkpoint_VALUE.md.",
+    )
     ap.add_argument("--tokenizer", default=None, help="default: the pico world's tokenizer")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapter-repair-scale"))
     args = ap.parse_args()

@@ -277,6 +277,69 @@ def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
     assert "reference" not in model.peft_config  # the fidelity reference is removed again
 
 
+@pytest.mark.parametrize("setting", ["on", "auto"])
+def test_checkpointing_is_on_when_asked_or_by_size_and_restores_the_same(
+    loaded, setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """checkpoint on (or auto, over a base as large as its threshold) runs stage 2's gradient
+    passes checkpointed, and the run restores as with it off (up to rounding)."""
+    from adapter_repair.model import memory
+
+    model = loaded[0]
+    layers = walk(model).layers
+    seen: list[bool] = []
+    hook = layers[0].register_forward_pre_hook(
+        lambda m, _args: (
+            seen.append(bool(m.gradient_checkpointing)) if torch.is_grad_enabled() else None
+        )
+    )
+    kw = {"layer": 2, "rate": 0.05, "max_steps": 2, "eval_every": 1, "target": 0.0, "max_kl": 1e9}
+    try:
+        off = restore(loaded, checkpoint="off", **kw)
+        assert seen and not any(seen)
+        seen.clear()
+        if setting == "auto":
+            n = memory.base_parameters(model)
+            monkeypatch.setattr(memory, "AUTO_CHECKPOINT_PARAMETERS", n + 1)
+            restore(loaded, checkpoint="auto", **kw)
+            assert seen and not any(seen)  # one parameter short of the threshold: off
+            seen.clear()
+            monkeypatch.setattr(memory, "AUTO_CHECKPOINT_PARAMETERS", n)
+        on = restore(loaded, checkpoint=setting, **kw)
+        # every step's gradient passes checkpointed (a pass before the steps, for the
+        # targets, is not a step's)
+        assert seen.count(True) >= 2 * (len(on.history) - 1)
+    finally:
+        hook.remove()
+    assert not any(layer.gradient_checkpointing for layer in layers)
+    # the same choice up to rounding: recomputed layers sum their gradients in another order,
+    # so a few coordinates near the rollback's cut may swap
+    for a, b in zip(on.history[1:], off.history[1:], strict=True):
+        assert a.restored == b.restored > 0
+        assert abs(a.rolled_back - b.rolled_back) <= 0.2 * b.rolled_back + 1
+
+
+def test_checkpoint_setting_counts_a_packed_base_by_its_unpacked_shape(
+    tiny_chat_adapter_dir: Path,
+) -> None:
+    from adapter_repair.model.memory import base_parameters, wants_checkpointing
+
+    model, _ = load_model(tiny_chat_adapter_dir, LOAD)
+    packed, _ = load_model(tiny_chat_adapter_dir, LoadConfig(quant="4bit", dtype="bfloat16"))
+    assert (
+        base_parameters(packed)
+        == base_parameters(model)
+        < sum(p.numel() for p in model.parameters()) + 1
+    )
+    assert sum(p.numel() for p in packed.parameters()) < base_parameters(packed)
+    assert not wants_checkpointing("auto", model)  # a tiny base: far below 3B
+    assert wants_checkpointing("on", model) and not wants_checkpointing("off", model)
+    with pytest.raises(ValueError, match="on, off or auto"):
+        wants_checkpointing("yes", model)
+    with pytest.raises(ValueError, match="checkpoint"):
+        RestoreConfig(checkpoint="yes")
+
+
 def test_the_heal_trains_the_kept_coordinates_and_never_the_restored(loaded) -> None:
     """heal: the loss falls, coordinates held at 0 stay 0 (a restored one is never revived),
     the others move, and the factors' requires_grad is as before."""

@@ -33,6 +33,9 @@ logger = logging.getLogger(__name__)
 #: parameter classes of packed quantized weights (bitsandbytes): already in their own memory
 PACKED = ("Params4bit", "Int8Params")
 
+#: from this many base parameters on, ``checkpoint="auto"`` turns activation checkpointing on
+AUTO_CHECKPOINT_PARAMETERS = 3_000_000_000
+
 
 def own_memory(model: torch.nn.Module) -> int:
     """Copy every CPU parameter and buffer that is not a packed quantized weight into memory of
@@ -106,3 +109,28 @@ def checkpointed(layers: torch.nn.ModuleList, enabled: bool = True) -> Iterator[
                 m.__dict__.pop("_gradient_checkpointing_func", None)
             else:
                 m._gradient_checkpointing_func = func
+
+
+def base_parameters(model: torch.nn.Module) -> int:
+    """The base model's parameter count, a packed 4-bit weight counted by the shape it unpacks
+    to (its storage holds two values a byte); LoRA factors (every adapter attached) are not the
+    base's and are left out."""
+    n = 0
+    for name, p in model.named_parameters():
+        if ".lora_" in name:
+            continue
+        shape = getattr(getattr(p, "quant_state", None), "shape", None)
+        n += int(torch.Size(shape).numel()) if shape is not None else p.numel()
+    return n
+
+
+def wants_checkpointing(setting: str, model: torch.nn.Module) -> bool:
+    """Whether the ``checkpoint`` setting (on, off, auto) turns checkpointing on for ``model``:
+    auto does from :data:`AUTO_CHECKPOINT_PARAMETERS` on, where a step's saved activations
+    outgrow the rest (bench/results/scale.md) and one more forward pass a gradient is the
+    cheaper price."""
+    if setting not in ("on", "off", "auto"):
+        raise ValueError(f"checkpoint must be on, off or auto; got {setting!r}")
+    if setting == "auto":
+        return base_parameters(model) >= AUTO_CHECKPOINT_PARAMETERS
+    return setting == "on"

@@ -201,12 +201,14 @@ class RestoreConfig:
         "over-refusal, slower fall of harm).",
         metavar="W",
     )
-    checkpoint: bool = setting(
-        False,
+    checkpoint: str = setting(
+        "auto",
         "Activation checkpointing over the decoder layers while stage 2 takes gradients: each "
-        "layer keeps only its input and runs again in the backward pass. Less memory (at the "
-        "1.2B shape over 4-bit, bench/results/cost.md) for about one more forward pass a "
-        "gradient; the same values.",
+        "layer keeps only its input and runs again in the backward pass, for the same values. "
+        "on, off, or auto: on for a base of 3B parameters or more, where saved activations are "
+        "most of a step's memory (the 7B shape over NF4: 7.25 GB instead of 9.69, for 1.33x the "
+        "step time; bench/results/scale*.md).",
+        choices=("auto", "on", "off"),
     )
 
     @staticmethod

@@ -30,7 +30,11 @@ from adapter_repair.measure.config import GenerationConfig
 from adapter_repair.measure.generation import generate
 from adapter_repair.measure.judges import Judge
 from adapter_repair.measure.measures import Rate, use_adapter
-from adapter_repair.model.memory import checkpointed, release_freed_memory
+from adapter_repair.model.memory import (
+    checkpointed,
+    release_freed_memory,
+    wants_checkpointing,
+)
 from adapter_repair.model.walk import ModelMap, walk
 from adapter_repair.repair.basis import canonicalize_
 from adapter_repair.repair.config import RepairConfig
@@ -482,13 +486,18 @@ def repair_once(
     kept_state, kept_step, stopped = snapshot(params), 0, "max_steps"
     checkpoints: dict[int, LoraAdapter] = {}
     rate, backtracks = rc.rate, 0
+    ckpt = wants_checkpointing(rc.checkpoint, model)
+    if ckpt:
+        logger.info(
+            "activation checkpointing over the decoder layers (--checkpoint %s)", rc.checkpoint
+        )
     if (start.probe_harmful or 0.0) <= target:
         stopped = "already at target"
     else:
         for step in range(1, rc.max_steps + 1):
             t_step = time.perf_counter()
             before = snapshot(below) if rc.recalibrate else {}
-            with checkpointed(model_map.layers, rc.checkpoint):
+            with checkpointed(model_map.layers, ckpt):
                 rec = restore_step(
                     model,
                     model_map,
@@ -508,7 +517,7 @@ def repair_once(
             if rc.recalibrate:
                 recalibrate(model, model_map, below, before, reference, fit_answers())
             if heal_loss is not None:
-                with checkpointed(model_map.layers, rc.checkpoint):
+                with checkpointed(model_map.layers, ckpt):
                     healed = heal(model, below, reference, heal_loss, rc.heal, rc.heal_lr)
                 rec.heal_loss = healed[-1]
             rec.changed = changed_share(params, original)
