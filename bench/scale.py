@@ -280,7 +280,7 @@ def main() -> None:
         "--checkpoint",
         choices=("auto", "on", "off"),
         default="auto",
-        help="Activation checkpointing (the repair's setting; auto: on from 3B parameters);"
+        help="Activation checkpointing (the repair's setting; auto: on from 1B parameters);"
         " a value other than auto writes scale_checkpoint_VALUE.md.",
     )
     ap.add_argument("--tokenizer", default=None, help="default: the pico world's tokenizer")

@@ -205,9 +205,9 @@ class RestoreConfig:
         "auto",
         "Activation checkpointing over the decoder layers while stage 2 takes gradients: each "
         "layer keeps only its input and runs again in the backward pass, for the same values. "
-        "on, off, or auto: on for a base of 3B parameters or more, where saved activations are "
-        "most of a step's memory (the 7B shape over NF4: 7.25 GB instead of 9.69, for 1.33x the "
-        "step time; bench/results/scale*.md).",
+        "on, off, or auto: on for a base of 1B parameters or more, where saved activations are "
+        "most of a step's memory (the 1.2B shape over 4-bit: live tensors 1.08 GB instead of "
+        "2.38; bench/results/cost.md).",
         choices=("auto", "on", "off"),
     )
 
