@@ -293,7 +293,14 @@ def test_checkpointing_is_on_when_asked_or_by_size_and_restores_the_same(
             seen.append(bool(m.gradient_checkpointing)) if torch.is_grad_enabled() else None
         )
     )
-    kw = {"layer": 2, "rate": 0.05, "max_steps": 2, "eval_every": 1, "target": 0.0, "max_kl": 1e9}
+    kw: dict[str, Any] = {
+        "layer": 2,
+        "rate": 0.05,
+        "max_steps": 2,
+        "eval_every": 1,
+        "target": 0.0,
+        "max_kl": 1e9,
+    }
     try:
         off = restore(loaded, checkpoint="off", **kw)
         assert seen and not any(seen)
