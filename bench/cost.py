@@ -175,12 +175,16 @@ def run_ours(
     step_s, bare_s = [], []
     release_freed_memory()
     reset_peak_rss()
-    for step in range(1, steps + 1):
-        t0 = time.perf_counter()
+
+    def one_step(step: int) -> None:
         with checkpointed(mm.layers, checkpoint):  # as the repair loop runs a step
             restore_step(
                 model, mm, below, reference, (batches, h_star), benign, L, config, step, 0.01
             )
+
+    for step in range(1, steps + 1):
+        t0 = time.perf_counter()
+        one_step(step)
         release_freed_memory()
         step_s.append(time.perf_counter() - t0)
         t0 = time.perf_counter()  # the same three passes, alone
@@ -195,13 +199,7 @@ def run_ours(
     # have to hold), beside the process's resident set above
     from memory import profile_step
 
-    def one_more() -> None:
-        with checkpointed(mm.layers, checkpoint):
-            restore_step(
-                model, mm, below, reference, (batches, h_star), benign, L, config, steps + 1, 0.01
-            )
-
-    tensor_peak = profile_step(one_more)["torch_peak_gb"]
+    tensor_peak = profile_step(lambda: one_step(steps + 1))["torch_peak_gb"]
     n_params = sum(p.numel() for p in model.parameters())
     return {
         "step_seconds": step_s,

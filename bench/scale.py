@@ -271,6 +271,8 @@ def write(r: dict[str, Any], command: str) -> None:
 
 
 def main() -> None:
+    from adapter_repair.model.memory import CHECKPOINT_MODES
+
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--shape", choices=sorted(SHAPES), default=None, help="default: 7b on a GPU")
     ap.add_argument("--steps", type=int, default=20)
@@ -278,7 +280,7 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32, help="Tokens generated an answer.")
     ap.add_argument(
         "--checkpoint",
-        choices=("auto", "on", "off"),
+        choices=CHECKPOINT_MODES,
         default="auto",
         help="Activation checkpointing (the repair's setting; auto: on from 1B parameters);"
         " a value other than auto writes scale_checkpoint_VALUE.md.",

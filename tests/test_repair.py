@@ -329,7 +329,11 @@ def test_checkpointing_is_on_when_asked_or_by_size_and_restores_the_same(
 def test_checkpoint_setting_counts_a_packed_base_by_its_unpacked_shape(
     tiny_chat_adapter_dir: Path,
 ) -> None:
-    from adapter_repair.model.memory import base_parameters, wants_checkpointing
+    from adapter_repair.model.memory import (
+        CHECKPOINT_MODES,
+        base_parameters,
+        wants_checkpointing,
+    )
 
     model, _ = load_model(tiny_chat_adapter_dir, LOAD)
     packed, _ = load_model(tiny_chat_adapter_dir, LoadConfig(quant="4bit", dtype="bfloat16"))
@@ -345,6 +349,8 @@ def test_checkpoint_setting_counts_a_packed_base_by_its_unpacked_shape(
         wants_checkpointing("yes", model)
     with pytest.raises(ValueError, match="checkpoint"):
         RestoreConfig(checkpoint="yes")
+    field = next(f for f in dataclasses.fields(RestoreConfig) if f.name == "checkpoint")
+    assert field.metadata["choices"] == CHECKPOINT_MODES  # the setting offers what is understood
 
 
 def test_the_heal_trains_the_kept_coordinates_and_never_the_restored(loaded) -> None:

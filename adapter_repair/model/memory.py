@@ -35,6 +35,8 @@ PACKED = ("Params4bit", "Int8Params")
 
 #: from this many base parameters on, ``checkpoint="auto"`` turns activation checkpointing on
 AUTO_CHECKPOINT_PARAMETERS = 1_000_000_000
+#: the values of the ``checkpoint`` setting
+CHECKPOINT_MODES = ("auto", "on", "off")
 
 
 def own_memory(model: torch.nn.Module) -> int:
@@ -128,10 +130,11 @@ def wants_checkpointing(setting: str, model: torch.nn.Module) -> bool:
     """Whether the ``checkpoint`` setting (on, off, auto) turns checkpointing on for ``model``:
     auto does from :data:`AUTO_CHECKPOINT_PARAMETERS` on. Where memory binds (a 1B-plus base on
     one consumer card) a step's saved activations are most of it: at the 1.2B shape over 4-bit
-    checkpointing cut the step's live tensors from 2.38 to 1.08 GB for 1.02-1.15x the step time
-    (bench/results/cost.md), at the 7B shape the peak RSS from 9.69 to 7.25 GB; on a small base
-    the time matters more than memory nobody runs short of."""
-    if setting not in ("on", "off", "auto"):
+    checkpointing cut the step's live tensors from 2.38 to 1.08 GB for 1.13x the step time
+    (bench/results/cost.md), at the 7B shape the peak RSS during the repair from 9.42 to 7.65 GB
+    (bench/results/scale*.md); on a small base the time matters more than memory nobody runs
+    short of."""
+    if setting not in CHECKPOINT_MODES:
         raise ValueError(f"checkpoint must be on, off or auto; got {setting!r}")
     if setting == "auto":
         return base_parameters(model) >= AUTO_CHECKPOINT_PARAMETERS

@@ -208,7 +208,7 @@ class RestoreConfig:
         "on, off, or auto: on for a base of 1B parameters or more, where saved activations are "
         "most of a step's memory (the 1.2B shape over 4-bit: live tensors 1.08 GB instead of "
         "2.38; bench/results/cost.md).",
-        choices=("auto", "on", "off"),
+        choices=("auto", "on", "off"),  # model.memory.CHECKPOINT_MODES, kept torch-free here
     )
 
     @staticmethod
