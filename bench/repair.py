@@ -5,7 +5,7 @@ bench/results/repair.md and .json (ours on every zoo adapter, the comparison met
 and bench/results/ablation.md and .json (restore with one lever moved, on the same three).
 
     python bench/repair.py [--adapters all|k100-r8,...] [--compare k100-r8,k250-r16,k25-r16]
-                           [--methods restore] [--baselines project,both,safelora,dense,...]
+                           [--methods restore] [--baselines published,safelora,dense,...]
                            [--variants restore-heal,...] [--sst2 bench/data/sst2]
                            [--cache-dir DIR] [--no-run] [--no-nf4]
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ from typing import Any
 
 import results_io
 
-from adapter_repair.beds.artifacts import Artifact
+from adapter_repair.beds.artifacts import Artifact, file_digest
 from adapter_repair.beds.small import SmallWorld, small_world
 from adapter_repair.repair.config import RepairConfig, RestoreConfig
 
@@ -89,6 +90,19 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "restore-heal": ("heal 5 (masked steps on kept coordinates, aligned refusals)", {"heal": 5}),
     "restore-rate0.005": ("rate 0.005 a step, 40 steps", {"rate": 0.005, "max_steps": 40}),
 }
+#: the variants a plain run measures: one per lever the issue names (second-order score, OBS
+#: recalibration, canonical basis, singular components, heal, targets mean, per-matrix top-k,
+#: smaller rate with more steps); ratio, grad and no-rollback run when named (--variants all)
+DEFAULT_VARIANTS = (
+    "restore-fisher",
+    "restore-recalibrate",
+    "restore-canonical",
+    "restore-components",
+    "restore-heal",
+    "restore-mean",
+    "restore-per-matrix",
+    "restore-rate0.005",
+)
 
 
 def guard_rows(method: str) -> int:
@@ -227,7 +241,7 @@ def reference_measures(world: SmallWorld, adapter: str | None) -> dict[str, Any]
     if not art.done(world.root):
         return None
     measures = dict(art.info(world.root)["measures"])
-    measures["task_exact"] = task_exact(art.path(world.root) / "measures.json")
+    measures["task_exact"] = exact_of(world, art)
     return measures
 
 
@@ -522,10 +536,7 @@ def nf4_measures(world: SmallWorld, adapter: str | None, method: str) -> dict[st
     art = nf4_artifact(world, adapter, method)
     if not art.done(world.root):
         return None
-    return {
-        **art.info(world.root)["measures"],
-        "task_exact": task_exact(art.path(world.root) / "measures.json"),
-    }
+    return {**art.info(world.root)["measures"], "task_exact": exact_of(world, art)}
 
 
 def rate(m: dict[str, Any] | None, key: str) -> float | None:
@@ -534,6 +545,17 @@ def rate(m: dict[str, Any] | None, key: str) -> float | None:
 
 def fmt(x: float | None, digits: int = 1) -> str:
     return "-" if x is None else f"{x:.{digits}f}"
+
+
+def exact_of(world: SmallWorld, art: Artifact) -> dict[str, Any]:
+    """A done artifact's bare-label SST-2 score: recorded (a row restored from the ledger keeps
+    no answers), else scored from its stored answers."""
+    info = art.info(world.root)
+    return (
+        info["task_exact"]
+        if "task_exact" in info
+        else task_exact(art.path(world.root) / "measures.json")
+    )
 
 
 def task_exact(path: Path) -> dict[str, Any]:
@@ -556,32 +578,179 @@ def collect(world: SmallWorld, adapters: list[str], methods: list[str]) -> list[
             "nf4": nf4_measures(world, adapter, "none"),
         }
         if unrepaired["measures"] or unrepaired["nf4"]:  # only what was measured is a row
-            rows.append({"adapter": adapter, "method": "none", **unrepaired})
+            ref = reference_artifact(world, adapter)
+            back = ref.done(world.root) and RESTORED in ref.info(world.root)
+            rows.append({"adapter": adapter, "method": "none", **unrepaired, "restored": back})
         for method in methods:
             art = artifact(world, adapter, method)
             if not art.done(world.root):
                 continue
             info = art.info(world.root)
-            repair = info["repair"]
             rows.append(
                 {
                     "adapter": adapter,
                     "method": method,
-                    "measures": {
-                        **info["measures"],
-                        "task_exact": task_exact(art.path(world.root) / "measures.json"),
-                    },
+                    "measures": {**info["measures"], "task_exact": exact_of(world, art)},
                     "nf4": nf4_measures(world, adapter, method),
-                    "changed": repair["changed"],
-                    "stopped": repair["stopped"],
-                    "kept_step": repair["kept_step"],
-                    "reached": repair.get("reached"),
-                    "steps": len(repair.get("history") or []),
-                    "repair_seconds": info["repair_seconds"],
-                    "peak_rss_gb": info["peak_rss_gb"],
+                    **repair_facts(info),
+                    "restored": RESTORED in info,
                 }
             )
     return rows
+
+
+def repair_facts(info: dict[str, Any]) -> dict[str, Any]:
+    """What a table shows of a repair beside its measures (from a built artifact's record or
+    a restored one's, which keeps its step count instead of its history)."""
+    repair = info["repair"]
+    return {
+        "changed": repair["changed"],
+        "stopped": repair["stopped"],
+        "kept_step": repair["kept_step"],
+        "reached": repair.get("reached"),
+        "steps": info["steps"] if "steps" in info else len(repair.get("history") or []),
+        "repair_seconds": info["repair_seconds"],
+        "peak_rss_gb": info["peak_rss_gb"],
+    }
+
+
+#: rows the current code measured in an earlier session (each session's machine starts with an
+#: empty cache, and the whole campaign takes more than a day): one line per artifact, its
+#: facts under its key (the code digest, settings, judge and prompt sets) and the sha256 of
+#: the world files it was measured on; restored only where both match (restore_from_ledger)
+LEDGER = results_io.RESULTS / "repair_ledger.jsonl"
+RESTORED = "restored_from"  #: the record field that marks a restored artifact
+NO_NF4 = ("dense", "irr")  #: methods whose output is a dense model: no row over 4-bit
+
+
+@functools.cache
+def _sha256(path: str) -> str:
+    return file_digest(path)
+
+
+def world_inputs(world: SmallWorld, adapter: str | None) -> dict[str, str] | None:
+    """sha256 of the built world files a row stands on: the aligned and unaligned bases'
+    weights and the zoo adapter's (None while one is not built). The world's artifacts are
+    keyed by recipe; a build on another machine need not give the same bytes, and then its
+    rows are measured anew."""
+    files = {
+        "aligned": world.aligned_dir / "model.safetensors",
+        "unaligned": world.unaligned_dir / "model.safetensors",
+    }
+    if adapter is not None:
+        files["adapter"] = world.adapter_dir(adapter) / "adapter_model.safetensors"
+    if not all(f.is_file() for f in files.values()):
+        return None
+    return {k: _sha256(str(f)) for k, f in files.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Made:
+    """One artifact the plan makes: its zoo adapter (None: the aligned base), its kind (ref,
+    nf4 or repair) and, for a repair, its measures over the 4-bit base (None: none taken)."""
+
+    art: Artifact
+    adapter: str | None
+    kind: str
+    nf4: Artifact | None = None
+
+
+def plan_artifacts(world: SmallWorld, plan: Plan) -> list[Made]:
+    """Every artifact the plan makes, references first."""
+    out = [
+        Made(reference_artifact(world, None), None, "ref"),
+        Made(nf4_artifact(world, None, "none"), None, "nf4"),
+    ]
+    for adapter in dict.fromkeys(a for a, _ in plan.runs()):
+        out += [
+            Made(reference_artifact(world, adapter), adapter, "ref"),
+            Made(nf4_artifact(world, adapter, "none"), adapter, "nf4"),
+        ]
+    for adapter, method in plan.runs():
+        nf4 = None if method in NO_NF4 else nf4_artifact(world, adapter, method)
+        out.append(Made(artifact(world, adapter, method), adapter, "repair", nf4))
+        if nf4 is not None:
+            out.append(Made(nf4, adapter, "nf4"))
+    return out
+
+
+def ledger_facts(world: SmallWorld, made: Made) -> dict[str, Any]:
+    """What the tables read of a done artifact, small enough to commit."""
+    info = made.art.info(world.root)
+    facts: dict[str, Any] = {
+        "measures": info["measures"],
+        "task_exact": exact_of(world, made.art),
+    }
+    if made.kind == "repair":
+        r = repair_facts(info)
+        facts.update(
+            repair={k: r[k] for k in ("changed", "stopped", "kept_step", "reached")},
+            steps=r["steps"],
+            repair_seconds=r["repair_seconds"],
+            peak_rss_gb=r["peak_rss_gb"],
+        )
+    return facts
+
+
+def read_ledger() -> dict[str, dict[str, Any]]:
+    """The ledger's entries by artifact folder name (name-key)."""
+    if not LEDGER.is_file():
+        return {}
+    lines = (json.loads(line) for line in LEDGER.read_text().splitlines() if line.strip())
+    return {f"{e['name']}-{e['key']}": e for e in lines}
+
+
+def restore_from_ledger(world: SmallWorld, plan: Plan) -> int:
+    """Write into the cache each artifact of the plan that the ledger holds under its current
+    key and over the same world bytes; a repair only with its 4-bit measures (the repaired
+    adapter itself is not kept, so those could not be taken later). Returns the count."""
+    ledger = read_ledger()
+    made = plan_artifacts(world, plan)
+
+    def entry(art: Artifact, adapter: str | None) -> dict[str, Any] | None:
+        e = ledger.get(art.path(world.root).name)
+        return e if e is not None and e["inputs"] == world_inputs(world, adapter) else None
+
+    restored = 0
+    for m in made:
+        e = entry(m.art, m.adapter)
+        if m.art.done(world.root) or e is None:
+            continue
+        if m.nf4 is not None and not (m.nf4.done(world.root) or entry(m.nf4, m.adapter)):
+            continue
+        record = {**e["facts"], RESTORED: {"ledger": LEDGER.name, "inputs": e["inputs"]}}
+        m.art.build(world.root, functools.partial(_recorded, record))
+        restored += 1
+    if restored:
+        logging.info("restored %d artifact(s) from %s", restored, LEDGER.name)
+    return restored
+
+
+def _recorded(record: dict[str, Any], _out: Path) -> dict[str, Any]:
+    """A restored artifact's make: no files, its record."""
+    return record
+
+
+def write_ledger(world: SmallWorld, plan: Plan) -> None:
+    """The ledger rewritten: every done artifact of the plan, and the entries under a current
+    key that this machine has not made (an entry under a stale key can never be restored)."""
+    old = read_ledger()
+    entries = []
+    for m in plan_artifacts(world, plan):
+        inputs = world_inputs(world, m.adapter)
+        if m.art.done(world.root) and inputs is not None:
+            entries.append(
+                {
+                    "name": m.art.name,
+                    "key": m.art.key,
+                    "inputs": inputs,
+                    "facts": ledger_facts(world, m),
+                }
+            )
+        elif m.art.path(world.root).name in old:
+            entries.append(old[m.art.path(world.root).name])
+    LEDGER.parent.mkdir(exist_ok=True)
+    LEDGER.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
 
 
 def check_targets(
@@ -775,7 +944,8 @@ INTRO = (
 
 def write_tables(world: SmallWorld, plan: Plan) -> None:
     """bench/results/repair.md (ours and the comparison methods) and ablation.md (restore
-    with one lever moved), each from the rows the current code measured."""
+    with one lever moved), each from the rows the current code measured; and the ledger."""
+    write_ledger(world, plan)
     aligned = reference_measures(world, None) or {}
     aligned_nf4 = nf4_measures(world, None, "none")
     machine = results_io.machine()
@@ -829,7 +999,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         " settings and a digest of the code that measures it: the package but "
         + ", ".join([*(f"{d}/" for d in NOT_MEASURING), *NOT_MEASURING_FILES])
         + ", and the repair benches; the judge and the prompt sets); nothing is carried"
-        " from an older table.",
+        " from an older table." + restored_line(rows),
         "",
         *footer,
     ]
@@ -864,7 +1034,8 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         "",
         *target_lines(lever_targets),
         "",
-        f"Not run yet: {', '.join(m for m in missing if m.split('/')[1] in plan.variants) or 'none'}.",
+        f"Not run yet: {', '.join(m for m in missing if m.split('/')[1] in plan.variants) or 'none'}."
+        + restored_line(lever_rows),
         "",
         *footer,
     ]
@@ -878,6 +1049,18 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
             "machine": machine,
             "measured_by": measured_by(),
         },
+    )
+
+
+def restored_line(rows: list[dict[str, Any]]) -> str:
+    """Which rows an earlier session measured (each session starts with an empty cache)."""
+    back = [f"{r['adapter']}/{r['method']}" for r in rows if r.get("restored")]
+    if not back:
+        return ""
+    return (
+        f" Measured in an earlier session by this same code over the same world files (same"
+        f" key, same sha256 of the bases' and the adapter's weights) and restored from"
+        f" {LEDGER.name}: {', '.join(back)}."
     )
 
 
@@ -898,8 +1081,10 @@ def main() -> None:
     ap.add_argument("--compare", default=",".join(COMPARE_ADAPTERS), help="Adapters the "
                     "comparison methods and the ablation run on.")  # fmt: skip
     ap.add_argument("--methods", default=",".join(OURS), help="Ours, on --adapters.")
-    ap.add_argument("--baselines", default=",".join(("project", "both", *BASELINES)))
-    ap.add_argument("--variants", default="all", help="Ablation variants, on --compare.")
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="Comparison methods, on"
+                    " --compare (also: project, both; all: every one).")  # fmt: skip
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help="Ablation variants,"
+                    " on --compare (all: every one, ratio, grad and no-rollback too).")  # fmt: skip
     ap.add_argument("--sst2", default=str(HERE / "data" / "sst2"))
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--no-run", action="store_true", help="Only write the tables of what is done.")
@@ -930,6 +1115,7 @@ def main() -> None:
         baselines=names(args.baselines, (*METHODS, *BASELINES), "baseline(s)"),
         variants=names(args.variants, tuple(VARIANTS), "variant(s)"),
     )
+    restore_from_ledger(world, plan)
     if not args.no_run:
         for name in dict.fromkeys((*plan.adapters, *plan.compare)):
             if not world.artifacts[f"adapter-{name}"].done(world.root):
@@ -948,7 +1134,7 @@ def main() -> None:
                     failed.append(f"{adapter}/{method}")
                     logging.error("%s/%s failed; going on", adapter, method)
                     continue
-            if not args.no_nf4 and method not in ("dense", "irr"):
+            if not args.no_nf4 and method not in NO_NF4:
                 for row in ((None, "none"), (adapter, "none"), (adapter, method)):
                     if not nf4_artifact(world, *row).done(world.root):
                         run_nf4(world, *row)

@@ -6,6 +6,8 @@ from __future__ import annotations
 import dataclasses
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -57,3 +59,111 @@ def test_a_changed_repair_default_changes_the_key_of_the_rows_that_use_it() -> N
     assert bench_repair.config_key(moved) != key
     fisher = bench_repair.repair_config("restore-fisher")
     assert bench_repair.config_key(fisher)["restore"]["score"] == "fisher"
+
+
+def _world(root: Path, adapter_bytes: bytes = b"adapter") -> Any:
+    """A stand-in for the small world's files and keys: what the ledger reads of a world."""
+    from adapter_repair.beds.artifacts import Artifact
+
+    for name, data in (("aligned", b"aligned"), ("unaligned", b"unaligned")):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        (root / name / "model.safetensors").write_bytes(data)
+    (root / "a").mkdir(exist_ok=True)
+    (root / "a" / "adapter_model.safetensors").write_bytes(adapter_bytes)
+    bench_repair._sha256.cache_clear()
+    return SimpleNamespace(
+        root=root / "cache",
+        aligned_dir=root / "aligned",
+        unaligned_dir=root / "unaligned",
+        adapter_dir=lambda name: root / name,
+        artifacts={n: Artifact(n, {"recipe": 1}) for n in ("aligned", "unaligned", "adapter-a")},
+    )
+
+
+def _rate(k: int, n: int) -> dict[str, Any]:
+    return {"k": k, "n": n, "rate": k / n}
+
+
+def _measure_everything(world: Any, plan: Any) -> None:
+    """Every artifact of the plan built with made-up measures, as a finished campaign."""
+    for i, m in enumerate(bench_repair.plan_artifacts(world, plan)):
+        facts: dict[str, Any] = {
+            "measures": {"harmful_rate": _rate(i, 175)},
+            "task_exact": _rate(800 - i, 872),
+        }
+        if m.kind == "repair":
+            history = [{"step": s} for s in range(4)]
+            facts.update(
+                repair={"changed": 0.12, "stopped": "target", "kept_step": 3, "history": history},
+                repair_seconds=60.0,
+                peak_rss_gb=2.5,
+            )
+        m.art.build(world.root, lambda _out, facts=facts: facts)
+
+
+PLAN = bench_repair.Plan(
+    adapters=("a",), compare=("a",), methods=("restore",), baselines=("dense",), variants=()
+)
+
+
+def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_files(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A session's machine starts with an empty cache: rows measured by the same code over the
+    same world bytes come back from the committed ledger; other bytes or another key do not."""
+    monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
+    first = _world(tmp_path / "one")
+    _measure_everything(first, PLAN)
+    bench_repair.write_ledger(first, PLAN)
+    rows = bench_repair.collect(first, ["a"], ["restore", "dense"])
+    assert [r["method"] for r in rows] == ["none", "restore", "dense"]
+    assert not any(r["restored"] for r in rows)
+
+    # a fresh machine, the same world bytes: every row back, the same numbers
+    fresh = _world(tmp_path / "two")
+    assert bench_repair.restore_from_ledger(fresh, PLAN) == len(
+        bench_repair.plan_artifacts(fresh, PLAN)
+    )
+    back = bench_repair.collect(fresh, ["a"], ["restore", "dense"])
+    assert all(r["restored"] for r in back)
+    strip = [{k: v for k, v in r.items() if k != "restored"} for r in rows]
+    assert [{k: v for k, v in r.items() if k != "restored"} for r in back] == strip
+    assert back[1]["steps"] == 4 and back[1]["nf4"]["task_exact"] == rows[1]["nf4"]["task_exact"]
+    assert "restored" in bench_repair.restored_line(back)
+    assert bench_repair.restore_from_ledger(fresh, PLAN) == 0  # already there
+
+    # the adapter built to other bytes: only the aligned base's rows come back
+    other = _world(tmp_path / "three", adapter_bytes=b"another build")
+    assert bench_repair.restore_from_ledger(other, PLAN) == 2
+    assert [r["method"] for r in bench_repair.collect(other, ["a"], ["restore", "dense"])] == []
+
+    # an empty machine rewriting the ledger keeps what it has not measured
+    bench_repair.write_ledger(_world(tmp_path / "four"), PLAN)
+    assert len(bench_repair.read_ledger()) == len(bench_repair.plan_artifacts(first, PLAN))
+
+    # changed code: no key matches, nothing comes back, and the stale entries are dropped
+    monkeypatch.setitem(bench_repair.MEASURED_BY, "code", "0" * 64)
+    changed = _world(tmp_path / "five")
+    assert bench_repair.restore_from_ledger(changed, PLAN) == 0
+    bench_repair.write_ledger(changed, PLAN)
+    assert bench_repair.read_ledger() == {}
+
+
+def test_a_repair_comes_back_only_with_its_measures_over_the_4bit_base(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """The ledger keeps no repaired adapter, so a repair without its 4-bit row could never
+    get one: it is measured anew instead."""
+    monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
+    first = _world(tmp_path / "one")
+    _measure_everything(first, PLAN)
+    bench_repair.write_ledger(first, PLAN)
+    nf4 = bench_repair.nf4_artifact(first, "a", "restore").key
+    lines = bench_repair.LEDGER.read_text().splitlines()
+    kept = [line for line in lines if nf4 not in line]
+    assert len(kept) == len(lines) - 1
+    bench_repair.LEDGER.write_text("\n".join(kept) + "\n")
+    fresh = _world(tmp_path / "two")
+    bench_repair.restore_from_ledger(fresh, PLAN)
+    assert not bench_repair.artifact(fresh, "a", "restore").done(fresh.root)
+    assert bench_repair.artifact(fresh, "a", "dense").done(fresh.root)  # no 4-bit row to need
