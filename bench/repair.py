@@ -172,15 +172,22 @@ MEASURED_BY = {"code": source_digest(measuring_code()), "judge": "substring"}
 DIGEST_ENV = "ADAPTER_REPAIR_BENCH_DIGEST"
 
 
-def measured_by() -> dict[str, Any]:
-    """MEASURED_BY with the prompt sets' digests (read when a key is made, not at import)."""
+@functools.cache
+def _prompt_digests() -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
+    """The prompt sets' split digests, read once (the files do not change under a run)."""
     from adapter_repair.measure import prompts as P
 
     splits = P.split_record()
-    digests = {
-        name: {s: rec["sha256"] for s, rec in splits[name].items()}
+    return tuple(
+        (name, tuple((s, rec["sha256"]) for s, rec in splits[name].items()))
         for name in ("harmful", "benign")
-    }
+    )
+
+
+def measured_by() -> dict[str, Any]:
+    """MEASURED_BY with the prompt sets' digests (read when a key is first made, not at
+    import)."""
+    digests = {name: dict(splits) for name, splits in _prompt_digests()}
     return {**MEASURED_BY, "prompts": digests}
 
 
@@ -731,12 +738,20 @@ def _recorded(record: dict[str, Any], _out: Path) -> dict[str, Any]:
     return record
 
 
-def write_ledger(world: SmallWorld, plan: Plan) -> None:
-    """The ledger rewritten: every done artifact of the plan, and the entries under a current
-    key that this machine has not made (an entry under a stale key can never be restored)."""
+def every_run(world: SmallWorld) -> Plan:
+    """The plan of every row this code can make: each method, baseline and variant on every
+    zoo adapter (the ledger keeps what any plan measured)."""
+    zoo = tuple(e.name for e in world.recipe.zoo)
+    return Plan(zoo, zoo, METHODS, BASELINES, tuple(VARIANTS))
+
+
+def write_ledger(world: SmallWorld) -> None:
+    """The ledger rewritten: every done artifact of any plan, and the entries under a current
+    key that this machine has not made; an entry under a stale key (other code, settings or
+    prompt sets) can never be restored and is dropped."""
     old = read_ledger()
     entries = []
-    for m in plan_artifacts(world, plan):
+    for m in plan_artifacts(world, every_run(world)):
         inputs = world_inputs(world, m.adapter)
         if m.art.done(world.root) and inputs is not None:
             entries.append(
@@ -945,7 +960,7 @@ INTRO = (
 def write_tables(world: SmallWorld, plan: Plan) -> None:
     """bench/results/repair.md (ours and the comparison methods) and ablation.md (restore
     with one lever moved), each from the rows the current code measured; and the ledger."""
-    write_ledger(world, plan)
+    write_ledger(world)
     aligned = reference_measures(world, None) or {}
     aligned_nf4 = nf4_measures(world, None, "none")
     machine = results_io.machine()

@@ -77,6 +77,7 @@ def _world(root: Path, adapter_bytes: bytes = b"adapter") -> Any:
         unaligned_dir=root / "unaligned",
         adapter_dir=lambda name: root / name,
         artifacts={n: Artifact(n, {"recipe": 1}) for n in ("aligned", "unaligned", "adapter-a")},
+        recipe=SimpleNamespace(zoo=[SimpleNamespace(name="a")]),
     )
 
 
@@ -114,7 +115,7 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
     first = _world(tmp_path / "one")
     _measure_everything(first, PLAN)
-    bench_repair.write_ledger(first, PLAN)
+    bench_repair.write_ledger(first)
     rows = bench_repair.collect(first, ["a"], ["restore", "dense"])
     assert [r["method"] for r in rows] == ["none", "restore", "dense"]
     assert not any(r["restored"] for r in rows)
@@ -138,14 +139,14 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     assert [r["method"] for r in bench_repair.collect(other, ["a"], ["restore", "dense"])] == []
 
     # an empty machine rewriting the ledger keeps what it has not measured
-    bench_repair.write_ledger(_world(tmp_path / "four"), PLAN)
+    bench_repair.write_ledger(_world(tmp_path / "four"))
     assert len(bench_repair.read_ledger()) == len(bench_repair.plan_artifacts(first, PLAN))
 
     # changed code: no key matches, nothing comes back, and the stale entries are dropped
     monkeypatch.setitem(bench_repair.MEASURED_BY, "code", "0" * 64)
     changed = _world(tmp_path / "five")
     assert bench_repair.restore_from_ledger(changed, PLAN) == 0
-    bench_repair.write_ledger(changed, PLAN)
+    bench_repair.write_ledger(changed)
     assert bench_repair.read_ledger() == {}
 
 
@@ -157,7 +158,7 @@ def test_a_repair_comes_back_only_with_its_measures_over_the_4bit_base(
     monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
     first = _world(tmp_path / "one")
     _measure_everything(first, PLAN)
-    bench_repair.write_ledger(first, PLAN)
+    bench_repair.write_ledger(first)
     nf4 = bench_repair.nf4_artifact(first, "a", "restore").key
     lines = bench_repair.LEDGER.read_text().splitlines()
     kept = [line for line in lines if nf4 not in line]
