@@ -699,12 +699,20 @@ def ledger_facts(world: SmallWorld, made: Made) -> dict[str, Any]:
     return facts
 
 
-def read_ledger() -> dict[str, dict[str, Any]]:
-    """The ledger's entries by artifact folder name (name-key)."""
+Entry = tuple[str, str]  #: a ledger entry's place: (artifact folder name, its inputs as JSON)
+
+
+def _inputs_key(inputs: dict[str, str] | None) -> str:
+    return json.dumps(inputs, sort_keys=True)
+
+
+def read_ledger() -> dict[Entry, dict[str, Any]]:
+    """The ledger's entries by artifact folder name (name-key) and world files: builds of the
+    world on other machines (other bytes) keep entries side by side."""
     if not LEDGER.is_file():
         return {}
     lines = (json.loads(line) for line in LEDGER.read_text().splitlines() if line.strip())
-    return {f"{e['name']}-{e['key']}": e for e in lines}
+    return {(f"{e['name']}-{e['key']}", _inputs_key(e["inputs"])): e for e in lines}
 
 
 def restore_from_ledger(world: SmallWorld, plan: Plan) -> int:
@@ -715,8 +723,10 @@ def restore_from_ledger(world: SmallWorld, plan: Plan) -> int:
     made = plan_artifacts(world, plan)
 
     def entry(art: Artifact, adapter: str | None) -> dict[str, Any] | None:
-        e = ledger.get(art.path(world.root).name)
-        return e if e is not None and e["inputs"] == world_inputs(world, adapter) else None
+        inputs = world_inputs(world, adapter)
+        if inputs is None:
+            return None
+        return ledger.get((art.path(world.root).name, _inputs_key(inputs)))
 
     restored = 0
     for m in made:
@@ -746,26 +756,36 @@ def every_run(world: SmallWorld) -> Plan:
 
 
 def write_ledger(world: SmallWorld) -> None:
-    """The ledger rewritten: every done artifact of any plan, and the entries under a current
-    key that this machine has not made; an entry under a stale key (other code, settings or
-    prompt sets) can never be restored and is dropped."""
+    """The ledger rewritten: every done artifact of any plan (over this machine's world
+    files), and the entries under a current key that this machine has not made or made over
+    other world files; an entry under a stale key (other code, settings or prompt sets) can
+    never be restored and is dropped."""
     old = read_ledger()
-    entries = []
+    entries: dict[Entry, dict[str, Any]] = {}
     for m in plan_artifacts(world, every_run(world)):
+        name = m.art.path(world.root).name
+        entries.update(sorted((k, e) for k, e in old.items() if k[0] == name))
         inputs = world_inputs(world, m.adapter)
         if m.art.done(world.root) and inputs is not None:
-            entries.append(
-                {
-                    "name": m.art.name,
-                    "key": m.art.key,
-                    "inputs": inputs,
-                    "facts": ledger_facts(world, m),
-                }
-            )
-        elif m.art.path(world.root).name in old:
-            entries.append(old[m.art.path(world.root).name])
+            entries[(name, _inputs_key(inputs))] = {
+                "name": m.art.name,
+                "key": m.art.key,
+                "inputs": inputs,
+                "facts": ledger_facts(world, m),
+            }
     LEDGER.parent.mkdir(exist_ok=True)
-    LEDGER.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries))
+    LEDGER.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries.values()))
+
+
+def world_line(world: SmallWorld) -> str:
+    """Which build of the world the rows stand on (builds on other machines differ in bytes)."""
+    inputs = world_inputs(world, None)
+    if inputs is None:
+        return ""
+    return (
+        f" World build: the aligned base's weights sha256 {inputs['aligned'][:12]}, the"
+        f" unaligned base's {inputs['unaligned'][:12]}."
+    )
 
 
 def check_targets(
@@ -1014,7 +1034,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         " settings and a digest of the code that measures it: the package but "
         + ", ".join([*(f"{d}/" for d in NOT_MEASURING), *NOT_MEASURING_FILES])
         + ", and the repair benches; the judge and the prompt sets); nothing is carried"
-        " from an older table." + restored_line(rows),
+        " from an older table." + restored_line(rows) + world_line(world),
         "",
         *footer,
     ]
@@ -1050,7 +1070,8 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         *target_lines(lever_targets),
         "",
         f"Not run yet: {', '.join(m for m in missing if m.split('/')[1] in plan.variants) or 'none'}."
-        + restored_line(lever_rows),
+        + restored_line(lever_rows)
+        + world_line(world),
         "",
         *footer,
     ]

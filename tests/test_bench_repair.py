@@ -139,8 +139,19 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     assert [r["method"] for r in bench_repair.collect(other, ["a"], ["restore", "dense"])] == []
 
     # an empty machine rewriting the ledger keeps what it has not measured
+    n = len(bench_repair.plan_artifacts(first, PLAN))
     bench_repair.write_ledger(_world(tmp_path / "four"))
-    assert len(bench_repair.read_ledger()) == len(bench_repair.plan_artifacts(first, PLAN))
+    assert len(bench_repair.read_ledger()) == n
+
+    # the other build measures its own rows beside the first build's, and each comes back
+    # only to its own build
+    _measure_everything(other, PLAN)
+    bench_repair.write_ledger(other)
+    assert len(bench_repair.read_ledger()) == n + n - 2  # the aligned base's rows are shared
+    again = _world(tmp_path / "six")
+    assert bench_repair.restore_from_ledger(again, PLAN) == n
+    assert bench_repair.collect(again, ["a"], ["restore"])[1]["changed"] == 0.12
+    assert bench_repair.world_line(again).startswith(" World build:")
 
     # changed code: no key matches, nothing comes back, and the stale entries are dropped
     monkeypatch.setitem(bench_repair.MEASURED_BY, "code", "0" * 64)
