@@ -585,8 +585,9 @@ def collect(world: SmallWorld, adapters: list[str], methods: list[str]) -> list[
             "nf4": nf4_measures(world, adapter, "none"),
         }
         if unrepaired["measures"] or unrepaired["nf4"]:  # only what was measured is a row
-            ref = reference_artifact(world, adapter)
-            back = ref.done(world.root) and RESTORED in ref.info(world.root)
+            back = origins(
+                world, reference_artifact(world, adapter), nf4_artifact(world, adapter, "none")
+            )
             rows.append({"adapter": adapter, "method": "none", **unrepaired, "restored": back})
         for method in methods:
             art = artifact(world, adapter, method)
@@ -600,7 +601,7 @@ def collect(world: SmallWorld, adapters: list[str], methods: list[str]) -> list[
                     "measures": {**info["measures"], "task_exact": exact_of(world, art)},
                     "nf4": nf4_measures(world, adapter, method),
                     **repair_facts(info),
-                    "restored": RESTORED in info,
+                    "restored": origins(world, art, nf4_artifact(world, adapter, method)),
                 }
             )
     return rows
@@ -627,6 +628,8 @@ def repair_facts(info: dict[str, Any]) -> dict[str, Any]:
 #: the world files it was measured on; restored only where both match (restore_from_ledger)
 LEDGER = results_io.RESULTS / "repair_ledger.jsonl"
 RESTORED = "restored_from"  #: the record field that marks a restored artifact
+#: the machine a ledger entry was measured on (its times and memory are that machine's)
+MACHINE = results_io.machine()
 NO_NF4 = ("dense", "irr")  #: methods whose output is a dense model: no row over 4-bit
 
 
@@ -637,7 +640,7 @@ def _sha256(path: str) -> str:
 
 def world_inputs(world: SmallWorld, adapter: str | None) -> dict[str, str] | None:
     """sha256 of the built world files a row stands on: the aligned and unaligned bases'
-    weights and the zoo adapter's (None while one is not built). The world's artifacts are
+    weights and the zoo adapter's (None while one is not built), and of the SST-2 rows. The world's artifacts are
     keyed by recipe; a build on another machine need not give the same bytes, and then its
     rows are measured anew."""
     files = {
@@ -648,7 +651,17 @@ def world_inputs(world: SmallWorld, adapter: str | None) -> dict[str, str] | Non
         files["adapter"] = world.adapter_dir(adapter) / "adapter_model.safetensors"
     if not all(f.is_file() for f in files.values()):
         return None
-    return {k: _sha256(str(f)) for k, f in files.items()}
+    return {
+        **{k: _sha256(str(f)) for k, f in files.items()},
+        "sst2": _sst2_digest(world),  # the guard's and the scored rows (--sst2 may move them)
+    }
+
+
+def _sst2_digest(world: SmallWorld) -> str:
+    """The SST-2 rows a row's guard and score read: neither is in a world recipe's key."""
+    return hashlib.sha256(
+        (world.task_guard(GUARD_ROWS).digest() + world.task_eval().digest()).encode()
+    ).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -660,6 +673,7 @@ class Made:
     adapter: str | None
     kind: str
     nf4: Artifact | None = None
+    of: Artifact | None = None  #: for a repaired adapter's 4-bit row, its repair
 
 
 def plan_artifacts(world: SmallWorld, plan: Plan) -> list[Made]:
@@ -675,9 +689,10 @@ def plan_artifacts(world: SmallWorld, plan: Plan) -> list[Made]:
         ]
     for adapter, method in plan.runs():
         nf4 = None if method in NO_NF4 else nf4_artifact(world, adapter, method)
-        out.append(Made(artifact(world, adapter, method), adapter, "repair", nf4))
+        repaired = artifact(world, adapter, method)
+        out.append(Made(repaired, adapter, "repair", nf4))
         if nf4 is not None:
-            out.append(Made(nf4, adapter, "nf4"))
+            out.append(Made(nf4, adapter, "nf4", of=repaired))
     return out
 
 
@@ -711,8 +726,17 @@ def read_ledger() -> dict[Entry, dict[str, Any]]:
     world on other machines (other bytes) keep entries side by side."""
     if not LEDGER.is_file():
         return {}
-    lines = (json.loads(line) for line in LEDGER.read_text().splitlines() if line.strip())
-    return {(f"{e['name']}-{e['key']}", _inputs_key(e["inputs"])): e for e in lines}
+    out = {}
+    for n, line in enumerate(LEDGER.read_text().splitlines(), 1):
+        try:
+            e = json.loads(line)
+            out[(f"{e['name']}-{e['key']}", _inputs_key(e["inputs"]))] = e
+        except (ValueError, KeyError) as err:
+            raise SystemExit(
+                f"error: {LEDGER}:{n} is not a ledger entry ({err}); restore the file from git"
+                " (git checkout -- bench/results/repair_ledger.jsonl) and rerun"
+            ) from err
+    return out
 
 
 def restore_from_ledger(world: SmallWorld, plan: Plan) -> int:
@@ -735,12 +759,22 @@ def restore_from_ledger(world: SmallWorld, plan: Plan) -> int:
             continue
         if m.nf4 is not None and not (m.nf4.done(world.root) or entry(m.nf4, m.adapter)):
             continue
-        record = {**e["facts"], RESTORED: {"ledger": LEDGER.name, "inputs": e["inputs"]}}
+        if m.of is not None and not is_restored(world, m.of):
+            continue  # measures of a repair made here are taken here, never another's
+        record = {
+            **e["facts"],
+            RESTORED: {"ledger": LEDGER.name, "inputs": e["inputs"], "machine": e["machine"]},
+        }
         m.art.build(world.root, functools.partial(_recorded, record))
         restored += 1
     if restored:
         logging.info("restored %d artifact(s) from %s", restored, LEDGER.name)
     return restored
+
+
+def is_restored(world: SmallWorld, art: Artifact) -> bool:
+    """Whether a done artifact came from the ledger (False while not done)."""
+    return art.done(world.root) and RESTORED in art.info(world.root)
 
 
 def _recorded(record: dict[str, Any], _out: Path) -> dict[str, Any]:
@@ -767,14 +801,18 @@ def write_ledger(world: SmallWorld) -> None:
         entries.update(sorted((k, e) for k, e in old.items() if k[0] == name))
         inputs = world_inputs(world, m.adapter)
         if m.art.done(world.root) and inputs is not None:
+            info = m.art.info(world.root)
             entries[(name, _inputs_key(inputs))] = {
                 "name": m.art.name,
                 "key": m.art.key,
                 "inputs": inputs,
+                "machine": info[RESTORED]["machine"] if RESTORED in info else MACHINE,
                 "facts": ledger_facts(world, m),
             }
     LEDGER.parent.mkdir(exist_ok=True)
-    LEDGER.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries.values()))
+    tmp = LEDGER.with_suffix(".jsonl.tmp")  # a run killed while writing leaves the old file
+    tmp.write_text("".join(json.dumps(e, sort_keys=True) + "\n" for e in entries.values()))
+    os.replace(tmp, LEDGER)
 
 
 def world_line(world: SmallWorld) -> str:
@@ -1034,7 +1072,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         " settings and a digest of the code that measures it: the package but "
         + ", ".join([*(f"{d}/" for d in NOT_MEASURING), *NOT_MEASURING_FILES])
         + ", and the repair benches; the judge and the prompt sets); nothing is carried"
-        " from an older table." + restored_line(rows) + world_line(world),
+        " from an older table." + restored_line(world, rows) + world_line(world),
         "",
         *footer,
     ]
@@ -1070,7 +1108,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         *target_lines(lever_targets),
         "",
         f"Not run yet: {', '.join(m for m in missing if m.split('/')[1] in plan.variants) or 'none'}."
-        + restored_line(lever_rows)
+        + restored_line(world, lever_rows)
         + world_line(world),
         "",
         *footer,
@@ -1088,15 +1126,34 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
     )
 
 
-def restored_line(rows: list[dict[str, Any]]) -> str:
-    """Which rows an earlier session measured (each session starts with an empty cache)."""
-    back = [f"{r['adapter']}/{r['method']}" for r in rows if r.get("restored")]
+def origins(world: SmallWorld, merged: Artifact, nf4: Artifact) -> dict[str, str]:
+    """The columns of a row that came from the ledger (merged, 4-bit), each with the machine
+    that measured it."""
+    out = {}
+    for column, art in (("merged", merged), ("4-bit", nf4)):
+        if is_restored(world, art):
+            out[column] = art.info(world.root)[RESTORED]["machine"]
+    return out
+
+
+def restored_line(world: SmallWorld, rows: list[dict[str, Any]]) -> str:
+    """Which measures an earlier session took (each session starts with an empty cache), and
+    on which machine (a restored row's times and memory are that machine's)."""
+    aligned = origins(world, reference_artifact(world, None), nf4_artifact(world, None, "none"))
+    named = [("aligned base", aligned)] + [
+        (f"{r['adapter']}/{r['method']}", r.get("restored") or {}) for r in rows
+    ]
+    back = [
+        f"{name} ({', '.join(cols)}; on {'; '.join(sorted(set(cols.values())))})"
+        for name, cols in named
+        if cols
+    ]
     if not back:
         return ""
     return (
-        f" Measured in an earlier session by this same code over the same world files (same"
-        f" key, same sha256 of the bases' and the adapter's weights) and restored from"
-        f" {LEDGER.name}: {', '.join(back)}."
+        " Measured in an earlier session by this same code over the same world files (same"
+        " key; same sha256 of the bases' and the adapter's weights and of the SST-2 rows) and"
+        f" restored from {LEDGER.name}: {', '.join(back)}."
     )
 
 

@@ -4,10 +4,13 @@ code produced."""
 from __future__ import annotations
 
 import dataclasses
+import re
 import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -68,16 +71,21 @@ def _world(root: Path, adapter_bytes: bytes = b"adapter") -> Any:
     for name, data in (("aligned", b"aligned"), ("unaligned", b"unaligned")):
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / "model.safetensors").write_bytes(data)
-    (root / "a").mkdir(exist_ok=True)
-    (root / "a" / "adapter_model.safetensors").write_bytes(adapter_bytes)
+    for name in ("a", "b"):
+        (root / name).mkdir(exist_ok=True)
+        (root / name / "adapter_model.safetensors").write_bytes(adapter_bytes + name.encode())
     bench_repair._sha256.cache_clear()
+    rows = SimpleNamespace(digest=lambda: "sst2 rows")
+    names = ("aligned", "unaligned", "adapter-a", "adapter-b")
     return SimpleNamespace(
         root=root / "cache",
         aligned_dir=root / "aligned",
         unaligned_dir=root / "unaligned",
         adapter_dir=lambda name: root / name,
-        artifacts={n: Artifact(n, {"recipe": 1}) for n in ("aligned", "unaligned", "adapter-a")},
-        recipe=SimpleNamespace(zoo=[SimpleNamespace(name="a")]),
+        artifacts={n: Artifact(n, {"recipe": 1}) for n in names},
+        recipe=SimpleNamespace(zoo=[SimpleNamespace(name="a"), SimpleNamespace(name="b")]),
+        task_guard=lambda n: rows,
+        task_eval=lambda: rows,
     )
 
 
@@ -85,9 +93,11 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"k": k, "n": n, "rate": k / n}
 
 
-def _measure_everything(world: Any, plan: Any) -> None:
+def _measure_everything(world: Any, plan: Any, changed: float = 0.12) -> None:
     """Every artifact of the plan built with made-up measures, as a finished campaign."""
     for i, m in enumerate(bench_repair.plan_artifacts(world, plan)):
+        if m.art.done(world.root):
+            continue
         facts: dict[str, Any] = {
             "measures": {"harmful_rate": _rate(i, 175)},
             "task_exact": _rate(800 - i, 872),
@@ -95,7 +105,12 @@ def _measure_everything(world: Any, plan: Any) -> None:
         if m.kind == "repair":
             history = [{"step": s} for s in range(4)]
             facts.update(
-                repair={"changed": 0.12, "stopped": "target", "kept_step": 3, "history": history},
+                repair={
+                    "changed": changed,
+                    "stopped": "target",
+                    "kept_step": 3,
+                    "history": history,
+                },
                 repair_seconds=60.0,
                 peak_rss_gb=2.5,
             )
@@ -113,24 +128,29 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     """A session's machine starts with an empty cache: rows measured by the same code over the
     same world bytes come back from the committed ledger; other bytes or another key do not."""
     monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
+    n = len(bench_repair.plan_artifacts(_world(tmp_path / "zero"), PLAN))
     first = _world(tmp_path / "one")
     _measure_everything(first, PLAN)
     bench_repair.write_ledger(first)
+    assert len(bench_repair.read_ledger()) == n
     rows = bench_repair.collect(first, ["a"], ["restore", "dense"])
     assert [r["method"] for r in rows] == ["none", "restore", "dense"]
-    assert not any(r["restored"] for r in rows)
+    assert not any(r["restored"] for r in rows) and bench_repair.restored_line(first, rows) == ""
 
     # a fresh machine, the same world bytes: every row back, the same numbers
     fresh = _world(tmp_path / "two")
-    assert bench_repair.restore_from_ledger(fresh, PLAN) == len(
-        bench_repair.plan_artifacts(fresh, PLAN)
-    )
+    assert bench_repair.restore_from_ledger(fresh, PLAN) == n
     back = bench_repair.collect(fresh, ["a"], ["restore", "dense"])
-    assert all(r["restored"] for r in back)
+    assert [r["restored"] for r in back] == [
+        {"merged": bench_repair.MACHINE, "4-bit": bench_repair.MACHINE},
+        {"merged": bench_repair.MACHINE, "4-bit": bench_repair.MACHINE},
+        {"merged": bench_repair.MACHINE},  # dense: no row over 4-bit
+    ]
     strip = [{k: v for k, v in r.items() if k != "restored"} for r in rows]
     assert [{k: v for k, v in r.items() if k != "restored"} for r in back] == strip
     assert back[1]["steps"] == 4 and back[1]["nf4"]["task_exact"] == rows[1]["nf4"]["task_exact"]
-    assert "restored" in bench_repair.restored_line(back)
+    line = bench_repair.restored_line(fresh, back)
+    assert "aligned base (merged, 4-bit" in line and "a/dense (merged; on" in line
     assert bench_repair.restore_from_ledger(fresh, PLAN) == 0  # already there
 
     # the adapter built to other bytes: only the aligned base's rows come back
@@ -139,39 +159,68 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     assert [r["method"] for r in bench_repair.collect(other, ["a"], ["restore", "dense"])] == []
 
     # an empty machine rewriting the ledger keeps what it has not measured
-    n = len(bench_repair.plan_artifacts(first, PLAN))
     bench_repair.write_ledger(_world(tmp_path / "four"))
     assert len(bench_repair.read_ledger()) == n
 
-    # the other build measures its own rows beside the first build's, and each comes back
-    # only to its own build
-    _measure_everything(other, PLAN)
+    # the other build measures its own rows beside the first build's (the aligned base's are
+    # shared), and each build gets its own numbers back
+    _measure_everything(other, PLAN, changed=0.34)
     bench_repair.write_ledger(other)
-    assert len(bench_repair.read_ledger()) == n + n - 2  # the aligned base's rows are shared
-    again = _world(tmp_path / "six")
-    assert bench_repair.restore_from_ledger(again, PLAN) == n
-    assert bench_repair.collect(again, ["a"], ["restore"])[1]["changed"] == 0.12
-    assert bench_repair.world_line(again).startswith(" World build:")
+    assert len(bench_repair.read_ledger()) == n + n - 2
+    for root, adapter_bytes, changed in (
+        ("five", b"adapter", 0.12),
+        ("six", b"another build", 0.34),
+    ):
+        again = _world(tmp_path / root, adapter_bytes=adapter_bytes)
+        assert bench_repair.restore_from_ledger(again, PLAN) == n
+        assert bench_repair.collect(again, ["a"], ["restore"])[1]["changed"] == changed
+        assert bench_repair.world_line(again).startswith(" World build:")
 
     # changed code: no key matches, nothing comes back, and the stale entries are dropped
     monkeypatch.setitem(bench_repair.MEASURED_BY, "code", "0" * 64)
-    changed = _world(tmp_path / "five")
-    assert bench_repair.restore_from_ledger(changed, PLAN) == 0
-    bench_repair.write_ledger(changed)
+    changed_code = _world(tmp_path / "seven")
+    assert bench_repair.restore_from_ledger(changed_code, PLAN) == 0
+    bench_repair.write_ledger(changed_code)
     assert bench_repair.read_ledger() == {}
+
+
+def test_the_ledger_keeps_rows_of_any_plan_and_survives_a_cut_write(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A run with a smaller plan (fewer adapters, no variants) drops none of another plan's
+    entries; a ledger cut mid-line stops the bench with a way out instead of losing rows."""
+    monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
+    wide = bench_repair.Plan(("a", "b"), ("a", "b"), ("restore",), ("dense",), ("restore-heal",))
+    first = _world(tmp_path / "one")
+    _measure_everything(first, wide)
+    bench_repair.write_ledger(first)
+    entries = len(bench_repair.read_ledger())
+    assert entries == len(bench_repair.plan_artifacts(first, wide))
+    fresh = _world(tmp_path / "two")
+    bench_repair.restore_from_ledger(fresh, PLAN)
+    bench_repair.write_ledger(fresh)
+    assert len(bench_repair.read_ledger()) == entries
+    text = bench_repair.LEDGER.read_text()
+    bench_repair.LEDGER.write_text(text[: len(text) // 2])
+    with pytest.raises(
+        SystemExit, match=re.escape("git checkout -- bench/results/repair_ledger.jsonl")
+    ):
+        bench_repair.read_ledger()
 
 
 def test_a_repair_comes_back_only_with_its_measures_over_the_4bit_base(
     tmp_path: Path, monkeypatch
 ) -> None:
-    """The ledger keeps no repaired adapter, so a repair without its 4-bit row could never
-    get one: it is measured anew instead."""
+    """The ledger keeps no repaired adapter: a repair without its 4-bit row could never get
+    one, so it is measured anew; and a repair made here never takes another session's 4-bit
+    measures."""
     monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
     first = _world(tmp_path / "one")
     _measure_everything(first, PLAN)
     bench_repair.write_ledger(first)
+    full = bench_repair.LEDGER.read_text()
     nf4 = bench_repair.nf4_artifact(first, "a", "restore").key
-    lines = bench_repair.LEDGER.read_text().splitlines()
+    lines = full.splitlines()
     kept = [line for line in lines if nf4 not in line]
     assert len(kept) == len(lines) - 1
     bench_repair.LEDGER.write_text("\n".join(kept) + "\n")
@@ -179,3 +228,11 @@ def test_a_repair_comes_back_only_with_its_measures_over_the_4bit_base(
     bench_repair.restore_from_ledger(fresh, PLAN)
     assert not bench_repair.artifact(fresh, "a", "restore").done(fresh.root)
     assert bench_repair.artifact(fresh, "a", "dense").done(fresh.root)  # no 4-bit row to need
+
+    # the repair made here (as after an interrupted run), the ledger holding a 4-bit row
+    bench_repair.artifact(fresh, "a", "restore").build(
+        fresh.root, lambda _out: {"measures": {}, "repair": {}}
+    )
+    bench_repair.LEDGER.write_text(full)
+    bench_repair.restore_from_ledger(fresh, PLAN)
+    assert not bench_repair.nf4_artifact(fresh, "a", "restore").done(fresh.root)
