@@ -5,7 +5,7 @@ task along the whole path, not only where a run stopped. Writes bench/results/cu
 
     python bench/curve.py [--adapter k100-r8] [--method restore-ratio] [--sst2 DIR]
 
-The settings are bench/repair.py's for that method (``restore`` or an ablation variant); the
+The settings are bench/repair_runs.py's for that method (``restore`` or an ablation variant); the
 run and its measures are cached as one small-world artifact, so a second call only rewrites
 the table.
 """
@@ -20,7 +20,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import repair as bench
+import repair_runs as bench
+import repair_tables as tables
 import results_io
 
 from adapter_repair.beds.artifacts import Artifact
@@ -51,7 +52,7 @@ def make(world: SmallWorld, adapter: str, method: str, out: Path) -> dict[str, A
         save_adapter(fixed, folder / "adapter")
         merged, mtok = world.load_merged(folder / "adapter")
         measures = bench.measure_into(folder, world, merged, mtok, f"{adapter} step {step}")
-        measures["task_exact"] = bench.task_exact(folder / "measures.json")
+        measures["task_exact"] = tables.task_exact(folder / "measures.json")
         s = history[step]
         points.append(
             {
@@ -70,7 +71,7 @@ def write(world: SmallWorld, adapter: str, method: str) -> None:
     info = art.info(world.root)
     zoo = world.measures()
     aligned, tuned = zoo.get("aligned") or {}, zoo.get(adapter) or {}
-    r, f = bench.rate, bench.fmt
+    r, f = tables.rate, tables.fmt
     lines = [
         f"| fine-tuned | 0 | - | - | {f(r(tuned, 'harmful_rate'))} |"
         f" {f(r(tuned, 'harmful_rate_xstest'))} | {f(r(tuned, 'over_refusal'))} |"

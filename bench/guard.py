@@ -138,7 +138,7 @@ def calibration_rows(
 
 def run_small(adapter: str, steps: int, score_rows: int) -> list[dict[str, Any]]:
     """The calibration run on one small-world zoo adapter (see the module docstring)."""
-    import repair as bench_repair
+    import repair_runs as bench_repair
 
     from adapter_repair.beds.small import small_world
 

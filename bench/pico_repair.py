@@ -6,9 +6,10 @@ score rows alone. Writes bench/results/pico_repair.md and .json.
     python bench/pico_repair.py [--seeds 0,1] [--variants NAME,...]
 
 The pico worlds are built on first use (about a minute each) and cached. Each row is keyed by
-the world, the settings and a digest of the code that measures it (bench/repair.py's
+the world, the settings and a digest of the code that measures it (bench/repair_runs.py's
 ``measuring_code``: the package but its CLI, Hub client, settings' file and report rendering,
-and the repair benches), the judge and the prompt sets (``measured_by``), appended to a log as it is done (an interrupted run resumes), and the
+and the repair benches that make rows), the judge and the prompt sets (``measured_by``),
+appended to a log as it is done (an interrupted run resumes), and the
 table lists only the rows of this run's keys: nothing is carried from an older table.
 """
 
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import results_io
-from repair import config_key
+from repair_runs import config_key
 
 from adapter_repair.beds.demo import demo_config
 from adapter_repair.beds.pico import PicoRecipe, PicoWorld, build_pico_world

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import baselines as B
-import repair as bench_repair
+import repair_runs as bench_repair
+import repair_tables
 
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.model.loading import attach_adapter, load_base, load_model, load_tokenizer
@@ -85,7 +86,7 @@ def test_one_shot_patch_learns_its_one_example(
 
 
 def test_the_plan_runs_ours_everywhere_and_the_rest_on_the_compare_adapters() -> None:
-    plan = bench_repair.Plan(
+    plan = repair_tables.Plan(
         adapters=("a", "b", "c"),
         compare=("c", "a"),
         methods=("restore",),

@@ -4,6 +4,7 @@ code produced."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import sys
 from pathlib import Path
@@ -14,36 +15,39 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
-import repair as bench_repair
+import repair_runs as runs
+import repair_tables as tables
 
 
 def test_a_changed_source_file_changes_the_digest(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setattr(bench_repair, "ROOT", tmp_path)
+    monkeypatch.setattr(runs, "ROOT", tmp_path)
     a, b = tmp_path / "a.py", tmp_path / "b.py"
     a.write_text("x = 1\n")
     b.write_text("y = 2\n")
-    first = bench_repair.source_digest([a, b])
-    assert bench_repair.source_digest([b, a]) == first  # order of listing does not matter
+    first = runs.source_digest([a, b])
+    assert runs.source_digest([b, a]) == first  # order of listing does not matter
     b.write_text("y = 3\n")
-    assert bench_repair.source_digest([a, b]) != first
+    assert runs.source_digest([a, b]) != first
 
 
 def test_row_keys_hold_the_code_the_judge_and_the_prompt_sets() -> None:
-    by = bench_repair.measured_by()
-    assert by["code"] == bench_repair.MEASURED_BY["code"] and len(by["code"]) == 64
+    by = runs.measured_by()
+    assert by["code"] == runs.MEASURED_BY["code"] and len(by["code"]) == 64
     assert by["judge"] == "substring"
     assert set(by["prompts"]) == {"harmful", "benign"} and by["prompts"]["harmful"]["eval"]
-    assert not hasattr(bench_repair, "carry_previous")
+    assert not hasattr(runs, "carry_previous") and not hasattr(tables, "carry_previous")
 
 
 def test_the_code_digest_covers_what_measures_and_not_the_cli_or_the_hub_client() -> None:
-    files = {str(p.relative_to(bench_repair.ROOT)) for p in bench_repair.measuring_code()}
+    files = {str(p.relative_to(runs.ROOT)) for p in runs.measuring_code()}
     assert "adapter_repair/repair/loop.py" in files
     assert "adapter_repair/measure/generation.py" in files
     assert "adapter_repair/model/loading.py" in files
-    assert "bench/baselines.py" in files and "bench/repair.py" in files
+    assert "bench/baselines.py" in files and "bench/repair_runs.py" in files
+    # the entry point and the tables read rows and make none: their layout can change
+    assert "bench/repair.py" not in files and "bench/repair_tables.py" not in files
     assert not any(f.startswith(("adapter_repair/cli/", "adapter_repair/hub/")) for f in files)
-    assert all((bench_repair.ROOT / f).is_file() for f in files)
+    assert all((runs.ROOT / f).is_file() for f in files)
     # the settings' file is left out because every row's key holds the settings themselves
     assert "adapter_repair/repair/config.py" not in files
     assert "adapter_repair/repair/report.py" not in files
@@ -55,13 +59,13 @@ def test_a_changed_repair_default_changes_the_key_of_the_rows_that_use_it() -> N
     resolved settings, and only the rows that use the changed setting get a new key."""
     from adapter_repair.repair.config import RestoreConfig
 
-    ours = bench_repair.repair_config("restore")
-    key = bench_repair.config_key(ours)
+    ours = runs.repair_config("restore")
+    key = runs.config_key(ours)
     assert key["restore"] == dataclasses.asdict(RestoreConfig())
     moved = dataclasses.replace(ours, restore=dataclasses.replace(ours.restore, heal=7))
-    assert bench_repair.config_key(moved) != key
-    fisher = bench_repair.repair_config("restore-fisher")
-    assert bench_repair.config_key(fisher)["restore"]["score"] == "fisher"
+    assert runs.config_key(moved) != key
+    fisher = runs.repair_config("restore-fisher")
+    assert runs.config_key(fisher)["restore"]["score"] == "fisher"
 
 
 def _world(root: Path, adapter_bytes: bytes = b"adapter") -> Any:
@@ -74,7 +78,7 @@ def _world(root: Path, adapter_bytes: bytes = b"adapter") -> Any:
     for name in ("a", "b"):
         (root / name).mkdir(exist_ok=True)
         (root / name / "adapter_model.safetensors").write_bytes(adapter_bytes + name.encode())
-    bench_repair._sha256.cache_clear()
+    tables._sha256.cache_clear()
     rows = SimpleNamespace(digest=lambda: "sst2 rows")
     names = ("aligned", "unaligned", "adapter-a", "adapter-b")
     return SimpleNamespace(
@@ -95,7 +99,7 @@ def _rate(k: int, n: int) -> dict[str, Any]:
 
 def _measure_everything(world: Any, plan: Any, changed: float = 0.12) -> None:
     """Every artifact of the plan built with made-up measures, as a finished campaign."""
-    for i, m in enumerate(bench_repair.plan_artifacts(world, plan)):
+    for i, m in enumerate(tables.plan_artifacts(world, plan)):
         if m.art.done(world.root):
             continue
         facts: dict[str, Any] = {
@@ -103,7 +107,11 @@ def _measure_everything(world: Any, plan: Any, changed: float = 0.12) -> None:
             "task_exact": _rate(800 - i, 872),
         }
         if m.kind == "repair":
-            history = [{"step": s} for s in range(4)]
+            history = [
+                {"step": s, "seconds": 10.0, "passes_seconds": 8.0, "probe_harmful": None}
+                for s in range(4)
+            ]
+            history[-1].update(seconds=30.0, probe_harmful=0.1)  # the step that measured
             facts.update(
                 repair={
                     "changed": changed,
@@ -117,7 +125,7 @@ def _measure_everything(world: Any, plan: Any, changed: float = 0.12) -> None:
         m.art.build(world.root, lambda _out, facts=facts: facts)
 
 
-PLAN = bench_repair.Plan(
+PLAN = tables.Plan(
     adapters=("a",), compare=("a",), methods=("restore",), baselines=("dense",), variants=()
 )
 
@@ -127,61 +135,64 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
 ) -> None:
     """A session's machine starts with an empty cache: rows measured by the same code over the
     same world bytes come back from the committed ledger; other bytes or another key do not."""
-    monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
-    n = len(bench_repair.plan_artifacts(_world(tmp_path / "zero"), PLAN))
+    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
+    n = len(tables.plan_artifacts(_world(tmp_path / "zero"), PLAN))
     first = _world(tmp_path / "one")
     _measure_everything(first, PLAN)
-    bench_repair.write_ledger(first)
-    assert len(bench_repair.read_ledger()) == n
-    rows = bench_repair.collect(first, ["a"], ["restore", "dense"])
+    tables.write_ledger(first)
+    assert len(tables.read_ledger()) == n
+    rows = tables.collect(first, ["a"], ["restore", "dense"])
     assert [r["method"] for r in rows] == ["none", "restore", "dense"]
-    assert not any(r["restored"] for r in rows) and bench_repair.restored_line(first, rows) == ""
+    assert not any(r["restored"] for r in rows) and tables.restored_line(first, rows) == ""
 
     # a fresh machine, the same world bytes: every row back, the same numbers
     fresh = _world(tmp_path / "two")
-    assert bench_repair.restore_from_ledger(fresh, PLAN) == n
-    back = bench_repair.collect(fresh, ["a"], ["restore", "dense"])
+    assert tables.restore_from_ledger(fresh, PLAN) == n
+    back = tables.collect(fresh, ["a"], ["restore", "dense"])
     assert [r["restored"] for r in back] == [
-        {"merged": bench_repair.MACHINE, "4-bit": bench_repair.MACHINE},
-        {"merged": bench_repair.MACHINE, "4-bit": bench_repair.MACHINE},
-        {"merged": bench_repair.MACHINE},  # dense: no row over 4-bit
+        {"merged": tables.MACHINE, "4-bit": tables.MACHINE},
+        {"merged": tables.MACHINE, "4-bit": tables.MACHINE},
+        {"merged": tables.MACHINE},  # dense: no row over 4-bit
     ]
     strip = [{k: v for k, v in r.items() if k != "restored"} for r in rows]
     assert [{k: v for k, v in r.items() if k != "restored"} for r in back] == strip
     assert back[1]["steps"] == 4 and back[1]["nf4"]["task_exact"] == rows[1]["nf4"]["task_exact"]
-    line = bench_repair.restored_line(fresh, back)
+    # steps 1-3 (step 0 is the start); the two that did not measure: 10 s against 8 s of passes
+    assert rows[1]["step_seconds"] == back[1]["step_seconds"] == 50.0 / 3
+    assert rows[1]["step_over_passes"] == back[1]["step_over_passes"] == 1.25
+    line = tables.restored_line(fresh, back)
     assert "aligned base (merged, 4-bit" in line and "a/dense (merged; on" in line
-    assert bench_repair.restore_from_ledger(fresh, PLAN) == 0  # already there
+    assert tables.restore_from_ledger(fresh, PLAN) == 0  # already there
 
     # the adapter built to other bytes: only the aligned base's rows come back
     other = _world(tmp_path / "three", adapter_bytes=b"another build")
-    assert bench_repair.restore_from_ledger(other, PLAN) == 2
-    assert [r["method"] for r in bench_repair.collect(other, ["a"], ["restore", "dense"])] == []
+    assert tables.restore_from_ledger(other, PLAN) == 2
+    assert [r["method"] for r in tables.collect(other, ["a"], ["restore", "dense"])] == []
 
     # an empty machine rewriting the ledger keeps what it has not measured
-    bench_repair.write_ledger(_world(tmp_path / "four"))
-    assert len(bench_repair.read_ledger()) == n
+    tables.write_ledger(_world(tmp_path / "four"))
+    assert len(tables.read_ledger()) == n
 
     # the other build measures its own rows beside the first build's (the aligned base's are
     # shared), and each build gets its own numbers back
     _measure_everything(other, PLAN, changed=0.34)
-    bench_repair.write_ledger(other)
-    assert len(bench_repair.read_ledger()) == n + n - 2
+    tables.write_ledger(other)
+    assert len(tables.read_ledger()) == n + n - 2
     for root, adapter_bytes, changed in (
         ("five", b"adapter", 0.12),
         ("six", b"another build", 0.34),
     ):
         again = _world(tmp_path / root, adapter_bytes=adapter_bytes)
-        assert bench_repair.restore_from_ledger(again, PLAN) == n
-        assert bench_repair.collect(again, ["a"], ["restore"])[1]["changed"] == changed
-        assert bench_repair.world_line(again).startswith(" World build:")
+        assert tables.restore_from_ledger(again, PLAN) == n
+        assert tables.collect(again, ["a"], ["restore"])[1]["changed"] == changed
+        assert tables.world_line(again).startswith(" World build:")
 
     # changed code: no key matches, nothing comes back, and the stale entries are dropped
-    monkeypatch.setitem(bench_repair.MEASURED_BY, "code", "0" * 64)
+    monkeypatch.setitem(runs.MEASURED_BY, "code", "0" * 64)
     changed_code = _world(tmp_path / "seven")
-    assert bench_repair.restore_from_ledger(changed_code, PLAN) == 0
-    bench_repair.write_ledger(changed_code)
-    assert bench_repair.read_ledger() == {}
+    assert tables.restore_from_ledger(changed_code, PLAN) == 0
+    tables.write_ledger(changed_code)
+    assert tables.read_ledger() == {}
 
 
 def test_the_ledger_keeps_rows_of_any_plan_and_survives_a_cut_write(
@@ -189,23 +200,23 @@ def test_the_ledger_keeps_rows_of_any_plan_and_survives_a_cut_write(
 ) -> None:
     """A run with a smaller plan (fewer adapters, no variants) drops none of another plan's
     entries; a ledger cut mid-line stops the bench with a way out instead of losing rows."""
-    monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
-    wide = bench_repair.Plan(("a", "b"), ("a", "b"), ("restore",), ("dense",), ("restore-heal",))
+    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
+    wide = tables.Plan(("a", "b"), ("a", "b"), ("restore",), ("dense",), ("restore-heal",))
     first = _world(tmp_path / "one")
     _measure_everything(first, wide)
-    bench_repair.write_ledger(first)
-    entries = len(bench_repair.read_ledger())
-    assert entries == len(bench_repair.plan_artifacts(first, wide))
+    tables.write_ledger(first)
+    entries = len(tables.read_ledger())
+    assert entries == len(tables.plan_artifacts(first, wide))
     fresh = _world(tmp_path / "two")
-    bench_repair.restore_from_ledger(fresh, PLAN)
-    bench_repair.write_ledger(fresh)
-    assert len(bench_repair.read_ledger()) == entries
-    text = bench_repair.LEDGER.read_text()
-    bench_repair.LEDGER.write_text(text[: len(text) // 2])
+    tables.restore_from_ledger(fresh, PLAN)
+    tables.write_ledger(fresh)
+    assert len(tables.read_ledger()) == entries
+    text = tables.LEDGER.read_text()
+    tables.LEDGER.write_text(text[: len(text) // 2])
     with pytest.raises(
         SystemExit, match=re.escape("git checkout -- bench/results/repair_ledger.jsonl")
     ):
-        bench_repair.read_ledger()
+        tables.read_ledger()
 
 
 def test_a_repair_comes_back_only_with_its_measures_over_the_4bit_base(
@@ -214,25 +225,49 @@ def test_a_repair_comes_back_only_with_its_measures_over_the_4bit_base(
     """The ledger keeps no repaired adapter: a repair without its 4-bit row could never get
     one, so it is measured anew; and a repair made here never takes another session's 4-bit
     measures."""
-    monkeypatch.setattr(bench_repair, "LEDGER", tmp_path / "ledger.jsonl")
+    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
     first = _world(tmp_path / "one")
     _measure_everything(first, PLAN)
-    bench_repair.write_ledger(first)
-    full = bench_repair.LEDGER.read_text()
-    nf4 = bench_repair.nf4_artifact(first, "a", "restore").key
+    tables.write_ledger(first)
+    full = tables.LEDGER.read_text()
+    nf4 = runs.nf4_artifact(first, "a", "restore").key
     lines = full.splitlines()
     kept = [line for line in lines if nf4 not in line]
     assert len(kept) == len(lines) - 1
-    bench_repair.LEDGER.write_text("\n".join(kept) + "\n")
+    tables.LEDGER.write_text("\n".join(kept) + "\n")
     fresh = _world(tmp_path / "two")
-    bench_repair.restore_from_ledger(fresh, PLAN)
-    assert not bench_repair.artifact(fresh, "a", "restore").done(fresh.root)
-    assert bench_repair.artifact(fresh, "a", "dense").done(fresh.root)  # no 4-bit row to need
+    tables.restore_from_ledger(fresh, PLAN)
+    assert not runs.artifact(fresh, "a", "restore").done(fresh.root)
+    assert runs.artifact(fresh, "a", "dense").done(fresh.root)  # no 4-bit row to need
 
     # the repair made here (as after an interrupted run), the ledger holding a 4-bit row
-    bench_repair.artifact(fresh, "a", "restore").build(
+    runs.artifact(fresh, "a", "restore").build(
         fresh.root, lambda _out: {"measures": {}, "repair": {}}
     )
-    bench_repair.LEDGER.write_text(full)
-    bench_repair.restore_from_ledger(fresh, PLAN)
-    assert not bench_repair.nf4_artifact(fresh, "a", "restore").done(fresh.root)
+    tables.LEDGER.write_text(full)
+    tables.restore_from_ledger(fresh, PLAN)
+    assert not runs.nf4_artifact(fresh, "a", "restore").done(fresh.root)
+
+
+def test_the_tables_name_as_not_run_only_what_is_not_done(tmp_path: Path, monkeypatch) -> None:
+    """An ablation row that was measured is in its table and not in the "Not run yet" list;
+    one that was not is named there (in ablation.md; repair.md names the rest)."""
+    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
+    monkeypatch.setattr(tables.results_io, "RESULTS", tmp_path / "results")
+    world = _world(tmp_path / "w")
+    measured = tables.Plan(("a",), ("a",), ("restore",), ("dense",), ("restore-heal",))
+    _measure_everything(world, measured)
+    wider = tables.Plan(("a",), ("a",), ("restore",), ("dense",), ("restore-heal", "restore-mean"))
+    tables.write_tables(world, wider)
+
+    def not_run(name: str) -> str:
+        md = (tmp_path / "results" / f"{name}.md").read_text()
+        return next(line for line in md.splitlines() if "Not run yet" in line)
+
+    assert "a/restore-mean" in not_run("ablation")
+    assert "restore-heal" not in not_run("ablation")
+    assert "| a | restore-heal |" in (tmp_path / "results" / "ablation.md").read_text()
+    assert "a/dense" not in not_run("repair") and "restore-mean" not in not_run("repair")
+    assert json.loads((tmp_path / "results" / "repair.json").read_text())["missing"] == [
+        "a/restore-mean"
+    ]

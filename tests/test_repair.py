@@ -259,6 +259,8 @@ def test_restoration_zeroes_the_chosen_coordinates_below_L(loaded) -> None:
         assert s.restored == math.ceil(0.05 * n_below)
         assert 0 < s.rolled_back <= math.ceil(0.5 * s.restored)
         assert s.guard is not None and s.guard >= 0  # KL to the reference adapter
+        # the gradient passes are timed inside the step: part of it, not all of it
+        assert 0 < s.passes_seconds < s.seconds
     # each step zeroes exactly what it restored and did not roll back; the rolled-back
     # coordinates are back at their reference values (nothing else changed)
     states = [adapter, *(result.checkpoints[i] for i in (1, 2, 3))]

@@ -20,7 +20,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Concatenate, ParamSpec
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 import torch
 
@@ -86,6 +86,7 @@ from adapter_repair.repair.select import (
 
 logger = logging.getLogger(__name__)
 Params = ParamSpec("Params")
+T = TypeVar("T")
 
 
 @dataclass
@@ -105,6 +106,9 @@ class Step:
     backtracked: bool = False  #: the guard failed here and the state went back
     heal_loss: float | None = None  #: the heal's last loss (with --heal)
     seconds: float = 0.0
+    #: of ``seconds``, the gradient passes alone (harmful, benign, Fisher): what the rest of a
+    #: step (scoring, zeroing, rollback, measuring) costs beside them, as bench/cost.py times it
+    passes_seconds: float = 0.0
 
 
 @dataclass
@@ -211,18 +215,29 @@ def restore_step(
     wants back. None when there is no candidate left."""
     rc = config.restore
     layers = model_map.layers
-    _, g = direction_gradients(model, harmful[0], L, harmful[1], below, layers=layers)
+    passes = 0.0
+
+    def timed(pass_: Callable[[], T]) -> T:
+        nonlocal passes
+        t0 = time.perf_counter()
+        out = pass_()
+        passes += time.perf_counter() - t0
+        return out
+
+    _, g = timed(
+        lambda: direction_gradients(model, harmful[0], L, harmful[1], below, layers=layers)
+    )
     g_b = None
     if rc.score in BENIGN_SCORES:
-        g_b = benign_gradients()
+        g_b = timed(benign_gradients)
     f_ii = None
     if rc.score in FISHER_SCORES:
         if fisher is None:
             raise ValueError(f"the {rc.score} score needs answer rows for the Fisher")
-        f_ii = fisher()
+        f_ii = timed(fisher)
     values = {n: p.detach().float().cpu() for n, p in below.items()}
     if rc.unit == "component" and rc.rollback > 0 and f_ii is None and g_b is None:
-        g_b = benign_gradients()  # the component rollback weighs them before the zeroing
+        g_b = timed(benign_gradients)  # the component rollback weighs them before the zeroing
     chosen = choose_restored(
         values,
         g,
@@ -252,13 +267,13 @@ def restore_step(
         elif f_ii is not None:
             back = rollback_by_cost(chosen, ref_cpu, f_ii, rc.rollback)
         else:
-            back = rollback_mask(chosen, ref_cpu, benign_gradients(), rc.rollback)
+            back = rollback_mask(chosen, ref_cpu, timed(benign_gradients), rc.rollback)
         with torch.no_grad():
             for n, p in below.items():
                 m = back[n].to(p.device)
                 p[m] = reference[n][m]
         rolled = sum(int(m.sum()) for m in back.values())
-    return Step(step, restored=n_chosen, rolled_back=rolled, rate=rate)
+    return Step(step, restored=n_chosen, rolled_back=rolled, rate=rate, passes_seconds=passes)
 
 
 def kept_record(result: RepairResult) -> Step:
