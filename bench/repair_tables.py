@@ -19,6 +19,7 @@ from typing import Any
 import results_io
 from repair_runs import (
     BASELINES,
+    BENCH_CODE,
     DENSE,
     GUARD_ROWS,
     METHODS,
@@ -544,6 +545,17 @@ INTRO = (
 )
 
 
+#: what a table says of the code behind its rows
+MEASURED_LINE = (
+    "Every row was measured by the code this table names (cache keys hold the resolved"
+    " settings and a digest of the code that measures it: the package but "
+    + ", ".join([*(f"{d}/" for d in NOT_MEASURING), *NOT_MEASURING_FILES])
+    + ", and "
+    + ", ".join(f"bench/{name}" for name in BENCH_CODE)
+    + "; the judge and the prompt sets); nothing is carried from an older table."
+)
+
+
 def write_tables(world: SmallWorld, plan: Plan) -> None:
     """bench/results/repair.md (ours and the comparison methods) and ablation.md (restore
     with one lever moved), each from the rows the current code measured; and the ledger."""
@@ -598,11 +610,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         " own refusal to it. All in bench/baselines.py."
         f" Not run yet: {', '.join(m for m in missing if m.split('/')[1] not in plan.variants) or 'none'}.",
         "",
-        "Every row was measured by the code this table names (cache keys hold the resolved"
-        " settings and a digest of the code that measures it: the package but "
-        + ", ".join([*(f"{d}/" for d in NOT_MEASURING), *NOT_MEASURING_FILES])
-        + ", and the repair benches; the judge and the prompt sets); nothing is carried"
-        " from an older table." + restored_line(world, rows) + world_line(world),
+        MEASURED_LINE + restored_line(world, rows) + world_line(world),
         "",
         *footer,
     ]
@@ -636,9 +644,9 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         "",
         *target_lines(lever_targets),
         "",
-        f"Not run yet: {', '.join(m for m in missing if m.split('/')[1] in plan.variants) or 'none'}."
-        + restored_line(world, lever_rows)
-        + world_line(world),
+        f"Not run yet: {', '.join(m for m in missing if m.split('/')[1] in plan.variants) or 'none'}.",
+        "",
+        MEASURED_LINE + restored_line(world, lever_rows) + world_line(world),
         "",
         *footer,
     ]
