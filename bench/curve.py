@@ -23,6 +23,7 @@ from typing import Any
 import repair_runs as bench
 import repair_tables as tables
 import results_io
+from repair_settings import VARIANTS
 
 from adapter_repair.beds.artifacts import Artifact
 from adapter_repair.beds.small import SmallWorld, small_world
@@ -119,7 +120,7 @@ def main() -> None:
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
-    known = ("restore", *bench.VARIANTS)
+    known = ("restore", *VARIANTS)
     if args.method not in known:
         sys.exit(f"error: unknown method {args.method!r}; choose from {', '.join(known)}")
     world = small_world(cache_dir=args.cache_dir, sst2=args.sst2)

@@ -35,16 +35,10 @@ import subprocess
 import sys
 
 from repair_runs import (
-    BASELINES,
-    COMPARE_ADAPTERS,
-    DEFAULT_VARIANTS,
     DIGEST_ENV,
     HERE,
     MEASURED_BY,
-    METHODS,
     NO_NF4,
-    OURS,
-    VARIANTS,
     artifact,
     nf4_artifact,
     reference_artifact,
@@ -52,6 +46,7 @@ from repair_runs import (
     run_one,
     run_reference,
 )
+from repair_settings import BASELINES, COMPARE_ADAPTERS, DEFAULT_VARIANTS, METHODS, OURS, VARIANTS
 from repair_tables import Plan, restore_from_ledger, write_tables
 
 from adapter_repair.beds.small import small_world

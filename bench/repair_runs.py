@@ -17,66 +17,18 @@ import time
 from pathlib import Path
 from typing import Any
 
+from repair_settings import PUBLISHED, VARIANTS
+
 from adapter_repair.beds.artifacts import Artifact
 from adapter_repair.beds.small import SmallWorld
 from adapter_repair.repair.config import RepairConfig, RestoreConfig
 
 HERE = Path(__file__).resolve().parent
-#: the adapters every comparison method and ablation variant runs on (ours runs on all ten)
-COMPARE_ADAPTERS = ("k100-r8", "k250-r16", "k25-r16")
 N_LAYERS = 30  #: SmolLM2-135M
-METHODS = ("project", "restore", "both")  #: ours
-OURS = ("restore",)  #: what runs on every zoo adapter by default
-#: for comparison (bench/baselines.py), on COMPARE_ADAPTERS
-BASELINES = ("published", "safelora", "dense", "irr", "oneshot")
 SAFE_LORA_SHARE = 1.0  #: share of modules the Safe LoRA-style baseline projects
 #: the dense reference's settings (the published ones; L as ours)
 DENSE = {"layer": N_LAYERS, "rate": 0.002, "steps": 20, "rollback": 0.2, "eval_every": 5}
 GUARD_ROWS = RepairConfig().guard_prompts  #: the product default: half fit, half check
-#: the published method moved to adapter rank: its score, loss and stop, every lever off
-PUBLISHED: dict[str, Any] = {
-    "score": "grad",
-    "targets": "mean",
-    "benign_loss": "direction",
-    "backtrack": 0,
-    "heal": 0,
-}
-#: the ablation: restore with one lever moved from repair_config's settings
-VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "restore-ratio": ("score ratio (|g| / |g_b|)", {"score": "ratio"}),
-    "restore-grad": ("score grad (|g|, published)", {"score": "grad"}),
-    "restore-fisher": (
-        "score fisher (g x value against 1/2 F value^2, F the per-row task Fisher)",
-        {"score": "fisher"},
-    ),
-    "restore-no-rollback": ("no rollback", {"rollback": 0.0}),
-    "restore-mean": ("targets mean (published loss)", {"targets": "mean"}),
-    "restore-per-matrix": ("scores normalised per factor matrix", {"per_matrix": True}),
-    "restore-canonical": ("canonical basis (U sqrt(S), sqrt(S) V^T)", {"basis": "canonical"}),
-    "restore-components": (
-        "whole singular components restored (canonical basis, unit component)",
-        {"basis": "canonical", "unit": "component"},
-    ),
-    "restore-recalibrate": (
-        "OBS recalibration of the kept coordinates after each step",
-        {"recalibrate": True},
-    ),
-    "restore-heal": ("heal 5 (masked steps on kept coordinates, aligned refusals)", {"heal": 5}),
-    "restore-rate0.005": ("rate 0.005 a step, 40 steps", {"rate": 0.005, "max_steps": 40}),
-}
-#: the variants a plain run measures: one per lever the issue names (second-order score, OBS
-#: recalibration, canonical basis, singular components, heal, targets mean, per-matrix top-k,
-#: smaller rate with more steps); ratio, grad and no-rollback run when named (--variants all)
-DEFAULT_VARIANTS = (
-    "restore-fisher",
-    "restore-recalibrate",
-    "restore-canonical",
-    "restore-components",
-    "restore-heal",
-    "restore-mean",
-    "restore-per-matrix",
-    "restore-rate0.005",
-)
 
 
 def guard_rows(method: str) -> int:
@@ -118,7 +70,8 @@ ROOT = HERE.parent
 NOT_MEASURING = ("cli", "hub")
 #: the bench scripts whose code produces rows: this file (the small world's rows), the
 #: comparison methods, the pico bench (its rows key on this digest too) and the results helper;
-#: not the entry point (bench/repair.py: which rows, in what order) nor the tables and ledger
+#: not the entry point (bench/repair.py: which rows, in what order), the rows' settings
+#: (bench/repair_settings.py: each key holds them, resolved) nor the tables and ledger
 #: (bench/repair_tables.py), which read rows and never make one
 BENCH_CODE = ("repair_runs.py", "baselines.py", "pico_repair.py", "results_io.py")
 

@@ -18,22 +18,19 @@ from typing import Any
 
 import results_io
 from repair_runs import (
-    BASELINES,
     BENCH_CODE,
     DENSE,
     GUARD_ROWS,
-    METHODS,
     NO_NF4,
     NOT_MEASURING,
     NOT_MEASURING_FILES,
-    PUBLISHED,
-    VARIANTS,
     artifact,
     measured_by,
     nf4_artifact,
     reference_artifact,
     repair_config,
 )
+from repair_settings import BASELINES, METHODS, PUBLISHED, VARIANTS
 
 from adapter_repair.beds.artifacts import Artifact, file_digest
 from adapter_repair.beds.small import SmallWorld

@@ -46,6 +46,8 @@ def test_the_code_digest_covers_what_measures_and_not_the_cli_or_the_hub_client(
     assert "bench/baselines.py" in files and "bench/repair_runs.py" in files
     # the entry point and the tables read rows and make none: their layout can change
     assert "bench/repair.py" not in files and "bench/repair_tables.py" not in files
+    # nor the variants' settings: every key holds its resolved settings (a test below)
+    assert "bench/repair_settings.py" not in files
     assert not any(f.startswith(("adapter_repair/cli/", "adapter_repair/hub/")) for f in files)
     assert all((runs.ROOT / f).is_file() for f in files)
     # the settings' file is left out because every row's key holds the settings themselves

@@ -1,0 +1,73 @@
+"""Which rows bench/repair.py makes: the adapters, our methods, the comparison methods and
+the ablation's variants, each variant by the settings it moves. Outside the rows' code digest
+(bench/repair_runs.py): every row's key holds its resolved settings, so adding a variant adds
+rows and changing one reruns exactly its rows, and the rest stay.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: the adapters every comparison method and ablation variant runs on (ours runs on all ten)
+COMPARE_ADAPTERS = ("k100-r8", "k250-r16", "k25-r16")
+METHODS = ("project", "restore", "both")  #: ours
+OURS = ("restore",)  #: what runs on every zoo adapter by default
+#: for comparison (bench/baselines.py), on COMPARE_ADAPTERS
+BASELINES = ("published", "safelora", "dense", "irr", "oneshot")
+#: the published method moved to adapter rank: its score, loss and stop, every lever off
+PUBLISHED: dict[str, Any] = {
+    "score": "grad",
+    "targets": "mean",
+    "benign_loss": "direction",
+    "backtrack": 0,
+    "heal": 0,
+}
+#: the ablation: restore with one lever moved from repair_config's settings
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
+    "restore-ratio": ("score ratio (|g| / |g_b|)", {"score": "ratio"}),
+    "restore-grad": ("score grad (|g|, published)", {"score": "grad"}),
+    "restore-fisher": (
+        "score fisher (g x value against 1/2 F value^2, F the per-row task Fisher)",
+        {"score": "fisher"},
+    ),
+    "restore-no-rollback": ("no rollback", {"rollback": 0.0}),
+    "restore-mean": ("targets mean (published loss)", {"targets": "mean"}),
+    "restore-per-matrix": ("scores normalised per factor matrix", {"per_matrix": True}),
+    "restore-canonical": ("canonical basis (U sqrt(S), sqrt(S) V^T)", {"basis": "canonical"}),
+    "restore-components": (
+        "whole singular components restored (canonical basis, unit component)",
+        {"basis": "canonical", "unit": "component"},
+    ),
+    "restore-recalibrate": (
+        "OBS recalibration of the kept coordinates after each step",
+        {"recalibrate": True},
+    ),
+    "restore-heal": ("heal 5 (masked steps on kept coordinates, aligned refusals)", {"heal": 5}),
+    "restore-rate0.005": ("rate 0.005 a step, 40 steps", {"rate": 0.005, "max_steps": 40}),
+    "restore-heal1": ("heal 1 (one masked step after each restoration step)", {"heal": 1}),
+    "restore-heal-w0.3": (
+        "heal 5, its harmful loss weighted 0.3 against the answers it keeps",
+        {"heal": 5, "heal_weight": 0.3},
+    ),
+    "restore-margin0.01": (
+        "target margin 0.01 (stop nearer the aligned base's probe rate)",
+        {"target_margin": 0.01},
+    ),
+}
+#: the variants a plain run measures: one per lever the issue names (second-order score, OBS
+#: recalibration, canonical basis, singular components, heal, targets mean, per-matrix top-k,
+#: smaller rate with more steps) and the candidates for a default that the first rows
+#: suggested (a lighter heal; a stop nearer the aligned rate); ratio, grad, no-rollback and
+#: heal-w0.3 run when named (--variants all)
+DEFAULT_VARIANTS = (
+    "restore-fisher",
+    "restore-recalibrate",
+    "restore-canonical",
+    "restore-components",
+    "restore-heal",
+    "restore-mean",
+    "restore-per-matrix",
+    "restore-rate0.005",
+    "restore-heal1",
+    "restore-margin0.01",
+)
