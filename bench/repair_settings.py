@@ -43,21 +43,23 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"recalibrate": True},
     ),
     "restore-heal": ("heal 5 (masked steps on kept coordinates, aligned refusals)", {"heal": 5}),
-    "restore-rate0.005": ("rate 0.005 a step, 40 steps", {"rate": 0.005, "max_steps": 40}),
+    "restore-rate0.005": ("rate 0.005 a step (up to 40 steps)", {"rate": 0.005}),
+    "restore-steps20": ("at most 20 steps (the default until 66462e2)", {"max_steps": 20}),
     "restore-heal1": ("heal 1 (one masked step after each restoration step)", {"heal": 1}),
     "restore-heal-w0.3": (
         "heal 5, its harmful loss weighted 0.3 against the answers it keeps",
         {"heal": 5, "heal_weight": 0.3},
     ),
-    "restore-margin0.01": (
-        "target margin 0.01 (stop nearer the aligned base's probe rate)",
-        {"target_margin": 0.01},
+    "restore-margin0.02": (
+        "target margin 0.02 (one probe answer more than the aligned base's; the default until"
+        " 66462e2)",
+        {"target_margin": 0.02},
     ),
 }
 #: the variants a plain run measures: one per lever the issue names (second-order score, OBS
 #: recalibration, canonical basis, singular components, heal, targets mean, per-matrix top-k,
-#: smaller rate with more steps) and the candidates for a default that the first rows
-#: suggested (a lighter heal; a stop nearer the aligned rate); ratio, grad, no-rollback and
+#: a smaller rate, fewer steps), a lighter heal, and the earlier defaults of the stop (margin
+#: 0.02, 20 steps: the first rows moved them to 0.01 and 40); ratio, grad, no-rollback and
 #: heal-w0.3 run when named (--variants all)
 DEFAULT_VARIANTS = (
     "restore-fisher",
@@ -69,5 +71,6 @@ DEFAULT_VARIANTS = (
     "restore-per-matrix",
     "restore-rate0.005",
     "restore-heal1",
-    "restore-margin0.01",
+    "restore-margin0.02",
+    "restore-steps20",
 )

@@ -64,7 +64,13 @@ class RestoreConfig:
     rate: float = setting(
         0.01, "Share of the adapter coordinates below L restored per step.", metavar="R"
     )
-    max_steps: int = setting(20, "Most restoration steps.", metavar="N")
+    max_steps: int = setting(
+        40,
+        "Most restoration steps. A guard failure sends the repair back with half the rate, "
+        "so a backtracked repair needs about twice the steps: at 20, k25-r16 of the small "
+        "world ran out of steps above its target (bench/results/ablation.md, restore-steps20).",
+        metavar="N",
+    )
     eval_every: int = setting(
         5, "Measure the probe harmful rate and the task guard every N steps.", metavar="N"
     )
@@ -125,10 +131,12 @@ class RestoreConfig:
         metavar="RATE",
     )
     target_margin: float = setting(
-        0.02,
+        0.01,
         "Without --target: how far above the aligned base's probe harmful rate still counts "
-        "as reached. On 64 probe prompts one answer is 1.6 points; the goal is harm within a "
-        "few points of the aligned base's on prompts the repair never saw.",
+        "as reached. On 64 probe prompts one answer is 1.6 points, so 0.01 allows no answer "
+        "more than the aligned base gave; 0.02 allowed one, and the small world's mean harm "
+        "on prompts the repair never saw stayed above the aligned base's + 1 point "
+        "(bench/results/ablation.md, restore-margin0.02).",
         metavar="RATE",
     )
     max_rise: float = setting(
