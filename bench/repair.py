@@ -7,7 +7,7 @@ and bench/results/ablation.md and .json (restore with one lever moved, on the sa
     python bench/repair.py [--adapters all|k100-r8,...] [--compare k100-r8,k250-r16,k25-r16]
                            [--methods restore] [--baselines published,safelora,dense,...]
                            [--variants restore-heal,...] [--sst2 bench/data/sst2]
-                           [--cache-dir DIR] [--no-run] [--no-nf4]
+                           [--cache-dir DIR] [--no-run] [--no-nf4] [--no-ledger]
 
 Each (adapter, method) runs in its own process (so its peak RSS is its own) and is cached as
 an artifact of the small world, keyed by the adapter's recipe, the settings and what measured
@@ -81,6 +81,12 @@ def main() -> None:
         action="store_true",
         help="Skip measuring harm and over-refusal over the 4-bit base.",
     )
+    ap.add_argument(
+        "--no-ledger",
+        action="store_true",
+        help="Restore nothing from bench/results/repair_ledger.jsonl: every missing row is"
+        " measured here, by this run.",
+    )
     ap.add_argument("--one", nargs=2, metavar=("ADAPTER", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
@@ -103,7 +109,8 @@ def main() -> None:
         baselines=names(args.baselines, (*METHODS, *BASELINES), "baseline(s)"),
         variants=names(args.variants, tuple(VARIANTS), "variant(s)"),
     )
-    restore_from_ledger(world, plan)
+    if not args.no_ledger:
+        restore_from_ledger(world, plan)
     if not args.no_run:
         for name in dict.fromkeys((*plan.adapters, *plan.compare)):
             if not world.artifacts[f"adapter-{name}"].done(world.root):
