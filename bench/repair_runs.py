@@ -21,11 +21,27 @@ from repair_settings import PUBLISHED, VARIANTS
 
 from adapter_repair.beds.artifacts import Artifact
 from adapter_repair.beds.small import SmallWorld
-from adapter_repair.repair.config import RepairConfig, RestoreConfig
+from adapter_repair.repair.config import RepairConfig
 
 HERE = Path(__file__).resolve().parent
 N_LAYERS = 30  #: SmolLM2-135M
-SAFE_LORA_SHARE = 1.0  #: share of modules the Safe LoRA-style baseline projects
+SAFE_LORA_SHARE = 1.0  #: share of modules the Safe LoRA-style baseline projects (safelora)
+
+
+def safe_lora_share(method: str) -> float | None:
+    """The share of modules a Safe LoRA-style method projects: ``safelora`` all of them,
+    ``safelora-0.25`` the quarter least like their projection (the sweep that sets it beside
+    ours at equal task score); None for any other method."""
+    if method == "safelora":
+        return SAFE_LORA_SHARE
+    if method.startswith("safelora-"):
+        share = float(method.removeprefix("safelora-"))
+        if not 0.0 < share <= 1.0:
+            raise ValueError(f"{method}: the share must be in (0, 1]")
+        return share
+    return None
+
+
 #: the dense reference's settings (the published ones; L as ours)
 DENSE = {"layer": N_LAYERS, "rate": 0.002, "steps": 20, "rollback": 0.2, "eval_every": 5}
 GUARD_ROWS = RepairConfig().guard_prompts  #: the product default: half fit, half check
@@ -48,11 +64,15 @@ def repair_config(method: str) -> RepairConfig:
         base, overrides = "restore", PUBLISHED
     else:
         base, overrides = method, {}
-    return RepairConfig(
-        method=base,
-        guard_prompts=guard_rows(method),
-        restore=dataclasses.replace(RestoreConfig(), **overrides),
-    )
+    return with_levers(RepairConfig(method=base, guard_prompts=guard_rows(method)), overrides)
+
+
+def with_levers(config: RepairConfig, levers: dict[str, Any]) -> RepairConfig:
+    """``config`` with ``levers`` moved: each a stage-2 setting (RestoreConfig) or one of the
+    repair's own (RepairConfig: how many probe prompts fit and check)."""
+    top = {k: v for k, v in levers.items() if k in RepairConfig.__dataclass_fields__}
+    stage2 = {k: v for k, v in levers.items() if k not in top}
+    return dataclasses.replace(config, restore=dataclasses.replace(config.restore, **stage2), **top)
 
 
 def source_digest(paths: list[Path]) -> str:
@@ -132,8 +152,9 @@ def artifact(world: SmallWorld, adapter: str, method: str) -> Artifact:
         "aligned": world.artifacts["aligned"].key,
         "measured_by": measured_by(),
     }
-    if method == "safelora":
-        payload.update(unaligned=world.artifacts["unaligned"].key, share=SAFE_LORA_SHARE)
+    share = safe_lora_share(method)
+    if share is not None:
+        payload.update(unaligned=world.artifacts["unaligned"].key, share=share)
     elif method == "dense":
         payload.update(dense=DENSE, guard_rows=GUARD_ROWS)
     elif method == "oneshot":
@@ -238,8 +259,9 @@ def run_dense(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
     }
 
 
-def run_safe_lora(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
-    """The Safe LoRA-style baseline: no model, no prompts, the two base weight files."""
+def run_safe_lora(world: SmallWorld, adapter: str, share: float, out: Path) -> dict[str, Any]:
+    """The Safe LoRA-style baseline: no model, no prompts, the two base weight files; the
+    ``share`` of modules least like their projection projected."""
     from baselines import safe_lora
     from safetensors.torch import load_file
 
@@ -249,7 +271,7 @@ def run_safe_lora(world: SmallWorld, adapter: str, out: Path) -> dict[str, Any]:
     lora = load_adapter(world.adapter_dir(adapter))
     aligned = load_file(str(world.aligned_dir / "model.safetensors"))
     unaligned = load_file(str(world.unaligned_dir / "model.safetensors"))
-    fixed, record = safe_lora(lora, aligned, unaligned, SAFE_LORA_SHARE)
+    fixed, record = safe_lora(lora, aligned, unaligned, share)
     seconds = time.perf_counter() - t0
     rss = peak_rss_gb()
     save_adapter(fixed, out / "adapter")
@@ -390,8 +412,9 @@ def run_one(world: SmallWorld, adapter: str, method: str) -> None:
         return measure_into(out, world, merged, mtok, f"{adapter} {method}")
 
     def make(out: Path) -> dict[str, Any]:
-        if method == "safelora":
-            facts = run_safe_lora(world, adapter, out)
+        share = safe_lora_share(method)
+        if share is not None:
+            facts = run_safe_lora(world, adapter, share, out)
             return {**facts, "measures": measure(out)}
         if method == "dense":
             return run_dense(world, adapter, out)

@@ -13,7 +13,15 @@ COMPARE_ADAPTERS = ("k100-r8", "k250-r16", "k25-r16")
 METHODS = ("project", "restore", "both")  #: ours
 OURS = ("restore",)  #: what runs on every zoo adapter by default
 #: for comparison (bench/baselines.py), on COMPARE_ADAPTERS
-BASELINES = ("published", "safelora", "dense", "irr", "oneshot")
+BASELINES = (
+    "published",
+    "safelora",
+    "safelora-0.5",  # shares of modules projected: ours against it at equal task score
+    "safelora-0.25",
+    "dense",
+    "irr",
+    "oneshot",
+)
 #: the published method moved to adapter rank: its score, loss and stop, every lever off
 PUBLISHED: dict[str, Any] = {
     "score": "grad",
@@ -50,6 +58,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "heal 5, its harmful loss weighted 0.3 against the answers it keeps",
         {"heal": 5, "heal_weight": 0.3},
     ),
+    "restore-check0": (
+        "stop measured on the probe prompts stage 2 fits (in-sample; before the fit / check split)",
+        {"check_prompts": 0},
+    ),
     "restore-margin0.02": (
         "target margin 0.02 (one probe answer more than the aligned base's; the default until"
         " 66462e2)",
@@ -62,6 +74,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 #: 0.02, 20 steps: the first rows moved them to 0.01 and 40); ratio, grad, no-rollback and
 #: heal-w0.3 run when named (--variants all)
 DEFAULT_VARIANTS = (
+    "restore-check0",
     "restore-fisher",
     "restore-recalibrate",
     "restore-canonical",

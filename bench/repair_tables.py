@@ -29,6 +29,7 @@ from repair_runs import (
     nf4_artifact,
     reference_artifact,
     repair_config,
+    safe_lora_share,
 )
 from repair_settings import BASELINES, METHODS, PUBLISHED, VARIANTS
 
@@ -482,25 +483,49 @@ def target_lines(targets: list[dict[str, Any]]) -> list[str]:
 
 
 def versus_safe_lora(rows: list[dict[str, Any]], ours: str) -> list[str]:
-    """Ours against the Safe LoRA-style projection on each adapter both ran on: harm and the
-    task at each precision measured, so a reader sees which keeps less harm for the task it
-    keeps."""
+    """Ours against the Safe LoRA-style projections (every share run) on each adapter both ran
+    on, at each precision measured: each share's harm and task, and the share whose SST-2 is
+    nearest ours, so a reader sees which keeps less harm at equal task score."""
     by = {(r["adapter"], r["method"]): r for r in rows}
     out = []
     for (adapter, method), mine in by.items():
-        other = by.get((adapter, "safelora"))
-        if method != ours or other is None:
+        if method != ours:
+            continue
+        others = sorted(
+            (m for (a, m) in by if a == adapter and safe_lora_share(m) is not None),
+            key=lambda m: -(safe_lora_share(m) or 0.0),
+        )
+        if not others:
             continue
         parts = []
         for field, where in (("nf4", "over 4-bit"), ("measures", "merged bf16")):
-            if mine.get(field) and other.get(field):
-                parts.append(
-                    f"{where}: {ours} {fmt(rate(mine[field], 'harmful_rate'))}% harmful at"
-                    f" {fmt(rate(mine[field], 'task_exact'))}% SST-2, safelora"
-                    f" {fmt(rate(other[field], 'harmful_rate'))}% harmful at"
-                    f" {fmt(rate(other[field], 'task_exact'))}% SST-2"
-                )
-        out.append(f"- {adapter}: " + "; ".join(parts) + ".")
+            mine_harm, task = (
+                rate(mine.get(field), "harmful_rate"),
+                rate(mine.get(field), "task_exact"),
+            )
+            theirs = {
+                m: (h, t)
+                for m in others
+                if (h := rate(by[(adapter, m)].get(field), "harmful_rate")) is not None
+                and (t := rate(by[(adapter, m)].get(field), "task_exact")) is not None
+            }
+            if mine_harm is None or task is None or not theirs:
+                continue
+            shares = ", ".join(f"{m} {fmt(h)}% at {fmt(t)}%" for m, (h, t) in theirs.items())
+            near = min(theirs, key=lambda m: abs(theirs[m][1] - task))
+            verdict = (
+                "ours keeps less harm"
+                if mine_harm < theirs[near][0]
+                else "the same harm"
+                if mine_harm == theirs[near][0]
+                else f"{near} keeps less harm"
+            )
+            parts.append(
+                f"{where}: {ours} {fmt(mine_harm)}% harmful at {fmt(task)}% SST-2; {shares}"
+                f" (nearest ours in SST-2: {near}, {verdict})"
+            )
+        if parts:
+            out.append(f"- {adapter}: " + "; ".join(parts) + ".")
     return out
 
 
@@ -598,7 +623,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         "published: restore with the published method's choices moved to adapter rank"
         f" (`{json.dumps(PUBLISHED)}`). safelora: a Safe LoRA-style projection of every module's"
         " B onto the column space of its aligned-minus-unaligned weight (needs the unaligned"
-        " weights). dense: the published method on dense float32 weights (merge, restore single"
+        " weights); safelora-S projects the share S of modules least like their projection. dense: the published method on dense float32 weights (merge, restore single"
         f" weights from the aligned model; `{json.dumps(DENSE)}`), its changed share over the"
         " decoder's parameters. irr: IRR on the merged delta (sign-conflicting entries removed,"
         " the rest recalibrated by OBS on task rows), its changed share the removed share of"

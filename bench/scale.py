@@ -170,6 +170,7 @@ def run(
     config = RepairConfig(
         method="restore",
         probe_prompts=prompts,
+        check_prompts=0,  # a cost bench: the stop measured on the fit prompts, as before
         guard_prompts=prompts,
         max_new_tokens=new_tokens,
         restore=RestoreConfig(

@@ -49,7 +49,7 @@ def settings(queue_url: str, target: float = 1.0, **bot: Any) -> JobSettings:
         BotConfig(queue=queue_url, **{"lease": 3.0, "retry_delay": 0.5, **bot}),
         LoadConfig(quant="none"),
         RepairConfig(
-            method="project", probe_prompts=8, guard_prompts=8, max_new_tokens=8,
+            method="project", probe_prompts=8, check_prompts=16, guard_prompts=8, max_new_tokens=8,
             restore=RestoreConfig(target=target),
         ),
         EvalConfig(limit=8, other_precision=False),

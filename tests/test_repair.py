@@ -33,7 +33,13 @@ from adapter_repair.repair.directions import unit
 from adapter_repair.repair.factors import ADAPTER, REFERENCE, factor_params
 from adapter_repair.repair.guard import Guard, guard_holds, task_loss
 from adapter_repair.repair.heal import HealLoss, heal
-from adapter_repair.repair.loop import RepairResult, aligned_refusals, kept_record, resolve_layer
+from adapter_repair.repair.loop import (
+    RepairResult,
+    aligned_refusals,
+    kept_record,
+    probe_parts,
+    resolve_layer,
+)
 from adapter_repair.repair.losses import answer_batches, answer_loss_terms
 from adapter_repair.repair.pipeline import repair
 from adapter_repair.repair.project import project_adapter
@@ -57,6 +63,7 @@ def restore(loaded: Any, keep_checkpoints: bool = False, **settings: Any) -> Any
     config = RepairConfig(
         method="restore",
         probe_prompts=8,
+        check_prompts=16,
         guard_prompts=8,
         max_new_tokens=4,
         restore=RestoreConfig(**settings),
@@ -213,7 +220,7 @@ def test_projection_only_keeps_rank_and_leaves_the_input_adapter(loaded) -> None
         model,
         tok,
         adapter,
-        RepairConfig(method="project", probe_prompts=8, guard_prompts=8),
+        RepairConfig(method="project", probe_prompts=8, check_prompts=16, guard_prompts=8),
         probe=P.harmful("probe"),
         guard=Guard(None, P.benign("benign")),
         judge=load_judge(),
@@ -438,10 +445,28 @@ def test_component_restoration_zeroes_whole_rank_components(loaded) -> None:
     assert whole > 0
 
 
-def test_the_default_target_is_the_aligned_probe_rate_plus_the_margin(loaded) -> None:
+def test_the_default_target_is_the_aligned_rate_on_the_check_prompts_plus_the_margin(
+    loaded,
+) -> None:
     result = restore(loaded, layer=3, max_steps=1, eval_every=1, max_kl=1e9, target_margin=0.5)
-    aligned = result.target - 0.5  # of 8 probe prompts
-    assert 0.0 <= aligned <= 1.0 and abs(8 * aligned - round(8 * aligned)) < 1e-9
+    aligned = result.target - 0.5  # of the 16 check prompts, not the 8 fit ones
+    assert 0.0 <= aligned <= 1.0 and abs(16 * aligned - round(16 * aligned)) < 1e-9
+    probe = result.settings["probe"]
+    assert (probe["fit"]["n"], probe["check"]["n"]) == (8, 16)
+    assert probe["fit"]["sha256"] != probe["check"]["sha256"]
+
+
+def test_the_stop_is_checked_on_probe_prompts_the_repair_never_fits() -> None:
+    probe = P.harmful("probe")
+    fit, check = probe_parts(probe, 64, 64)
+    assert fit.prompts == probe.prompts[:64]
+    assert not set(fit.prompts) & set(check.prompts)
+    assert len(check) == len(probe) - 64  # up to 64: what the split has left after the fit
+    assert probe_parts(probe, 8, 16)[1].prompts == probe.prompts[8:24]
+    same = probe_parts(probe, 8, 0)
+    assert same[0] is same[1]  # --check-prompts 0: in-sample, as asked
+    with pytest.raises(P.PromptSetError, match="--check-prompts 0"):
+        probe_parts(probe, len(probe) - 4, 64)
 
 
 def test_a_failing_guard_keeps_the_last_state_that_held(loaded) -> None:
@@ -779,7 +804,7 @@ def test_each_stage_2_step_is_handed_to_on_step_as_it_is_made(loaded) -> None:
     model, tok, adapter = loaded
     seen: list[Any] = []
     config = RepairConfig(
-        method="restore", probe_prompts=8, guard_prompts=8, max_new_tokens=4,
+        method="restore", probe_prompts=8, check_prompts=16, guard_prompts=8, max_new_tokens=4,
         restore=RestoreConfig(layer=3, rate=0.05, max_steps=3, eval_every=1, max_kl=1e9, target=0.0),
     )  # fmt: skip
     result = repair(

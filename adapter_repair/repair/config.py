@@ -286,8 +286,16 @@ class RepairConfig:
     )
     probe_prompts: int = setting(
         64,
-        "Harmful probe prompts for the directions, the gradients and the stop rule (AdvBench "
-        "probe split, disjoint from the eval split the harmful rate is measured on).",
+        "Harmful probe prompts the repair fits on: the directions, the gradients and the "
+        "heal's refusals (the first N of the AdvBench probe split, disjoint from the eval "
+        "split the harmful rate is reported on).",
+        metavar="N",
+    )
+    check_prompts: int = setting(
+        64,
+        "Harmful probe prompts the stop rule measures, the aligned rate it counts from "
+        "included: up to N of the probe split after the fit ones, never fit on (a stop "
+        "measured on the fit prompts reads low). 0: check on the fit prompts (in-sample).",
         metavar="N",
     )
     guard_prompts: int = setting(
@@ -313,3 +321,5 @@ class RepairConfig:
         check_choices(self)
         if min(self.probe_prompts, self.guard_prompts, self.batch_size) < 1:
             raise ValueError("probe_prompts, guard_prompts and batch_size must be at least 1")
+        if self.check_prompts < 0:
+            raise ValueError(f"check_prompts must be at least 0; got {self.check_prompts}")

@@ -85,6 +85,8 @@ from adapter_repair.repair.select import (
 )
 
 logger = logging.getLogger(__name__)
+#: the fewest check prompts a stop rule is measured on (one answer moves 16 by 6 points)
+MIN_CHECK_PROMPTS = 16
 Params = ParamSpec("Params")
 T = TypeVar("T")
 
@@ -98,7 +100,8 @@ class Step:
     rolled_back: int = 0  #: of those, returned to their reference value
     changed: float = 0.0  #: share of all adapter coordinates that differ from the input
     cosine: float | None = None  #: mean cos(mean h_L, h*) on the probe batches
-    probe_harmful: float | None = None  #: measured every eval_every steps
+    #: the harmful rate on the probe's check prompts (never fit on), every eval_every steps
+    probe_harmful: float | None = None
     guard: float | None = None  #: task loss, or KL to the fine-tuned adapter (lower is better)
     accuracy: float | None = None  #: task score of the guard rows (reported, not the guard)
     guard_ok: bool | None = None
@@ -121,13 +124,13 @@ class RepairResult:
     settings: dict[str, Any]
     seconds: dict[str, float] = field(default_factory=dict)
     kept_step: int | None = None  #: the step whose state was kept
-    target: float | None = None  #: the probe harmful rate stage 2 aimed for
+    target: float | None = None  #: the check prompts' harmful rate stage 2 aimed for
     guard_reference: float | None = None  #: the fine-tuned adapter's guard value
     changed: float = 0.0  #: share of adapter coordinates that differ from the input
     zeroed: float = 0.0  #: share of adapter coordinates restored to 0 (were not 0 in the input)
     #: with ``keep_checkpoints``: the adapter at each measured step whose guard held
     checkpoints: dict[int, LoraAdapter] = field(default_factory=dict)
-    #: the probe harmful rate of the adapter returned (the kept step's last measurement)
+    #: the check prompts' harmful rate of the adapter returned (the kept step's measurement)
     probe_harmful: float | None = None
 
     @property
@@ -168,6 +171,27 @@ def resolve_layer(layer: int, n_layers: int) -> int:
 
 
 # -- measuring inside the loop --------------------------------------------------------------
+def probe_parts(probe: P.PromptSet, n_fit: int, n_check: int) -> tuple[P.PromptSet, P.PromptSet]:
+    """The probe's fit prompts (the first ``n_fit``: h*, the gradients, the heal's refusals)
+    and its check prompts (the next ``n_check``, disjoint: the stop rule and the aligned rate
+    it counts from). Why apart: a stop measured on the prompts the steps were fit on reads
+    lower than the harm on prompts the repair never saw (pico seed 0: 4.7% on the fit
+    prompts, 7.4% on AdvBench eval). ``n_check`` 0: the check is the fit prompts, in-sample
+    (the behaviour before the split, kept for the ablation)."""
+    fit = probe.take(n_fit)
+    if n_check == 0:
+        return fit, fit
+    rest = range(len(fit), min(len(probe), len(fit) + n_check))
+    if len(rest) < MIN_CHECK_PROMPTS:
+        raise P.PromptSetError(
+            f"the probe set {probe.name} has {len(probe)} prompts: {len(fit)} fit the repair "
+            f"(--probe-prompts) and {len(rest)} are left for the stop rule's check, fewer than "
+            f"{MIN_CHECK_PROMPTS}; give a larger probe set, lower --probe-prompts, or set "
+            "--check-prompts 0 to check on the fit prompts (in-sample, reads low)"
+        )
+    return fit, probe.subset(rest, f"{rest.start}:{rest.stop}")
+
+
 def probe_harmful_rate(
     model: Any, tokenizer: Any, prompts: Sequence[str], judge: Judge, gen: GenerationConfig
 ) -> Rate:
@@ -336,7 +360,9 @@ def repair_once(
             len(outside),
             ", ".join(outside[:5]) + (" ..." if len(outside) > 5 else ""),
         )
-    probe_prompts = list(probe.take(config.probe_prompts).prompts)
+    fit_probe, check_probe = probe_parts(probe, config.probe_prompts, config.check_prompts)
+    probe_prompts = list(fit_probe.prompts)  # fit on: h*, the gradients, the heal's refusals
+    check_prompts = list(check_probe.prompts)  # the stop rule's measure, never fit on
     guard = dataclasses.replace(
         guard,
         task=guard.task.take(config.guard_prompts) if guard.task is not None else None,
@@ -354,6 +380,7 @@ def repair_once(
         "guard": guard.kind,
         "match": guard.match,
         "outside_modules": outside,
+        "probe": {"fit": fit_probe.record(), "check": check_probe.record()},
     }
     seconds: dict[str, float] = {}
     model.eval()  # no LoRA dropout in gradients or answers
@@ -387,8 +414,8 @@ def repair_once(
     if config.method == "project":
         # The stop rule's measure, once: whether projection alone reached the target.
         with use_adapter(model, None):
-            aligned = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate
-        projected = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate
+            aligned = probe_harmful_rate(model, tokenizer, check_prompts, judge, gen).rate
+        projected = probe_harmful_rate(model, tokenizer, check_prompts, judge, gen).rate
         target = rc.target if rc.target is not None else aligned + rc.target_margin
         seconds["total"] = time.perf_counter() - t_start
         changed = changed_share(params, original)
@@ -424,8 +451,12 @@ def repair_once(
     with use_adapter(model, None):  # each harmful prompt toward the aligned model's states
         h_star = states(probe_batches, probe_prompts)
         aligned_answers = generate(model, tokenizer, probe_prompts, gen, desc="probe")
+        aligned_rate = (
+            Rate.of(judge.harmful(probe_prompts, aligned_answers))
+            if check_probe is fit_probe
+            else probe_harmful_rate(model, tokenizer, check_prompts, judge, gen)
+        )
     aligned_harmful = judge.harmful(probe_prompts, aligned_answers)
-    aligned_rate = Rate.of(aligned_harmful)
 
     @functools.cache
     def fit_answers() -> list[Any]:
@@ -480,7 +511,7 @@ def repair_once(
         0,
         changed=changed_share(params, original),
         cosine=direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers),
-        probe_harmful=probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate,
+        probe_harmful=probe_harmful_rate(model, tokenizer, check_prompts, judge, gen).rate,
         guard=guard_value(model, tokenizer, guard, gen),
         accuracy=guard_accuracy(model, tokenizer, guard, gen),
     )
@@ -489,9 +520,12 @@ def repair_once(
     history = [start]
     step_done(start)
     logger.info(
-        "stage 2 at L=%d: aligned probe harmful rate %.1f%% (target %.1f%%), adapter %.1f%%, "
-        "guard (%s) %.3f",
+        "stage 2 at L=%d: fit on %d probe prompts, stop checked on %d%s: aligned harmful rate "
+        "%.1f%% (target %.1f%%), adapter %.1f%%, guard (%s) %.3f",
         L,
+        len(probe_prompts),
+        len(check_prompts),
+        " (the same, in-sample)" if check_probe is fit_probe else "",
         100 * aligned_rate.rate,
         100 * target,
         100 * (start.probe_harmful or 0.0),
@@ -539,7 +573,7 @@ def repair_once(
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
             measure = step % rc.eval_every == 0 or step == rc.max_steps
             if measure:
-                measured = probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen)
+                measured = probe_harmful_rate(model, tokenizer, check_prompts, judge, gen)
                 rec.probe_harmful = measured.rate
                 rec.guard = guard_value(model, tokenizer, guard, gen)
                 rec.accuracy = guard_accuracy(model, tokenizer, guard, gen)

@@ -94,6 +94,24 @@ def task_guard(report: Mapping[str, Any]) -> str:
     )
 
 
+def probe_line(res: Mapping[str, Any]) -> str | None:
+    """One line: which probe prompts the repair fit on and which measured its stop (None for
+    a report from before the split)."""
+    probe = (res.get("settings") or {}).get("probe")
+    if not probe:
+        return None
+    fit, check = probe["fit"], probe["check"]
+    if fit == check:
+        return (
+            f"probe: fit on {fit['n']} prompts of {fit['name']}, the stop rule measured on the "
+            "same prompts (in-sample: it reads lower than held-out prompts)"
+        )
+    return (
+        f"probe: fit on {fit['n']} prompts ({fit['name']}); the stop rule and the aligned rate "
+        f"its target counts from measured on {check['n']} others ({check['name']}), never fit on"
+    )
+
+
 def markdown(report: Mapping[str, Any]) -> str:
     res = report["repair"]
     lines = [
@@ -104,6 +122,7 @@ def markdown(report: Mapping[str, Any]) -> str:
         f"- source: `{report['source']}`",
         f"- base: `{report['base']}` (quantization: {report['quant']})",
         f"- {task_guard(report)}",
+        *([f"- {line}"] if (line := probe_line(res)) else []),
         f"- method: {report['method']}; stopped: {res['stopped']}"
         + (f" (kept step {res['kept_step']})" if res.get("kept_step") is not None else ""),
         f"- coordinates restored to 0: {100 * res.get('zeroed', 0.0):.2f}% of the adapter's;"
