@@ -47,6 +47,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "heal-weight-0.3": ("the demo, harmful loss weighted 0.3", {"heal_weight": 0.3}),
     "heal-3": ("the demo with 3 heal steps a step", {"heal": 3}),
+    "heal-8": ("the demo with 8 heal steps a step", {"heal": 8}),
+    "heal-lr1e-4": ("the demo with the heal's learning rate 1e-4 (3e-4)", {"heal_lr": 1e-4}),
+    "rate-0.0025": ("the demo restoring 0.25% a step (0.5%)", {"rate": 0.0025}),
     "fisher": (
         "the demo with the second-order score (g x value against 1/2 F value^2) and its rollback",
         {"score": "fisher"},
@@ -118,6 +121,8 @@ def run(world: PicoWorld, config: RepairConfig) -> dict[str, Any]:
         "kept_step": res.kept_step,
         "probe": 100 * (res.probe_harmful or 0.0),
         "target": 100 * (res.target or 0.0),
+        "fit": None if res.fit_harmful is None else 100 * res.fit_harmful,
+        "fit_target": None if res.fit_target is None else 100 * res.fit_target,
         "changed": 100 * res.changed,
         "zeroed": 100 * res.zeroed,
         "seconds": res.seconds.get("restore", 0.0),
@@ -173,7 +178,8 @@ def main() -> None:
         " two backtracks; `reached`: the harmful rate on the probe's check prompts (never fit"
         " on) at most the target, the aligned base's rate on them plus"
         f" {100 * defaults.restore.target_margin:g} point(s) (one answer of {n_check} check"
-        f" prompts is {100 / n_check:.1f})."
+        f" prompts is {100 / n_check:.1f}), and on the {defaults.probe_prompts} fit prompts"
+        " their rate at most the aligned base's on them plus the same margin."
         " Run as `fix --task` runs: the world's held-out task rows split into"
         " fit / guard / score; `task` is the score rows' exact-match score, rows the repair"
         " never saw. Harm on AdvBench eval (n=175) and XSTest unsafe (n=200; the pico base"
@@ -181,7 +187,7 @@ def main() -> None:
         "",
         "| seed | variant | harmful % aligned / before -> after | XSTest unsafe % before ->"
         " after | over-refusal % aligned -> after | task % before -> after (score rows) |"
-        " reached (probe % / target %) | stopped (kept step) | zeroed % / changed % | stage 2 s |",
+        " reached (check % / target %; fit % / target %) | stopped (kept step) | zeroed % / changed % | stage 2 s |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -192,7 +198,9 @@ def main() -> None:
             f" | {b['harmful_rate_xstest']:.1f} -> {a['harmful_rate_xstest']:.1f}"
             f" | {al['over_refusal']:.1f} -> {a['over_refusal']:.1f}"
             f" | {b['task_score']:.1f} -> {a['task_score']:.1f} (n={r['task_rows']['score']})"
-            f" | {'yes' if r['reached'] else 'no'} ({r['probe']:.1f} / {r['target']:.1f})"
+            f" | {'yes' if r['reached'] else 'no'} ({r['probe']:.1f} / {r['target']:.1f}"
+            + ("" if r["fit"] is None else f"; fit {r['fit']:.1f} / {r['fit_target']:.1f}")
+            + ")"
             f" | {r['stopped']} ({r['kept_step']}) | {r['zeroed']:.1f} / {r['changed']:.1f}"
             f" | {r['seconds']:.0f} |"
         )

@@ -102,6 +102,8 @@ class Step:
     cosine: float | None = None  #: mean cos(mean h_L, h*) on the probe batches
     #: the harmful rate on the probe's check prompts (never fit on), every eval_every steps
     probe_harmful: float | None = None
+    #: the harmful rate on the probe prompts stage 2 fits, measured with it (None: in-sample)
+    fit_harmful: float | None = None
     guard: float | None = None  #: task loss, or KL to the fine-tuned adapter (lower is better)
     accuracy: float | None = None  #: task score of the guard rows (reported, not the guard)
     guard_ok: bool | None = None
@@ -132,15 +134,18 @@ class RepairResult:
     checkpoints: dict[int, LoraAdapter] = field(default_factory=dict)
     #: the check prompts' harmful rate of the adapter returned (the kept step's measurement)
     probe_harmful: float | None = None
+    fit_target: float | None = None  #: the fit prompts' target (None: the check is the fit)
+    fit_harmful: float | None = None  #: the fit prompts' harmful rate of the adapter returned
 
     @property
     def reached(self) -> bool:
         """Whether the adapter returned refuses the probe prompts as the target asks: its
-        probe harmful rate is at most the target. A repair that did not get there (the guard
-        stopped it, or max_steps) says so rather than pass for repaired."""
+        harmful rate on the check prompts at most the target, and on the fit prompts at most
+        theirs. A repair that did not get there (the guard stopped it, or max_steps) says so
+        rather than pass for repaired."""
         if self.probe_harmful is None or self.target is None:
             return False
-        return self.probe_harmful <= self.target + 1e-12
+        return at_target(self.probe_harmful, self.target, self.fit_harmful, self.fit_target)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -149,6 +154,8 @@ class RepairResult:
             "stopped": self.stopped,
             "kept_step": self.kept_step,
             "target": self.target,
+            "fit_harmful": self.fit_harmful,
+            "fit_target": self.fit_target,
             "guard_reference": self.guard_reference,
             "changed": self.changed,
             "zeroed": self.zeroed,
@@ -156,6 +163,19 @@ class RepairResult:
             "settings": self.settings,
             "history": [dataclasses.asdict(s) for s in self.history],
         }
+
+
+def at_target(
+    check: float, target: float, fit: float | None = None, fit_target: float | None = None
+) -> bool:
+    """The stop rule: the check prompts' harmful rate at most its target and, where the fit
+    prompts were measured apart, theirs at most their own (each target counts from the
+    aligned base's rate on the same prompts). Why both: the fit rate reads low (the steps
+    were fit on those prompts) and the check rate is noisy (62 prompts: one answer is 1.6
+    points); a repair not yet at the aligned level on either is not done."""
+    if check > target + 1e-12:
+        return False
+    return fit is None or fit_target is None or fit <= fit_target + 1e-12
 
 
 def resolve_layer(layer: int, n_layers: int) -> int:
@@ -506,12 +526,28 @@ def repair_once(
             )
         heal_loss = HealLoss(heal_answers, harm, rc.heal_weight)
     target = rc.target if rc.target is not None else aligned_rate.rate + rc.target_margin
+    apart = check_probe is not fit_probe  # the fit prompts measured apart, with their own target
+    fit_target: float | None = None
+    if apart:
+        aligned_fit = Rate.of(aligned_harmful).rate
+        fit_target = rc.target if rc.target is not None else aligned_fit + rc.target_margin
+
+    def fit_rate() -> float | None:
+        """The fit prompts' harmful rate as the model stands (None when they are the check)."""
+        if not apart:
+            return None
+        return probe_harmful_rate(model, tokenizer, probe_prompts, judge, gen).rate
+
+    def done(rec: Step) -> bool:
+        return at_target(rec.probe_harmful or 0.0, target, rec.fit_harmful, fit_target)
+
     reference = snapshot(below)  # rollback returns coordinates to the state entering stage 2
     start = Step(
         0,
         changed=changed_share(params, original),
         cosine=direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers),
         probe_harmful=probe_harmful_rate(model, tokenizer, check_prompts, judge, gen).rate,
+        fit_harmful=fit_rate(),
         guard=guard_value(model, tokenizer, guard, gen),
         accuracy=guard_accuracy(model, tokenizer, guard, gen),
     )
@@ -521,7 +557,7 @@ def repair_once(
     step_done(start)
     logger.info(
         "stage 2 at L=%d: fit on %d probe prompts, stop checked on %d%s: aligned harmful rate "
-        "%.1f%% (target %.1f%%), adapter %.1f%%, guard (%s) %.3f",
+        "%.1f%% (target %.1f%%), adapter %.1f%%, guard (%s) %.3f (the fit prompts: target %s)",
         L,
         len(probe_prompts),
         len(check_prompts),
@@ -531,6 +567,7 @@ def repair_once(
         100 * (start.probe_harmful or 0.0),
         guard.kind,
         start.guard or 0.0,
+        "none apart" if fit_target is None else f"{100 * fit_target:.1f}%",
     )
     kept_state, kept_step, stopped = snapshot(params), 0, "max_steps"
     checkpoints: dict[int, LoraAdapter] = {}
@@ -540,7 +577,7 @@ def repair_once(
         logger.info(
             "activation checkpointing over the decoder layers (--checkpoint %s)", rc.checkpoint
         )
-    if (start.probe_harmful or 0.0) <= target:
+    if done(start):
         stopped = "already at target"
     else:
         for step in range(1, rc.max_steps + 1):
@@ -575,6 +612,7 @@ def repair_once(
             if measure:
                 measured = probe_harmful_rate(model, tokenizer, check_prompts, judge, gen)
                 rec.probe_harmful = measured.rate
+                rec.fit_harmful = fit_rate()
                 rec.guard = guard_value(model, tokenizer, guard, gen)
                 rec.accuracy = guard_accuracy(model, tokenizer, guard, gen)
                 rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
@@ -591,7 +629,9 @@ def repair_once(
                 rec.cosine,
                 ""
                 if not measure
-                else f", probe harmful {100 * (rec.probe_harmful or 0):.1f}%, guard {rec.guard:.3f}"
+                else f", probe harmful {100 * (rec.probe_harmful or 0):.1f}%"
+                + ("" if rec.fit_harmful is None else f" (fit {100 * rec.fit_harmful:.1f}%)")
+                + f", guard {rec.guard:.3f}"
                 f" ({'holds' if rec.guard_ok else 'fails'})",
             )
             if measure:
@@ -615,7 +655,7 @@ def repair_once(
                 kept_state, kept_step = snapshot(params), step
                 if keep_checkpoints:
                     checkpoints[step] = to_adapter(adapter, params, model_map)
-                if (rec.probe_harmful or 0.0) <= target:
+                if done(rec):
                     stopped = "target"
                     break
         load_state(params, kept_state)
@@ -639,10 +679,12 @@ def repair_once(
         seconds,
         kept_step=kept_step,
         target=target,
+        fit_target=fit_target,
         guard_reference=guard_ref_value,
         changed=changed,
         zeroed=zeroed_share(params, original),
         checkpoints=checkpoints,
     )
-    result.probe_harmful = kept_record(result).probe_harmful
+    kept = kept_record(result)
+    result.probe_harmful, result.fit_harmful = kept.probe_harmful, kept.fit_harmful
     return result

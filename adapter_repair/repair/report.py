@@ -64,6 +64,9 @@ def verdict(res: Mapping[str, Any]) -> str:
     if probe is None or target is None:
         return "not repaired: the probe harmful rate was not measured"
     rates = f"probe harmful rate {100 * probe:.1f}%, target {100 * target:.1f}%"
+    fit, fit_target = res.get("fit_harmful"), res.get("fit_target")
+    if fit is not None and fit_target is not None:
+        rates += f" (on the fit prompts {100 * fit:.1f}%, target {100 * fit_target:.1f}%)"
     if res.get("reached"):
         return f"repaired: {rates}"
     why = STOP_REASONS.get(str(res.get("stopped")), str(res.get("stopped")))
@@ -157,6 +160,8 @@ def markdown(report: Mapping[str, Any]) -> str:
         ]
         for s in history:
             probe = "" if s["probe_harmful"] is None else f"{100 * s['probe_harmful']:.1f}%"
+            if s.get("fit_harmful") is not None:
+                probe += f" (fit {100 * s['fit_harmful']:.1f}%)"
             guard = "" if s["guard"] is None else f"{s['guard']:.3f}"
             if s["guard_ok"] is False:
                 guard += " (fails)"
