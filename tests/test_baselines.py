@@ -17,6 +17,7 @@ import repair_tables
 
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.model.loading import attach_adapter, load_base, load_model, load_tokenizer
+from adapter_repair.repair.config import RestoreConfig
 from adapter_repair.repair.losses import answer_batches
 
 
@@ -105,4 +106,10 @@ def test_the_plan_runs_ours_everywhere_and_the_rest_on_the_compare_adapters() ->
     assert bench_repair.repair_config("restore-heal").restore.heal == 5
     assert bench_repair.repair_config("published").restore.score == "grad"
     # ours is the product's defaults, so the table follows them
-    assert bench_repair.repair_config("restore").restore == bench_repair.RestoreConfig()
+    assert bench_repair.repair_config("restore").restore == RestoreConfig()
+    # a lever of the repair's own (the stop's check prompts) moves that, and stage 2 stays
+    check0 = bench_repair.repair_config("restore-check0")
+    assert check0.check_prompts == 0 and check0.restore == RestoreConfig()
+    assert bench_repair.repair_config("restore").check_prompts > 0
+    shares = [bench_repair.safe_lora_share(m) for m in ("safelora", "safelora-0.25", "restore")]
+    assert shares == [1.0, 0.25, None]
