@@ -604,7 +604,9 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         INTRO,
         "",
         f"Ours ({ours}) runs with the product's defaults: `{json.dumps(dataclasses.asdict(cfg.restore))}`;"
-        f" projection `{json.dumps(dataclasses.asdict(cfg.project))}`.",
+        f" projection `{json.dumps(dataclasses.asdict(cfg.project))}`; {cfg.probe_prompts} probe"
+        f" prompts fit stage 2 and up to {cfg.check_prompts} others check its stop (both parts"
+        " at the aligned base's rate plus the margin).",
         "",
         *table_lines(
             aligned,
