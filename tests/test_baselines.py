@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -113,3 +114,5 @@ def test_the_plan_runs_ours_everywhere_and_the_rest_on_the_compare_adapters() ->
     assert bench_repair.repair_config("restore").check_prompts > 0
     shares = [bench_repair.safe_lora_share(m) for m in ("safelora", "safelora-0.25", "restore")]
     assert shares == [1.0, 0.25, None]
+    with pytest.raises(ValueError, match="share must be in"):
+        bench_repair.safe_lora_share("safelora-1.5")
