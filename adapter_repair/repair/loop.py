@@ -471,12 +471,12 @@ def repair_once(
     with use_adapter(model, None):  # each harmful prompt toward the aligned model's states
         h_star = states(probe_batches, probe_prompts)
         aligned_answers = generate(model, tokenizer, probe_prompts, gen, desc="probe")
+        aligned_harmful = judge.harmful(probe_prompts, aligned_answers)  # judged once
         aligned_rate = (
-            Rate.of(judge.harmful(probe_prompts, aligned_answers))
+            Rate.of(aligned_harmful)
             if check_probe is fit_probe
             else probe_harmful_rate(model, tokenizer, check_prompts, judge, gen)
         )
-    aligned_harmful = judge.harmful(probe_prompts, aligned_answers)
 
     @functools.cache
     def fit_answers() -> list[Any]:
