@@ -14,10 +14,10 @@ an artifact of the small world, keyed by the adapter's recipe, the settings and 
 it (a digest of the code that measures it: the package but its CLI, its Hub client, its
 repair settings' file and its report rendering, and bench/repair_runs.py with what it
 imports; the judge, the prompt sets). This file chooses the rows and their order;
-bench/repair_tables.py writes the tables and the ledger; neither is in the digest. The settings are in the key themselves, resolved: a changed default reruns exactly the
-rows that use it. Rerunning after an
-interruption resumes where it stopped; ``--no-run`` only writes the tables of what is done. The
-zoo must be built first (``python bench/bed.py``).
+bench/repair_tables.py writes the tables and the ledger; neither is in the digest. The
+settings are in the key themselves, resolved: a changed default reruns exactly the rows that
+use it. Rerunning after an interruption resumes where it stopped; ``--no-run`` only writes the
+tables of what is done. The zoo must be built first (``python bench/bed.py``).
 
 Repair runs over the 4-bit aligned base (as the adapters were trained and as
 ``PeftModel.from_pretrained`` loads them); the task guard is SST-2 rows held out from the
