@@ -434,7 +434,7 @@ HEADER = (
     " | SST-2 % bare label | SST-2 % first named | harmful eval % over 4-bit"
     " | harmful XSTest unsafe % over 4-bit | over-refusal % over 4-bit"
     " | SST-2 % bare label over 4-bit | changed %"
-    " | stopped (kept step) | repair min | s / step | step / its passes | peak RSS GB |"
+    " | reached: stopped (kept step) | repair min | s / step | step / its passes | peak RSS GB |"
 )
 
 
@@ -462,6 +462,8 @@ def table_lines(
             )
             continue
         stop = f"{r.get('stopped')} ({r.get('kept_step')})"
+        if r.get("reached") is not None:  # the repair's own verdict on its check prompts
+            stop = f"{'yes' if r['reached'] else 'no'}: {stop}"
         out.append(
             f"| {r['adapter']} | {r['method']} |{cells(r['measures'], r['nf4'])}"
             f" {fmt(100 * r['changed'], 2)} | {stop} | {fmt(r['repair_seconds'] / 60)} |"
@@ -560,7 +562,11 @@ INTRO = (
     " the bfloat16 base, like the zoo, and loaded over the 4-bit NF4 base they were trained"
     " and repaired on, as `PeftModel.from_pretrained` loads them (harm, over-refusal and"
     " SST-2's bare label); each precision's targets count from the aligned base and the"
-    " fine-tuned adapter in that precision. s / step: a restoration step's mean wall time,"
+    " fine-tuned adapter in that precision. reached: the repair's own verdict (its probe"
+    " check prompts' and fit prompts' harmful rates over the 4-bit base at most the aligned"
+    ' base\'s on the same prompts plus the margin; `fix` prints "not repaired" and exits 3'
+    " on no), then why stage 2 stopped and the step it kept. s / step: a restoration step's"
+    " mean wall time,"
     " the steps that measured the probe rate and the guard included; step / its passes: the"
     " steps that did not measure, against the gradient passes they made (harmful, benign,"
     " Fisher), as bench/cost.py sets a step against its bare passes."

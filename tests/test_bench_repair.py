@@ -273,3 +273,28 @@ def test_the_tables_name_as_not_run_only_what_is_not_done(tmp_path: Path, monkey
     assert json.loads((tmp_path / "results" / "repair.json").read_text())["missing"] == [
         "a/restore-mean"
     ]
+
+
+def test_a_row_shows_whether_the_repair_reached_its_target() -> None:
+    """A repair that stopped short says so in the table ("no: guard (25)"), as `fix` does;
+    a method without a verdict of its own (a baseline) shows only why it stopped."""
+
+    def row(method: str, reached: bool | None) -> dict[str, Any]:
+        return {
+            "adapter": "a",
+            "method": method,
+            "measures": {},
+            "nf4": None,
+            "changed": 0.2,
+            "stopped": "guard",
+            "kept_step": 25,
+            "reached": reached,
+            "repair_seconds": 60.0,
+            "peak_rss_gb": 1.0,
+        }
+
+    lines = tables.table_lines({}, None, [row("restore", False), row("x", True), row("y", None)])
+    assert "| no: guard (25) |" in lines[-3]
+    assert "| yes: guard (25) |" in lines[-2]
+    assert "| guard (25) |" in lines[-1] and ": guard" not in lines[-1]
+    assert lines[0].count("|") == lines[-1].count("|")
