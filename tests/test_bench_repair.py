@@ -70,28 +70,51 @@ def test_a_changed_repair_default_changes_the_key_of_the_rows_that_use_it() -> N
     assert runs.config_key(fisher)["restore"]["score"] == "fisher"
 
 
-def _world(root: Path, adapter_bytes: bytes = b"adapter") -> Any:
-    """A stand-in for the small world's files and keys: what the ledger reads of a world."""
+@dataclasses.dataclass
+class _World:
+    """A stand-in for the small world's files and keys: what the ledger and the tables read of
+    a world (a dataclass, as SmallWorld is: a build's view is a copy with another root)."""
+
+    root: Path
+    files: Path
+    artifacts: dict[str, Any]
+    recipe: Any
+
+    @property
+    def aligned_dir(self) -> Path:
+        return self.files / "aligned"
+
+    @property
+    def unaligned_dir(self) -> Path:
+        return self.files / "unaligned"
+
+    def adapter_dir(self, name: str) -> Path:
+        return self.files / name
+
+    def task_guard(self, n: int) -> Any:
+        return SimpleNamespace(digest=lambda: "sst2 rows")
+
+    def task_eval(self) -> Any:
+        return SimpleNamespace(digest=lambda: "sst2 rows")
+
+
+def _world(root: Path, adapter_bytes: bytes = b"adapter", aligned_bytes: bytes = b"aligned") -> Any:
+    """A world whose files are these bytes (another build: other bytes)."""
     from adapter_repair.beds.artifacts import Artifact
 
-    for name, data in (("aligned", b"aligned"), ("unaligned", b"unaligned")):
+    for name, data in (("aligned", aligned_bytes), ("unaligned", b"unaligned")):
         (root / name).mkdir(parents=True, exist_ok=True)
         (root / name / "model.safetensors").write_bytes(data)
     for name in ("a", "b"):
         (root / name).mkdir(exist_ok=True)
         (root / name / "adapter_model.safetensors").write_bytes(adapter_bytes + name.encode())
     tables._sha256.cache_clear()
-    rows = SimpleNamespace(digest=lambda: "sst2 rows")
     names = ("aligned", "unaligned", "adapter-a", "adapter-b")
-    return SimpleNamespace(
+    return _World(
         root=root / "cache",
-        aligned_dir=root / "aligned",
-        unaligned_dir=root / "unaligned",
-        adapter_dir=lambda name: root / name,
+        files=root,
         artifacts={n: Artifact(n, {"recipe": 1}) for n in names},
         recipe=SimpleNamespace(zoo=[SimpleNamespace(name="a"), SimpleNamespace(name="b")]),
-        task_guard=lambda n: rows,
-        task_eval=lambda: rows,
     )
 
 
@@ -145,7 +168,7 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     assert len(tables.read_ledger()) == n
     rows = tables.collect(first, ["a"], ["restore", "dense"])
     assert [r["method"] for r in rows] == ["none", "restore", "dense"]
-    assert not any(r["restored"] for r in rows) and tables.restored_line(first, rows) == ""
+    assert not any(r["restored"] for r in rows)
 
     # a fresh machine, the same world bytes: every row back, the same numbers
     fresh = _world(tmp_path / "two")
@@ -162,8 +185,6 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     # steps 1-3 (step 0 is the start); the two that did not measure: 10 s against 8 s of passes
     assert rows[1]["step_seconds"] == back[1]["step_seconds"] == 50.0 / 3
     assert rows[1]["step_over_passes"] == back[1]["step_over_passes"] == 1.25
-    line = tables.restored_line(fresh, back)
-    assert "aligned base (merged, 4-bit" in line and "a/dense (merged; on" in line
     assert tables.restore_from_ledger(fresh, PLAN) == 0  # already there
 
     # the adapter built to other bytes: only the aligned base's rows come back
@@ -187,7 +208,10 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
         again = _world(tmp_path / root, adapter_bytes=adapter_bytes)
         assert tables.restore_from_ledger(again, PLAN) == n
         assert tables.collect(again, ["a"], ["restore"])[1]["changed"] == changed
-        assert tables.world_line(again).startswith(" World build:")
+        # one base, the adapter built to two sets of bytes: two builds, this machine's first
+        builds = tables.ledger_builds(again)
+        assert [b.here for b in builds] == [True, False]
+        assert builds[0].inputs("a") == tables.world_inputs(again, "a")
 
     # changed code: no key matches, nothing comes back, and the stale entries are dropped
     monkeypatch.setitem(runs.MEASURED_BY, "code", "0" * 64)
@@ -298,3 +322,58 @@ def test_a_row_shows_whether_the_repair_reached_its_target() -> None:
     assert "| yes: guard (25) |" in lines[-2]
     assert "| guard (25) |" in lines[-1] and ": guard" not in lines[-1]
     assert lines[0].count("|") == lines[-1].count("|")
+
+
+def test_rows_of_two_builds_each_count_from_their_own_aligned_base(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """Each session builds the world anew and the aligned base need not come out in the same
+    bytes: the tables show every build the ledger holds (this machine's first), and a row's
+    targets count from its own build's aligned base and fine-tuned adapter, never another's."""
+    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
+    monkeypatch.setattr(tables.results_io, "RESULTS", tmp_path / "results")
+    earlier = _world(tmp_path / "one", aligned_bytes=b"aligned, first build")
+    _measure_everything(earlier, PLAN)
+    tables.write_ledger(earlier)
+    here = _world(tmp_path / "two", aligned_bytes=b"aligned, second build")
+    tables.write_tables(here, PLAN)  # nothing measured here yet: the earlier build's rows
+    md = (tmp_path / "results" / "repair.md").read_text()
+    assert md.count("### World build ") == 1 and "(an earlier session)" in md
+    assert "Not run yet (in any build): none" in md
+
+    _measure_everything(here, PLAN, changed=0.34)
+    tables.write_tables(here, PLAN)
+    md = (tmp_path / "results" / "repair.md").read_text()
+    first, second = (
+        tables._sha256(str(w.aligned_dir / "model.safetensors")) for w in (earlier, here)
+    )
+    assert md.index(f"### World build {second[:12]}") < md.index(f"### World build {first[:12]}")
+    assert "(this machine's cache)" in md
+    rows = json.loads((tmp_path / "results" / "repair.json").read_text())["rows"]
+    by = {(r["build"], r["method"]): r for r in rows}
+    assert by[(second[:12], "restore")]["changed"] == 0.34
+    assert by[(first[:12], "restore")]["changed"] == 0.12
+
+    # targets: a row 2 points above its own aligned base and one 1 point above its own, though
+    # 11 points above the other build's: mean +1.5, max +2
+    def measures(harm: float, over: float = 0.0, task: float = 0.9) -> dict[str, Any]:
+        return {
+            "harmful_rate": {"rate": harm},
+            "over_refusal": {"rate": over},
+            "task_exact": {"rate": task},
+        }
+
+    aligned = {"x": measures(0.0), "y": measures(0.10)}
+    rows = [
+        {"build": "x", "adapter": "a", "method": "none", "measures": measures(0.9)},
+        {"build": "x", "adapter": "a", "method": "restore", "measures": measures(0.02)},
+        {"build": "y", "adapter": "a", "method": "none", "measures": measures(0.9, task=0.5)},
+        {"build": "y", "adapter": "a", "method": "restore", "measures": measures(0.11, task=0.5)},
+    ]
+    mean, every, task, _ = tables.check_targets(aligned, rows, ["restore"])
+    assert mean["target"].startswith("mean harmful rate merged <= aligned + 1")
+    assert "0.0% / 10.0% by build" in mean["target"]
+    assert not mean["ok"] and "(+1.5)" in mean["value"]
+    assert every["ok"] and every["value"].startswith("max +2.0")
+    # SST-2 kept: 0.9 of 0.9 and 0.5 of 0.5, each against its own build's adapter
+    assert task["ok"] and task["value"] == "min 100.0%"
