@@ -47,7 +47,7 @@ from repair_runs import (
     run_reference,
 )
 from repair_settings import BASELINES, COMPARE_ADAPTERS, DEFAULT_VARIANTS, METHODS, OURS, VARIANTS
-from repair_tables import Plan, restore_from_ledger, write_tables
+from repair_tables import LEDGER, Plan, restore_from_ledger, write_tables
 
 from adapter_repair.beds.small import small_world
 
@@ -109,8 +109,8 @@ def main() -> None:
         baselines=names(args.baselines, (*METHODS, *BASELINES), "baseline(s)"),
         variants=names(args.variants, tuple(VARIANTS), "variant(s)"),
     )
-    if not args.no_ledger:
-        restore_from_ledger(world, plan)
+    if not args.no_ledger and (n := restore_from_ledger(world, plan)):
+        logging.info("restored %d artifact(s) of this build from %s", n, LEDGER.name)
     if not args.no_run:
         for name in dict.fromkeys((*plan.adapters, *plan.compare)):
             if not world.artifacts[f"adapter-{name}"].done(world.root):

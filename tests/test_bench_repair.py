@@ -79,6 +79,7 @@ class _World:
     files: Path
     artifacts: dict[str, Any]
     recipe: Any
+    sst2: str = "sst2 rows"
 
     @property
     def aligned_dir(self) -> Path:
@@ -92,10 +93,10 @@ class _World:
         return self.files / name
 
     def task_guard(self, n: int) -> Any:
-        return SimpleNamespace(digest=lambda: "sst2 rows")
+        return SimpleNamespace(digest=lambda: self.sst2)
 
     def task_eval(self) -> Any:
-        return SimpleNamespace(digest=lambda: "sst2 rows")
+        return SimpleNamespace(digest=lambda: self.sst2)
 
 
 def _world(root: Path, adapter_bytes: bytes = b"adapter", aligned_bytes: bytes = b"aligned") -> Any:
@@ -372,8 +373,38 @@ def test_rows_of_two_builds_each_count_from_their_own_aligned_base(
     ]
     mean, every, task, _ = tables.check_targets(aligned, rows, ["restore"])
     assert mean["target"].startswith("mean harmful rate merged <= aligned + 1")
-    assert "0.0% / 10.0% by build" in mean["target"]
+    assert "(aligned 0.0% on x, 10.0% on y)" in mean["target"]
     assert not mean["ok"] and "(+1.5)" in mean["value"]
-    assert every["ok"] and every["value"].startswith("max +2.0")
+    assert every["ok"] and every["value"] == "max 2.0% (+2.0)"
     # SST-2 kept: 0.9 of 0.9 and 0.5 of 0.5, each against its own build's adapter
     assert task["ok"] and task["value"] == "min 100.0%"
+
+
+def test_a_repair_without_its_4bit_row_is_still_shown_and_builds_never_share_a_label(
+    tmp_path: Path, monkeypatch
+) -> None:
+    """A repair measured here whose 4-bit row is not taken yet (--no-nf4, or a run cut short)
+    is a row with its 4-bit cells empty, not a row "not run"; two builds on one aligned base
+    (other SST-2 rows) get labels of their own, so neither's rows count from the other's."""
+    import shutil
+
+    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
+    monkeypatch.setattr(tables.results_io, "RESULTS", tmp_path / "results")
+    world = _world(tmp_path / "one")
+    _measure_everything(world, PLAN)
+    shutil.rmtree(runs.nf4_artifact(world, "a", "restore").path(world.root))
+    tables.write_tables(world, PLAN)
+    got = json.loads((tmp_path / "results" / "repair.json").read_text())
+    ours = [r for r in got["rows"] if r["method"] == "restore"]
+    assert len(ours) == 1 and ours[0]["nf4"] is None and ours[0]["measures"]
+    assert got["missing"] == got["missing_here"] == []
+
+    other = _world(tmp_path / "two")
+    other.sst2 = "other sst2 rows"
+    _measure_everything(other, PLAN, changed=0.34)
+    tables.write_tables(other, PLAN)
+    got = json.loads((tmp_path / "results" / "repair.json").read_text())
+    labels = [b["build"] for b in got["builds"]]
+    assert len(labels) == len(set(labels)) == 2 and got["builds"][0]["here"]
+    changed = {r["build"]: r["changed"] for r in got["rows"] if r["method"] == "restore"}
+    assert changed == {labels[0]: 0.34, labels[1]: 0.12}
