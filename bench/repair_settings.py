@@ -54,6 +54,15 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "restore-rate0.005": ("rate 0.005 a step (up to 40 steps)", {"rate": 0.005}),
     "restore-steps20": ("at most 20 steps (the default until 66462e2)", {"max_steps": 20}),
     "restore-heal1": ("heal 1 (one masked step after each restoration step)", {"heal": 1}),
+    "restore-heal1-every1": (
+        "heal 1, the probe rate checked every step (stops at the first step on target: the"
+        " heal reached it by step 5 and overshot the aligned base's refusals)",
+        {"heal": 1, "eval_every": 1},
+    ),
+    "restore-heal1-lr1e-4": (
+        "heal 1 at learning rate 1e-4 (3e-4)",
+        {"heal": 1, "heal_lr": 1e-4},
+    ),
     "restore-heal-w0.3": (
         "heal 5, its harmful loss weighted 0.3 against the answers it keeps",
         {"heal": 5, "heal_weight": 0.3},
@@ -70,7 +79,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: the variants a plain run measures: one per lever the issue names (second-order score, OBS
 #: recalibration, canonical basis, singular components, heal, targets mean, per-matrix top-k,
-#: a smaller rate, fewer steps), a lighter heal, and the earlier defaults of the stop (margin
+#: a smaller rate, fewer steps), a lighter heal (and, with it, a stop checked every step or a
+#: smaller heal rate), and the earlier defaults of the stop (margin
 #: 0.02, 20 steps: the first rows moved them to 0.01 and 40); ratio, grad, no-rollback and
 #: heal-w0.3 run when named (--variants all)
 DEFAULT_VARIANTS = (
@@ -84,6 +94,8 @@ DEFAULT_VARIANTS = (
     "restore-per-matrix",
     "restore-rate0.005",
     "restore-heal1",
+    "restore-heal1-every1",
+    "restore-heal1-lr1e-4",
     "restore-margin0.02",
     "restore-steps20",
 )
