@@ -692,8 +692,8 @@ INTRO = (
 BUILDS_LINE = (
     "Each session's machine builds the world from its recipe, and the aligned base's training"
     " does not give the same bytes on every machine (the zoo adapters, trained over it, differ"
-    " too): the rows of each build are a section of their own, with that build's aligned base"
-    " and fine-tuned adapters, and a row counts only from those."
+    " too): the rows here are this machine's build's, each counted only from that build's"
+    " aligned base and fine-tuned adapters."
 )
 
 #: how the targets read rows of several builds
@@ -754,6 +754,17 @@ def build_rows(world: SmallWorld, build: Build, plan: Plan, root: Path) -> Build
     )
 
 
+def elsewhere_line(builds: list[Build]) -> str:
+    """The builds the ledger holds whose rows the tables leave out (measured over other
+    bytes, in an earlier session)."""
+    return (
+        "Not shown: rows of other builds of the world in the ledger, measured in an earlier"
+        " session over other bytes (aligned base "
+        + ", ".join(b.label for b in builds)
+        + "); a machine that builds the same bytes restores them."
+    )
+
+
 def build_heading(b: BuildRows) -> list[str]:
     """A build's section heading and the line that says what it stands on."""
     base = dict(b.build.base)
@@ -772,10 +783,13 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
     with one lever moved), each from the rows the current code measured, one section per
     build of the world (Build); and the ledger."""
     write_ledger(world)
+    builds = ledger_builds(world)
+    # a table holds only rows of this machine's build: other builds' rows stay in the ledger
+    # (restored where a machine builds the same bytes), named here but not shown
+    elsewhere = [b for b in builds if not b.here]
     with tempfile.TemporaryDirectory(prefix="repair-tables-") as tmp:
         sections = [
-            build_rows(world, b, plan, Path(tmp) / str(i))
-            for i, b in enumerate(ledger_builds(world))
+            build_rows(world, b, plan, Path(tmp) / str(i)) for i, b in enumerate(builds) if b.here
         ]
     machine = results_io.machine()
     ours = plan.methods[0] if plan.methods else "restore"
@@ -831,7 +845,8 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
                 "",
             )
         ],
-        *([] if sections else ["No rows yet.", ""]),
+        *([] if sections else ["No rows on this machine's build yet.", ""]),
+        *([elsewhere_line(elsewhere), ""] if elsewhere else []),
         "## Targets",
         "",
         TARGETS_LINE,
@@ -907,6 +922,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
                 "",
             )
         ],
+        *([elsewhere_line(elsewhere), ""] if elsewhere else []),
         "## Targets",
         "",
         TARGETS_LINE,

@@ -329,31 +329,33 @@ def test_rows_of_two_builds_each_count_from_their_own_aligned_base(
     tmp_path: Path, monkeypatch
 ) -> None:
     """Each session builds the world anew and the aligned base need not come out in the same
-    bytes: the tables show every build the ledger holds (this machine's first), and a row's
-    targets count from its own build's aligned base and fine-tuned adapter, never another's."""
+    bytes: the tables show this machine's build and name the others the ledger keeps, and a
+    row's targets count from its own build's aligned base and fine-tuned adapter, never
+    another's."""
     monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
     monkeypatch.setattr(tables.results_io, "RESULTS", tmp_path / "results")
     earlier = _world(tmp_path / "one", aligned_bytes=b"aligned, first build")
     _measure_everything(earlier, PLAN)
     tables.write_ledger(earlier)
     here = _world(tmp_path / "two", aligned_bytes=b"aligned, second build")
-    tables.write_tables(here, PLAN)  # nothing measured here yet: the earlier build's rows
+    tables.write_tables(here, PLAN)  # nothing measured here yet: the earlier build is named
     md = (tmp_path / "results" / "repair.md").read_text()
-    assert md.count("### World build ") == 1 and "(an earlier session)" in md
-    assert "Not run yet (in any build): none" in md
+    first = tables._sha256(str(earlier.aligned_dir / "model.safetensors"))
+    assert "### World build " not in md and "No rows on this machine's build yet." in md
+    assert "Not shown: rows of other builds" in md and first[:12] in md
+    assert "Not run on this machine's build (a run here measures these): a/restore" in md
 
     _measure_everything(here, PLAN, changed=0.34)
     tables.write_tables(here, PLAN)
     md = (tmp_path / "results" / "repair.md").read_text()
-    first, second = (
-        tables._sha256(str(w.aligned_dir / "model.safetensors")) for w in (earlier, here)
-    )
-    assert md.index(f"### World build {second[:12]}") < md.index(f"### World build {first[:12]}")
+    second = tables._sha256(str(here.aligned_dir / "model.safetensors"))
+    assert md.count("### World build ") == 1 and f"### World build {second[:12]}" in md
     assert "(this machine's cache)" in md
     rows = json.loads((tmp_path / "results" / "repair.json").read_text())["rows"]
-    by = {(r["build"], r["method"]): r for r in rows}
-    assert by[(second[:12], "restore")]["changed"] == 0.34
-    assert by[(first[:12], "restore")]["changed"] == 0.12
+    assert {r["build"] for r in rows} == {second[:12]}  # the earlier build's rows left out
+    assert next(r for r in rows if r["method"] == "restore")["changed"] == 0.34
+    # the ledger keeps both builds' rows
+    assert [b.label for b in tables.ledger_builds(here)] == [second[:12], first[:12]]
 
     # targets: a row 2 points above its own aligned base and one 1 point above its own, though
     # 11 points above the other build's: mean +1.5, max +2
@@ -404,7 +406,8 @@ def test_a_repair_without_its_4bit_row_is_still_shown_and_builds_never_share_a_l
     _measure_everything(other, PLAN, changed=0.34)
     tables.write_tables(other, PLAN)
     got = json.loads((tmp_path / "results" / "repair.json").read_text())
-    labels = [b["build"] for b in got["builds"]]
-    assert len(labels) == len(set(labels)) == 2 and got["builds"][0]["here"]
+    builds = tables.ledger_builds(other)
+    labels = [b.label for b in builds]
+    assert len(labels) == len(set(labels)) == 2 and builds[0].here
     changed = {r["build"]: r["changed"] for r in got["rows"] if r["method"] == "restore"}
-    assert changed == {labels[0]: 0.34, labels[1]: 0.12}
+    assert changed == {labels[0]: 0.34}
