@@ -754,6 +754,20 @@ def build_rows(world: SmallWorld, build: Build, plan: Plan, root: Path) -> Build
     )
 
 
+def not_run(missing: list[str], here: list[str], plan: Plan, *, levers: bool) -> str:
+    """What a table still lacks, of the ablation's variants (``levers``) or of the rest: in any
+    build, and on this machine's build (what a run here measures)."""
+
+    def names(runs: list[str]) -> str:
+        mine = [r for r in runs if (r.split("/")[1] in plan.variants) == levers]
+        return ", ".join(mine) or "none"
+
+    return (
+        f" Not run yet (in any build): {names(missing)}."
+        f" Not run on this machine's build (a run here measures these): {names(here)}."
+    )
+
+
 def elsewhere_line(builds: list[Build]) -> str:
     """The builds the ledger holds whose rows the tables leave out (measured over other
     bytes, in an earlier session)."""
@@ -867,8 +881,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         " the delta. dense and irr output a dense model, not an adapter (no row over 4-bit)."
         " oneshot: the adapter's factors fine-tuned on one probe prompt and the aligned base's"
         " own refusal to it. All in bench/baselines.py."
-        f" Not run yet (in any build): {', '.join(m for m in missing if m.split('/')[1] not in plan.variants) or 'none'}."
-        f" Not run on this machine's build (a run here measures these): {', '.join(m for m in todo_here if m.split('/')[1] not in plan.variants) or 'none'}.",
+        + not_run(missing, todo_here, plan, levers=False),
         "",
         MEASURED_LINE,
         "",
@@ -929,8 +942,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         "",
         *target_lines(lever_targets),
         "",
-        f"Not run yet (in any build): {', '.join(m for m in missing if m.split('/')[1] in plan.variants) or 'none'}."
-        f" Not run on this machine's build (a run here measures these): {', '.join(m for m in todo_here if m.split('/')[1] in plan.variants) or 'none'}.",
+        not_run(missing, todo_here, plan, levers=True).lstrip(),
         "",
         MEASURED_LINE,
         "",
