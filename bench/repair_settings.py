@@ -63,6 +63,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "heal 1 at learning rate 1e-4 (3e-4)",
         {"heal": 1, "heal_lr": 1e-4},
     ),
+    "restore-heal1-w0.3": (
+        "heal 1, its harmful loss weighted 0.3 (1.0) against the answers it keeps",
+        {"heal": 1, "heal_weight": 0.3},
+    ),
     "restore-heal-w0.3": (
         "heal 5, its harmful loss weighted 0.3 against the answers it keeps",
         {"heal": 5, "heal_weight": 0.3},
@@ -79,8 +83,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 #: the variants a plain run measures: one per lever the issue names (second-order score, OBS
 #: recalibration, canonical basis, singular components, heal, targets mean, per-matrix top-k,
-#: a smaller rate, fewer steps), a lighter heal (and, with it, a stop checked every step or a
-#: smaller heal rate), and the earlier defaults of the stop (margin
+#: a smaller rate, fewer steps), a lighter heal (and, with it, a stop checked every step, a
+#: smaller heal rate or a lighter harmful loss), and the earlier defaults of the stop (margin
 #: 0.02, 20 steps: the first rows moved them to 0.01 and 40); ratio, grad, no-rollback and
 #: heal-w0.3 run when named (--variants all)
 DEFAULT_VARIANTS = (
@@ -96,6 +100,7 @@ DEFAULT_VARIANTS = (
     "restore-heal1",
     "restore-heal1-every1",
     "restore-heal1-lr1e-4",
+    "restore-heal1-w0.3",
     "restore-margin0.02",
     "restore-steps20",
 )

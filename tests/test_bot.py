@@ -661,6 +661,72 @@ def test_a_worker_loop_outlives_errors_of_its_queue(
     assert calls["n"] > 3  # it went on past the three errors, and then stopped idle
 
 
+def test_a_worker_records_a_jobs_end_once_redis_is_back_instead_of_leaving_it_running(
+    restartable_redis: RestartableRedis,
+) -> None:
+    """The end of a job that comes while Redis is down is written when it returns: left
+    ``running``, the job would wait a whole lease, and a worker that exits when idle would
+    never see it reclaimed (a CI run lost a job that way)."""
+    queue = open_queue(restartable_redis.url)
+    worker = Worker(queue, settings(queue.url), poll=0.05)
+    store = queue.store
+    assert store.add("alice/lora", "b" * 40)
+    jid = f"alice/lora@{'b' * 40}"
+    owner = worker.owner()
+    assert store.claim(jid, owner)
+    restartable_redis.stop()
+    result: list[bool] = []
+    writer = threading.Thread(
+        target=lambda: result.append(
+            worker._record(jid, lambda: store.finish(jid, owner, "done", "ok", "http://pr/1"))
+        )
+    )
+    writer.start()
+    time.sleep(1.5)
+    assert writer.is_alive() and not result  # still trying
+    restartable_redis.start()
+    writer.join(30)
+    job = store.get(jid)
+    assert result == [True] and job is not None
+    assert (job.state, job.pr_url) == ("done", "http://pr/1")
+    # a stopped worker gives up (the lease brings the job back); a wrong owner is refused
+    other = f"alice/lora@{'c' * 40}"
+    assert store.add("alice/lora", "c" * 40) and store.claim(other, owner)
+    restartable_redis.stop()
+    worker.stop.set()
+    assert worker._record(other, lambda: store.finish(other, owner, "done", "x")) is False
+    restartable_redis.start()
+    assert worker._record(other, lambda: store.finish(other, "someone", "failed", "x")) is False
+    job = store.get(other)
+    assert job is not None and job.state == "running" and job.owner == owner
+
+
+def test_a_batch_worker_waits_for_a_scheduled_retry_before_it_calls_itself_idle(
+    sqlite_queue: Queue,
+) -> None:
+    """A retry scheduled for later is no message yet: a worker run with --exit-when-idle
+    shorter than the retry's delay must still be there to run it."""
+    store = sqlite_queue.store
+    assert store.add("alice/lora", "d" * 40)
+    jid = f"alice/lora@{'d' * 40}"
+    sqlite_queue.enqueue(jid, delay=1.5)
+    worker = Worker(sqlite_queue, settings(sqlite_queue.url), poll=0.05)
+    ran: list[float] = []
+
+    def handle(j: str) -> None:  # the job's work itself is not what this test is about
+        owner = worker.owner()
+        assert store.claim(j, owner) and store.finish(j, owner, "done", "ok")
+        ran.append(time.time())
+
+    worker.handle = handle  # type: ignore[method-assign,assignment]
+    started = time.time()
+    worker.run(max_idle=0.2)
+    job = store.get(jid)
+    assert job is not None and job.state == "done"
+    assert len(ran) == 1 and ran[0] - started >= 1.4
+    assert worker.unfinished() == 0
+
+
 def test_a_job_that_cannot_read_the_store_is_a_retry_not_a_failure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -23,10 +23,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from adapter_repair.hub.bot.job import JobSettings, Outcome
+from adapter_repair.hub.bot.job import JobSettings, Outcome, store_unreachable
 from adapter_repair.hub.bot.queue import Queue, open_queue, set_handler
 
 logger = logging.getLogger(__name__)
@@ -80,9 +81,16 @@ class Worker:
                 n += 1
         return n
 
+    def unfinished(self) -> int:
+        """Jobs queued (a retry waiting for its time included) or running anywhere: while
+        there are any, a batch worker is not idle. A retry scheduled for later is no message
+        yet, and a job whose worker lost the store is reclaimed only when its lease ends."""
+        counts = self.queue.store.counts()
+        return counts["queued"] + counts["running"]
+
     def run(self, max_idle: float | None = None) -> None:
         """Run ``concurrency`` threads until :attr:`stop` is set (or, with ``max_idle``, until
-        the queue has been empty that long)."""
+        no message has come for that long while no job was queued or running)."""
         set_handler(self.handle)
         threads = [
             threading.Thread(target=self._loop, args=(max_idle,), daemon=True)
@@ -105,7 +113,9 @@ class Worker:
                 task = self.queue.next()
                 if task is None:
                     if max_idle is not None and time.time() - idle_since > max_idle:
-                        return
+                        if not self.unfinished():
+                            return
+                        idle_since = time.time()  # a retry is scheduled, or a job runs
                     self.stop.wait(self.poll)
                 else:
                     self.queue.huey.execute(task)  # calls self.handle(job id)
@@ -132,21 +142,49 @@ class Worker:
             return  # done already, or another worker has it: a duplicate message
         self.handled += 1
         if job.attempts + 1 > self.bot.max_attempts:
-            store.finish(jid, owner, "failed", f"gave up after {job.attempts} attempts")
+            gave_up = f"gave up after {job.attempts} attempts"
+            self._record(jid, lambda: store.finish(jid, owner, "failed", gave_up))
             return
         logger.info("job %s: started (attempt %d)", jid, job.attempts + 1)
         outcome = self._run_child(jid, owner)
         if outcome.transient and job.attempts < self.bot.retries:
             delay = self.bot.retry_delay * 2**job.attempts
-            if store.finish(jid, owner, "queued", f"retry in {delay:.0f} s: {outcome.detail}"):
+            detail = f"retry in {delay:.0f} s: {outcome.detail}"
+            if self._record(jid, lambda: store.finish(jid, owner, "queued", detail)):
                 self.queue.enqueue(jid, delay=delay)
                 logger.warning("job %s: %s; retry in %.0f s", jid, outcome.detail, delay)
             return
         state = "failed" if outcome.transient else outcome.state
-        if store.finish(jid, owner, state, outcome.detail, outcome.url):
+        if self._record(jid, lambda: store.finish(jid, owner, state, outcome.detail, outcome.url)):
             logger.info("job %s: %s (%s) %s", jid, state, outcome.detail, outcome.url or "")
         else:
             logger.warning("job %s: its lease was lost; its outcome is not recorded", jid)
+
+    def _record(self, jid: str, finish: Callable[[], bool]) -> bool:
+        """Record how a job ended, waiting out an outage of the store (Redis restarting, a
+        locked SQLite file) with a growing pause. Giving up would leave the job ``running``
+        until its lease expires, and a worker that exits when idle would never see it
+        reclaimed; the finish is a compare-and-set on the owner, so a late one after a
+        reclaim is refused, not applied twice. Returns what ``finish`` returned; False when
+        the worker is stopped first (the lease then brings the job back)."""
+        failures = 0
+        while True:
+            try:
+                return finish()
+            except Exception as e:
+                if not store_unreachable(e):
+                    raise
+                failures += 1
+                pause = min(MAX_BACKOFF, self.poll * 2**failures)
+                logger.warning(
+                    "job %s: cannot record its end, the store is unreachable (%s); retrying "
+                    "in %.1f s",
+                    jid,
+                    e,
+                    pause,
+                )
+                if self.stop.wait(pause):
+                    return False
 
     def _run_child(self, jid: str, owner: str) -> Outcome:
         """Run the job in a child process (its own session: a Ctrl-C meant for the worker
