@@ -763,7 +763,7 @@ def not_run(missing: list[str], here: list[str], plan: Plan, *, levers: bool) ->
         return ", ".join(mine) or "none"
 
     return (
-        f" Not run yet (in any build): {names(missing)}."
+        f"Not run yet (in any build): {names(missing)}."
         f" Not run on this machine's build (a run here measures these): {names(here)}."
     )
 
@@ -880,7 +880,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         " the rest recalibrated by OBS on task rows), its changed share the removed share of"
         " the delta. dense and irr output a dense model, not an adapter (no row over 4-bit)."
         " oneshot: the adapter's factors fine-tuned on one probe prompt and the aligned base's"
-        " own refusal to it. All in bench/baselines.py."
+        " own refusal to it. All in bench/baselines.py. "
         + not_run(missing, todo_here, plan, levers=False),
         "",
         MEASURED_LINE,
@@ -942,7 +942,7 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
         "",
         *target_lines(lever_targets),
         "",
-        not_run(missing, todo_here, plan, levers=True).lstrip(),
+        not_run(missing, todo_here, plan, levers=True),
         "",
         MEASURED_LINE,
         "",

@@ -83,7 +83,8 @@ def _bot_config(params: dict[str, Any]) -> BotConfig:
     type=float,
     default=None,
     metavar="SECONDS",
-    help="Stop once no job has come for this long and none is queued (a retry waiting included) or running (batch runs); default: run until killed.",
+    help="Stop once no job has come for this long and none is queued (a retry waiting "
+    "included) or running (batch runs); default: run until killed.",
 )
 @options_from(BotConfig)
 @options_from(RepairConfig)

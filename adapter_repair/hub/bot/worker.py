@@ -101,6 +101,11 @@ class Worker:
         for t in threads:
             t.join()
 
+    def _backoff(self, failures: int) -> float:
+        """The pause after ``failures`` store or queue errors in a row: doubling from the
+        poll interval, at most MAX_BACKOFF."""
+        return min(MAX_BACKOFF, self.poll * 2**failures)
+
     def _loop(self, max_idle: float | None) -> None:
         """Take jobs until stopped. An error of the queue or the store (Redis restarting, a
         locked SQLite file) is logged and waited out with a growing pause, never the end of
@@ -123,7 +128,7 @@ class Worker:
                 failures = 0
             except Exception as e:
                 failures += 1
-                pause = min(MAX_BACKOFF, self.poll * 2**failures)
+                pause = self._backoff(failures)
                 logger.warning(
                     "queue or store error (%s: %s); retrying in %.1f s",
                     type(e).__name__,
@@ -175,7 +180,7 @@ class Worker:
                 if not store_unreachable(e):
                     raise
                 failures += 1
-                pause = min(MAX_BACKOFF, self.poll * 2**failures)
+                pause = self._backoff(failures)
                 logger.warning(
                     "job %s: cannot record its end, the store is unreachable (%s); retrying "
                     "in %.1f s",
