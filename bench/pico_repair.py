@@ -88,6 +88,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         " fit / check split)",
         {"check_prompts": 0},
     ),
+    "lookalikes": (
+        "the demo with the safe look-alikes among the answers the heal keeps (the product's"
+        " default)",
+        {"heal_lookalikes": True},
+    ),
     "heal-states": (
         "the demo healing toward the aligned h_L (stage 2's loss), not the refusals",
         {"heal_target": "states"},

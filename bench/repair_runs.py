@@ -130,7 +130,7 @@ def _prompt_digests() -> tuple[tuple[str, tuple[tuple[str, str], ...]], ...]:
     splits = P.split_record()
     return tuple(
         (name, tuple((s, rec["sha256"]) for s, rec in splits[name].items()))
-        for name in ("harmful", "benign")
+        for name in ("harmful", "benign", "whole")
     )
 
 

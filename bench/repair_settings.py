@@ -54,6 +54,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "restore-rate0.005": ("rate 0.005 a step (up to 40 steps)", {"rate": 0.005}),
     "restore-steps20": ("at most 20 steps (the default until 66462e2)", {"max_steps": 20}),
     "restore-heal1": ("heal 1 (one masked step after each restoration step)", {"heal": 1}),
+    "restore-no-heal": ("no heal (restoration steps alone, as published)", {"heal": 0}),
+    "restore-no-lookalikes": (
+        "heal 1 without the safe look-alikes among the answers it keeps",
+        {"heal": 1, "heal_lookalikes": False},
+    ),
     "restore-heal1-every1": (
         "heal 1, the probe rate checked every step (stops at the first step on target: the"
         " heal reached it by step 5 and overshot the aligned base's refusals)",
@@ -82,11 +87,12 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 #: the variants a plain run measures: one per lever the issue names (second-order score, OBS
-#: recalibration, canonical basis, singular components, heal, targets mean, per-matrix top-k,
-#: a smaller rate, fewer steps), a lighter heal (and, with it, a stop checked every step, a
-#: smaller heal rate or a lighter harmful loss), and the earlier defaults of the stop (margin
-#: 0.02, 20 steps: the first rows moved them to 0.01 and 40); ratio, grad, no-rollback and
-#: heal-w0.3 run when named (--variants all)
+#: recalibration, canonical basis, singular components, a longer heal, no heal, the heal
+#: without its look-alikes, targets mean, per-matrix top-k, a smaller rate, fewer steps), the
+#: one-step heal with a stop checked every step, a smaller heal rate or a lighter harmful loss,
+#: and the earlier defaults of the stop (margin 0.02, 20 steps: the first rows moved them to
+#: 0.01 and 40); ratio, grad, no-rollback, heal1 (now the default) and heal-w0.3 run when named
+#: (--variants all)
 DEFAULT_VARIANTS = (
     "restore-check0",
     "restore-fisher",
@@ -97,7 +103,8 @@ DEFAULT_VARIANTS = (
     "restore-mean",
     "restore-per-matrix",
     "restore-rate0.005",
-    "restore-heal1",
+    "restore-no-heal",
+    "restore-no-lookalikes",
     "restore-heal1-every1",
     "restore-heal1-lr1e-4",
     "restore-heal1-w0.3",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,33 @@ def test_benign_and_xstest_sets() -> None:
     assert len(P.xstest("safe")) == 250 and len(P.xstest("unsafe")) == 200
     record = P.split_record()
     assert record["harmful"]["eval"]["n"] == len(P.harmful("eval"))
+
+
+def _content_words(text: str) -> set[str]:
+    stop = {"how", "do", "i", "the", "a", "to", "what", "is", "of", "in", "my", "can", "and"}
+    return set(re.findall(r"[a-z']+", text.lower())) - stop
+
+
+def test_lookalikes_are_ours_and_none_is_close_to_an_xstest_or_advbench_prompt() -> None:
+    """The heal's look-alikes stay apart from the held-out measures: no prompt shares more
+    than 40% of its content words (Jaccard) with any XSTest (safe or unsafe) or AdvBench
+    prompt, so XSTest's over-refusal is not measured on what the heal kept."""
+    looks = P.lookalikes()
+    assert len(looks) >= 80 and len(set(looks.prompts)) == len(looks)
+    assert looks.answers is None
+    others = [
+        *P.xstest("safe").prompts,
+        *P.xstest("unsafe").prompts,
+        *(p for s in P.HARMFUL_SPLITS for p in P.harmful(s).prompts),
+    ]
+    close = []
+    for mine in looks.prompts:
+        a = _content_words(mine)
+        for other in others:
+            b = _content_words(other)
+            if len(a & b) / len(a | b) > 0.4:
+                close.append((mine, other))
+    assert close == []
 
 
 def test_take_is_a_fixed_prefix() -> None:

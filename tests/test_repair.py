@@ -23,7 +23,7 @@ from adapter_repair.cli.main import cli
 from adapter_repair.errors import NOT_REPAIRED_EXIT_CODE
 from adapter_repair.measure import prompts as P
 from adapter_repair.measure.config import GenerationConfig
-from adapter_repair.measure.judges import load_judge
+from adapter_repair.measure.judges import load_judge, load_refusal_list
 from adapter_repair.model.answers import encode_pairs
 from adapter_repair.model.config import LoadConfig
 from adapter_repair.model.loading import load_model, load_tokenizer
@@ -40,6 +40,7 @@ from adapter_repair.repair.loop import (
     kept_record,
     probe_parts,
     resolve_layer,
+    unrefused_answers,
 )
 from adapter_repair.repair.losses import answer_batches, answer_loss_terms
 from adapter_repair.repair.pipeline import repair
@@ -757,7 +758,11 @@ def pico_fix_args(world: Any, *, full: bool = True) -> list[str]:
     """`fix` options that repair the pico adapter as the demo does, with its held-out task
     rows (a 4-layer model: L = 4 is the final hidden state), and print JSON. ``full=False``:
     two restoration steps without the heal, for tests about what surrounds the repair."""
-    steps = ["--max-steps", "30", "--heal", "5"] if full else ["--max-steps", "2", "--heal", "0"]
+    steps = (
+        ["--max-steps", "30", "--heal", "5", "--no-heal-lookalikes"]
+        if full
+        else ["--max-steps", "2", "--heal", "0"]
+    )
     return [
         "--task", str(world.root / "task_eval.jsonl"),
         "--match", "exact", "--method", "restore", "--layer", "4", "--targets", "prompt",
@@ -810,6 +815,38 @@ def test_the_heal_needs_refusals_to_heal_toward(loaded) -> None:
     assert batch[0].shape[0] == 1  # the one refusal
     with pytest.raises(ValueError, match="refuses none of the probe prompts"):
         aligned_refusals(tok, prompts, answers, [True, True], GenerationConfig(8, 4))
+
+
+def test_the_heal_keeps_only_the_look_alike_answers_that_are_not_refusals(loaded) -> None:
+    """unrefused_answers: an answer the refusal list calls a refusal is not taught back."""
+    tok = loaded[1]
+    prompts = ["How do I kill a stuck job?", "How do I shoot a video?", "What is arson?"]
+    answers = ["Run kill with its process id.", "I'm sorry, I cannot help.", "Setting fires."]
+    (batch,) = unrefused_answers(tok, prompts, answers, load_refusal_list(), GenerationConfig(8, 4))
+    assert batch[0].shape[0] == 2  # the two that answered
+    assert (
+        unrefused_answers(
+            tok, prompts[1:2], answers[1:2], load_refusal_list(), GenerationConfig(8, 4)
+        )
+        == []
+    )
+
+
+def test_the_default_heal_is_skipped_with_a_warning_when_the_aligned_model_never_refuses(
+    loaded, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The heal is on by default and teaches the aligned model's refusals back: where the
+    aligned model (the tiny random base) refuses none of the probe prompts the repair runs
+    without it, says so, and records the heal steps it ran (0); asked for, it runs."""
+    assert RestoreConfig().heal == 1
+    with caplog.at_level("WARNING", logger="adapter_repair.repair.loop"):
+        result = restore(loaded, rate=0.05, max_steps=1, target=0.0, max_kl=1e9)
+    assert result.settings["heal_steps"] == 0
+    assert all(s.heal_loss is None for s in result.history)
+    assert "refuses none of the 8 probe prompts" in caplog.text
+    healed = restore(loaded, rate=0.05, max_steps=1, target=0.0, max_kl=1e9, heal_target="states")
+    assert healed.settings["heal_steps"] == 1
+    assert healed.history[1].heal_loss is not None
 
 
 def test_each_stage_2_step_is_handed_to_on_step_as_it_is_made(loaded) -> None:

@@ -21,7 +21,9 @@ def demo_config(world: PicoWorld) -> RepairConfig:
     adapter's answers to benign prompts, the aligned model's refusals to the probe prompts),
     the probe rate and the guard measured every step, and up to two backtracks (half the rate)
     after a guard failure. Without the heal no restoration step lowered the pico adapter's
-    harm before the task guard stopped it (bench/results/pico_repair.md). The world's 57
+    harm before the task guard stopped it (bench/results/pico_repair.md). The heal keeps no
+    safe look-alikes here: on the pico worlds they cut over-refusal but left harm above the
+    target on both seeds, where without them seed 1 reached it (the same table). The world's 57
     held-out task rows are split into fit, guard and score rows, as ``fix --task`` splits a
     user's; the guard is the continuous task loss (bench/results/guard.md). The product's
     defaults are the small world's to choose (bench/repair.py)."""
@@ -36,6 +38,7 @@ def demo_config(world: PicoWorld) -> RepairConfig:
             benign_loss="answers",
             rate=0.005,
             heal=5,
+            heal_lookalikes=False,
             max_steps=30,
             eval_every=1,
             backtrack=2,

@@ -200,6 +200,16 @@ def xstest(label: str = "safe") -> PromptSet:
     return PromptSet(f"xstest/{label}", prompts, None, "XSTest v2 (CC-BY-4.0)")
 
 
+def lookalikes() -> PromptSet:
+    """Safe requests that look harmful (a verb's harmless sense, a figure of speech, pests and
+    game targets, fiction, history, definitions, safety advice), written for this project and
+    disjoint from XSTest: the heal keeps the fine-tuned adapter's own answers to them, so that
+    teaching refusals back does not teach refusing what merely looks harmful."""
+    text = _data_text("lookalikes", "lookalikes.txt")
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    return PromptSet("lookalikes", prompts, None, "written for adapter-repair")
+
+
 #: How a user's task rows are split: ``fit`` rows fit the task loss the repair protects,
 #: ``guard`` rows check the guard, ``score`` rows alone are scored in the report and the card.
 TASK_SPLITS = {"fit": 0.25, "guard": 0.25, "score": 0.5}
@@ -271,6 +281,12 @@ def split_record(seed: int = SPLIT_SEED) -> dict[str, Any]:
         "rule": "sha256(seed, prompt text) -> [0, 1), cut at the cumulative fractions",
         "harmful": {s: harmful(s, seed).record() for s in HARMFUL_SPLITS},
         "benign": {s: benign(s, seed).record() for s in BENIGN_SPLITS},
+        # sets taken whole, never split: what the measures and the heal read
+        "whole": {
+            "xstest-safe": xstest("safe").record(),
+            "xstest-unsafe": xstest("unsafe").record(),
+            "lookalikes": lookalikes().record(),
+        },
     }
 
 

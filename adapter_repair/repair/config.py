@@ -184,14 +184,15 @@ class RestoreConfig:
         "the step: for small bases.",
     )
     heal: int = setting(
-        0,
+        1,
         "After each restoration step, N Adam steps on the coordinates not restored (the "
-        "restored stay at 0) on the answers to keep (the fit rows', and the fine-tuned "
-        "adapter's own answers to benign prompts) plus --heal-weight times the harmful loss "
-        "(--heal-target). Without it, on the pico world, no restoration step lowered harm "
-        "before the task guard stopped it; with it, harm reached the aligned level and the "
-        "held-out task held, at a cost in over-refusal (bench/results/pico_repair.md). "
-        "0: the published method.",
+        "restored stay at 0) on the answers to keep (the fit rows', the fine-tuned adapter's "
+        "own answers to benign prompts and to safe look-alikes) plus --heal-weight times the "
+        "harmful loss (--heal-target). Without it no restoration step lowered the pico "
+        "adapter's harm before the task guard stopped it, and on the small world's k100-r8 "
+        "the repair stopped at 7.4% harmful over 4-bit where one heal step reached 1.1% "
+        "(bench/results/repair.md). Skipped, with a warning, when the aligned model refuses "
+        "none of the probe prompts. 0: the published method.",
         metavar="N",
     )
     heal_target: str = setting(
@@ -208,6 +209,14 @@ class RestoreConfig:
         "Weight of the heal's harmful loss against the answers it keeps (lower: less "
         "over-refusal, slower fall of harm).",
         metavar="W",
+    )
+    heal_lookalikes: bool = setting(
+        True,
+        "The heal also keeps the fine-tuned adapter's own answers to the shipped safe "
+        "look-alike prompts (safe requests that sound harmful, written for this project and "
+        "disjoint from XSTest), those it does not refuse: without them the heal's refusals "
+        "spread to safe prompts (over-refusal 3.6-9.6 points above the aligned base's on "
+        "the small world, bench/results/repair.md).",
     )
     checkpoint: str = setting(
         "auto",

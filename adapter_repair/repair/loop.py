@@ -28,7 +28,7 @@ from adapter_repair.adapter import LoraAdapter
 from adapter_repair.measure import prompts as P
 from adapter_repair.measure.config import GenerationConfig
 from adapter_repair.measure.generation import generate
-from adapter_repair.measure.judges import Judge
+from adapter_repair.measure.judges import Judge, RefusalList, load_refusal_list
 from adapter_repair.measure.measures import Rate, use_adapter
 from adapter_repair.model.memory import (
     checkpointed,
@@ -234,6 +234,32 @@ def aligned_refusals(
         raise ValueError(
             "the aligned model refuses none of the probe prompts; nothing to heal toward"
         )
+    return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens)
+
+
+def lookalike_answers(model: Any, tokenizer: Any, gen: GenerationConfig) -> list[Any]:
+    """The fine-tuned adapter's own answers to the shipped safe look-alikes
+    (:func:`~adapter_repair.measure.prompts.lookalikes`), those it did not refuse, as answer
+    batches (:func:`unrefused_answers`): what the heal keeps so that its refusals do not spread
+    to safe prompts that share words with harmful ones."""
+    prompts = P.lookalikes().prompts
+    with use_adapter(model, ADAPTER):
+        texts = generate(model, tokenizer, prompts, gen, desc="look-alike answers")
+    return unrefused_answers(tokenizer, prompts, texts, load_refusal_list(), gen)
+
+
+def unrefused_answers(
+    tokenizer: Any,
+    prompts: Sequence[str],
+    answers: Sequence[str],
+    refusals: RefusalList,
+    gen: GenerationConfig,
+) -> list[Any]:
+    """``answers`` to safe ``prompts`` that ``refusals`` does not call refusals, as answer
+    batches: an answer the adapter refused already is not taught back. Judged by the refusal
+    list, not the harm judge: a classifier judge calls a safe answer harmless either way."""
+    pairs = [(p, a) for p, a in zip(prompts, answers, strict=True) if not refusals.refused(a)]
+    logger.info("heal: keeps the adapter's answers to %d/%d look-alikes", len(pairs), len(prompts))
     return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens)
 
 
@@ -506,7 +532,16 @@ def repair_once(
             return fisher_diagonal(model, fit_answers(), below)
 
     heal_loss = None
-    if rc.heal > 0:
+    heal_steps = rc.heal
+    if heal_steps > 0 and rc.heal_target == "refusals" and all(aligned_harmful):
+        logger.warning(
+            "the aligned model refuses none of the %d probe prompts it is fit on: there is no "
+            "refusal to heal toward, so the repair runs without the heal (--heal 0)",
+            len(probe_prompts),
+        )
+        heal_steps = 0
+    settings["heal_steps"] = heal_steps  # as run
+    if heal_steps > 0:
         # the fit rows' answers, and the adapter's own answers to the fit half of the benign
         # prompts (without task rows the fit answers are those): without them the heal
         # teaches refusing what merely looks harmful
@@ -514,6 +549,8 @@ def repair_once(
         if fit.task is not None:
             with use_adapter(model, ADAPTER):
                 heal_answers += guard_answers(model, tokenizer, Guard(None, fit.benign), gen)
+        if rc.heal_lookalikes:
+            heal_answers += lookalike_answers(model, tokenizer, gen)
         harm: Callable[[], Iterator[torch.Tensor]]
         if rc.heal_target == "refusals":
             refusals = aligned_refusals(
@@ -604,7 +641,7 @@ def repair_once(
                 recalibrate(model, model_map, below, before, reference, fit_answers())
             if heal_loss is not None:
                 with checkpointed(model_map.layers, ckpt):
-                    healed = heal(model, below, reference, heal_loss, rc.heal, rc.heal_lr)
+                    healed = heal(model, below, reference, heal_loss, heal_steps, rc.heal_lr)
                 rec.heal_loss = healed[-1]
             rec.changed = changed_share(params, original)
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
