@@ -666,6 +666,19 @@ class Plan:
         out += [(a, m) for m in self.methods for a in self.adapters]
         return list(dict.fromkeys(out))
 
+    def command(self) -> str:
+        """The bench command that runs this plan, every list spelled out."""
+        parts = ["python bench/repair.py"]
+        for flag, value in (
+            ("--adapters", self.adapters),
+            ("--compare", self.compare),
+            ("--methods", self.methods),
+            ("--baselines", self.baselines),
+            ("--variants", self.variants),
+        ):
+            parts.append(f"{flag} {','.join(value) or repr('')}")
+        return " ".join(parts)
+
 
 INTRO = (
     "SmolLM2-135M aligned base and its QLoRA zoo (bench/results/bed.md). Repair over the"
@@ -825,8 +838,8 @@ def write_tables(world: SmallWorld, plan: Plan) -> None:
     todo_here = [f"{a}/{m}" for a, m in plan.runs() if (a, m) not in done_here]
     cfg = repair_config(ours)
     footer = [
-        f"Machine: {machine}. Command: `python bench/repair.py` (resumable; `--no-run` rewrites"
-        " these tables from the cache and the ledger).",
+        f"Machine: {machine}. Command: `{plan.command()}` (resumable; with `--no-run` it"
+        " rewrites these tables from the cache and the ledger).",
         "",
     ]
     versus = [

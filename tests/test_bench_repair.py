@@ -34,7 +34,9 @@ def test_row_keys_hold_the_code_the_judge_and_the_prompt_sets() -> None:
     by = runs.measured_by()
     assert by["code"] == runs.MEASURED_BY["code"] and len(by["code"]) == 64
     assert by["judge"] == "substring"
-    assert set(by["prompts"]) == {"harmful", "benign"} and by["prompts"]["harmful"]["eval"]
+    assert set(by["prompts"]) == {"harmful", "benign", "whole"} and by["prompts"]["harmful"]["eval"]
+    # the sets the measures and the heal read whole: a changed file changes every key
+    assert set(by["prompts"]["whole"]) == {"xstest-safe", "xstest-unsafe", "lookalikes"}
     assert not hasattr(runs, "carry_previous") and not hasattr(tables, "carry_previous")
 
 
@@ -220,6 +222,15 @@ def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_fil
     assert tables.restore_from_ledger(changed_code, PLAN) == 0
     tables.write_ledger(changed_code)
     assert tables.read_ledger() == {}
+
+
+def test_a_table_names_the_command_of_its_plan_with_every_list() -> None:
+    """The footer's command reruns the plan that made the table, not the default plan."""
+    plan = tables.Plan(("a", "b"), ("a",), ("restore",), (), ("restore-heal",))
+    assert plan.command() == (
+        "python bench/repair.py --adapters a,b --compare a --methods restore --baselines ''"
+        " --variants restore-heal"
+    )
 
 
 def test_the_ledger_keeps_rows_of_any_plan_and_survives_a_cut_write(

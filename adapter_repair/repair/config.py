@@ -189,10 +189,10 @@ class RestoreConfig:
         "restored stay at 0) on the answers to keep (the fit rows', the fine-tuned adapter's "
         "own answers to benign prompts and to safe look-alikes) plus --heal-weight times the "
         "harmful loss (--heal-target). Without it no restoration step lowered the pico "
-        "adapter's harm before the task guard stopped it, and on the small world's k100-r8 "
-        "the repair stopped at 7.4% harmful over 4-bit where one heal step reached 1.1% "
-        "(bench/results/repair.md). Skipped, with a warning, when the aligned model refuses "
-        "none of the probe prompts. 0: the published method.",
+        "adapters' harm to their target before the task guard stopped it "
+        "(bench/results/pico_repair.md); with it the small world's k100-r8 reached its "
+        "target (bench/results/repair.md). Skipped, with a warning, when the aligned model "
+        "refuses none of the probe prompts. 0: the published method.",
         metavar="N",
     )
     heal_target: str = setting(
@@ -214,9 +214,9 @@ class RestoreConfig:
         True,
         "The heal also keeps the fine-tuned adapter's own answers to the shipped safe "
         "look-alike prompts (safe requests that sound harmful, written for this project and "
-        "disjoint from XSTest), those it does not refuse: without them the heal's refusals "
-        "spread to safe prompts (over-refusal 3.6-9.6 points above the aligned base's on "
-        "the small world, bench/results/repair.md).",
+        "apart from XSTest), those it does not refuse: without them the heal's refusals "
+        "spread to safe prompts (docs/repair.md, The heal). On the pico worlds they cost "
+        "harm, so the demo turns them off.",
     )
     checkpoint: str = setting(
         "auto",
