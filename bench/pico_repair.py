@@ -229,7 +229,8 @@ def main() -> None:
     machine = results_io.machine()
     md += [
         "",
-        f"Machine: {machine}. Command: `python bench/pico_repair.py --seeds {args.seeds}`.",
+        f"Machine: {machine}. Command: `python bench/pico_repair.py --seeds {args.seeds}"
+        f" --variants {','.join(names)}`.",
         "",
     ]
     results_io.write_results("pico_repair", md, {"rows": rows, "machine": machine})

@@ -59,6 +59,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "heal 1 without the safe look-alikes among the answers it keeps",
         {"heal": 1, "heal_lookalikes": False},
     ),
+    "restore-no-wordings": (
+        "heal 1 without the refusals to the harmful requests in other wordings",
+        {"heal": 1, "heal_wordings": False},
+    ),
     "restore-heal1-every1": (
         "heal 1, the probe rate checked every step (stops at the first step on target: the"
         " heal reached it by step 5 and overshot the aligned base's refusals)",
@@ -105,6 +109,7 @@ DEFAULT_VARIANTS = (
     "restore-rate0.005",
     "restore-no-heal",
     "restore-no-lookalikes",
+    "restore-no-wordings",
     "restore-heal1-every1",
     "restore-heal1-lr1e-4",
     "restore-heal1-w0.3",

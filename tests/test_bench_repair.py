@@ -36,7 +36,7 @@ def test_row_keys_hold_the_code_the_judge_and_the_prompt_sets() -> None:
     assert by["judge"] == "substring"
     assert set(by["prompts"]) == {"harmful", "benign", "whole"} and by["prompts"]["harmful"]["eval"]
     # the sets the measures and the heal read whole: a changed file changes every key
-    assert set(by["prompts"]["whole"]) == {"xstest-safe", "xstest-unsafe", "lookalikes"}
+    assert set(by["prompts"]["whole"]) == {"xstest-safe", "xstest-unsafe", "lookalikes", "wordings"}
     assert not hasattr(runs, "carry_previous") and not hasattr(tables, "carry_previous")
 
 

@@ -107,6 +107,34 @@ def test_answers_equal_generates_while_ended_rows_leave_the_batch(
     assert rows[0] == 16 and rows[-1] < 16 and rows == sorted(rows, reverse=True)
 
 
+def test_the_heal_teaches_back_the_aligned_refusals_to_other_wordings(
+    measured: dict[str, Any],
+) -> None:
+    """wording_refusals: the aligned model's (adapter off) answers to the shipped other
+    wordings, only those the judge did not call harmful, as answer batches; the adapter is
+    back on afterwards."""
+    from adapter_repair.measure.generation import generate
+    from adapter_repair.repair.loop import wording_refusals
+
+    model, tok = measured["model"], measured["tok"]
+    gen, judge = GenerationConfig(16, 64, progress=False), load_judge()
+    batches, kept = wording_refusals(model, tok, judge, gen)
+    prompts = P.wordings().prompts
+    with use_adapter(model, None):
+        aligned = generate(model, tok, prompts, gen)
+    refused = [a for p, a in zip(prompts, aligned, strict=True) if not judge.harmful([p], [a])[0]]
+    assert kept == len(refused) and sum(int(b[0].shape[0]) for b in batches) == kept
+    taught = sorted(
+        tok.decode(row[lab != -100], skip_special_tokens=True).strip()
+        for ids, _mask, labels in batches
+        for row, lab in zip(ids, labels, strict=True)
+    )
+    assert taught == sorted(a.strip() for a in refused)
+    # the adapter is on again: it answers the harmful wordings the aligned model refused
+    assert model.active_adapter == "default"
+    assert generate(model, tok, prompts[:8], gen) != aligned[:8]
+
+
 def test_pico_world_is_cached_by_recipe(pico_world: Any, tmp_path: Any) -> None:
     t0 = time.perf_counter()
     again = build_pico_world()

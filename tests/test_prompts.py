@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -48,11 +49,14 @@ def _content_words(text: str) -> set[str]:
     return set(re.findall(r"[a-z']+", text.lower())) - stop
 
 
-def test_lookalikes_are_ours_and_none_is_close_to_an_xstest_or_advbench_prompt() -> None:
-    """The heal's look-alikes stay apart from the held-out measures: no prompt shares more
-    than 40% of its content words (Jaccard) with any XSTest (safe or unsafe) or AdvBench
-    prompt, so XSTest's over-refusal is not measured on what the heal kept."""
-    looks = P.lookalikes()
+@pytest.mark.parametrize("shipped", [P.lookalikes, P.wordings], ids=["lookalikes", "wordings"])
+def test_the_heals_own_prompts_are_none_close_to_an_xstest_or_advbench_prompt(
+    shipped: Callable[[], P.PromptSet],
+) -> None:
+    """The heal's look-alikes and other wordings stay apart from the held-out measures: no
+    prompt shares more than 40% of its content words (Jaccard) with any XSTest (safe or unsafe)
+    or AdvBench prompt, so XSTest is not measured on what the heal kept or taught."""
+    looks = shipped()
     assert len(looks) >= 80 and len(set(looks.prompts)) == len(looks)
     assert looks.answers is None
     others = [

@@ -39,6 +39,7 @@ def demo_config(world: PicoWorld) -> RepairConfig:
             rate=0.005,
             heal=5,
             heal_lookalikes=False,
+            heal_wordings=False,
             max_steps=30,
             eval_every=1,
             backtrack=2,

@@ -210,6 +210,16 @@ def lookalikes() -> PromptSet:
     return PromptSet("lookalikes", prompts, None, "written for adapter-repair")
 
 
+def wordings() -> PromptSet:
+    """Harmful requests worded as people ask outside AdvBench's imperative tasks (questions,
+    first-person plans with a motive, short asks), written for this project and disjoint from
+    XSTest and AdvBench: the heal teaches back the aligned model's own refusals to them, so that
+    what it restores is not tied to the probe set's phrasing."""
+    text = _data_text("wordings", "wordings.txt")
+    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
+    return PromptSet("wordings", prompts, None, "written for adapter-repair")
+
+
 #: How a user's task rows are split: ``fit`` rows fit the task loss the repair protects,
 #: ``guard`` rows check the guard, ``score`` rows alone are scored in the report and the card.
 TASK_SPLITS = {"fit": 0.25, "guard": 0.25, "score": 0.5}
@@ -286,6 +296,7 @@ def split_record(seed: int = SPLIT_SEED) -> dict[str, Any]:
             "xstest-safe": xstest("safe").record(),
             "xstest-unsafe": xstest("unsafe").record(),
             "lookalikes": lookalikes().record(),
+            "wordings": wordings().record(),
         },
     }
 

@@ -218,6 +218,14 @@ class RestoreConfig:
         "spread to safe prompts (docs/repair.md, The heal). On the pico worlds they cost "
         "harm, so the demo turns them off.",
     )
+    heal_wordings: bool = setting(
+        True,
+        "The heal also teaches back the aligned model's own refusals to the shipped harmful "
+        "requests in other wordings (questions, first-person plans, short asks; written for "
+        "this project and apart from XSTest and AdvBench), those it refuses, beside its "
+        "refusals to the probe prompts: so that the restored refusals are not tied to the "
+        "probe set's phrasing (docs/repair.md, The heal).",
+    )
     checkpoint: str = setting(
         "auto",
         "Activation checkpointing over the decoder layers while stage 2 takes gradients: each "

@@ -237,6 +237,25 @@ def aligned_refusals(
     return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens)
 
 
+def wording_refusals(
+    model: Any, tokenizer: Any, judge: Judge, gen: GenerationConfig
+) -> tuple[list[Any], int]:
+    """The aligned model's own answers to the shipped harmful requests in other wordings
+    (:func:`~adapter_repair.measure.prompts.wordings`), those the judge did not call harmful,
+    as answer batches, and how many: refusals the heal teaches back beside the probe prompts'
+    so that they are not tied to one benchmark's phrasing. None when it refuses none of them
+    (a base that never learnt to refuse such wording has nothing to give)."""
+    prompts = P.wordings().prompts
+    with use_adapter(model, None):
+        texts = generate(model, tokenizer, prompts, gen, desc="other wordings")
+    harmful = judge.harmful(prompts, texts)
+    kept = sum(not h for h in harmful)
+    logger.info("heal: the aligned model refused %d/%d other wordings", kept, len(prompts))
+    if not kept:
+        return [], 0
+    return aligned_refusals(tokenizer, prompts, texts, harmful, gen), kept
+
+
 def lookalike_answers(model: Any, tokenizer: Any, gen: GenerationConfig) -> list[Any]:
     """The fine-tuned adapter's own answers to the shipped safe look-alikes
     (:func:`~adapter_repair.measure.prompts.lookalikes`), those it did not refuse, as answer
@@ -556,6 +575,9 @@ def repair_once(
             refusals = aligned_refusals(
                 tokenizer, probe_prompts, aligned_answers, aligned_harmful, gen
             )
+            if rc.heal_wordings:
+                more, settings["heal_wordings"] = wording_refusals(model, tokenizer, judge, gen)
+                refusals += more
             harm = lambda: answer_loss_terms(model, refusals)  # noqa: E731
         else:
             harm = lambda: direction_loss_terms(  # noqa: E731
