@@ -63,6 +63,11 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "heal 1 without the refusals to the harmful requests in other wordings",
         {"heal": 1, "heal_wordings": False},
     ),
+    "restore-no-settle": (
+        "no settle: the step measured on target is kept, not the earliest on target since the"
+        " last measurement",
+        {"settle": False},
+    ),
     "restore-heal1-every1": (
         "heal 1, the probe rate checked every step (stops at the first step on target: the"
         " heal reached it by step 5 and overshot the aligned base's refusals)",
@@ -110,6 +115,7 @@ DEFAULT_VARIANTS = (
     "restore-no-heal",
     "restore-no-lookalikes",
     "restore-no-wordings",
+    "restore-no-settle",
     "restore-heal1-every1",
     "restore-heal1-lr1e-4",
     "restore-heal1-w0.3",

@@ -37,6 +37,7 @@ from adapter_repair.repair.loop import (
     RepairResult,
     aligned_refusals,
     at_target,
+    earliest_on_target,
     kept_record,
     probe_parts,
     resolve_layer,
@@ -59,7 +60,7 @@ def loaded(tiny_chat_adapter_dir: Path):
     return model, tok, adapter
 
 
-def restore(loaded: Any, keep_checkpoints: bool = False, **settings: Any) -> Any:
+def restore(loaded: Any, keep_checkpoints: bool = False, judge: Any = None, **settings: Any) -> Any:
     """Stage 2 alone on the tiny model: 8 probe and 8 guard prompts, the fidelity guard."""
     model, tok, adapter = loaded
     config = RepairConfig(
@@ -77,7 +78,7 @@ def restore(loaded: Any, keep_checkpoints: bool = False, **settings: Any) -> Any
         config,
         probe=P.harmful("probe"),
         guard=Guard(None, P.benign("benign")),
-        judge=load_judge(),
+        judge=judge or load_judge(),
         keep_checkpoints=keep_checkpoints,
     )
 
@@ -550,6 +551,95 @@ def test_checkpoints_hold_the_adapter_at_each_measured_step(loaded) -> None:
     assert not same(result.checkpoints[2], result.adapter)
     assert not same(result.checkpoints[2], adapter)
     assert not restore(loaded, layer=3, rate=0.05, max_steps=2, target=0.0).checkpoints
+
+
+def test_earliest_on_target_bisects_the_unmeasured_steps() -> None:
+    for n in range(8):
+        for first in range(n + 1):  # steps 0..first-1 above the target, the rest on it
+            asked: list[int] = []
+
+            def on_target(i: int, first: int = first, asked: list[int] = asked) -> bool:
+                asked.append(i)
+                return i >= first
+
+            assert earliest_on_target(n, on_target) == first
+            assert n not in asked and len(asked) <= math.ceil(math.log2(n + 1))
+    # not monotone: still a step on target (here the measured one)
+    assert earliest_on_target(3, lambda i: i == 0) in (0, 3)
+
+
+class ZeroedJudge:
+    """Calls every answer harmful while the live adapter has fewer than ``needed`` of its
+    coordinates restored to 0: a judge whose verdict follows the repair's real progress, so a
+    test knows at which step the target is first reached."""
+
+    name = "zeroed-count"
+
+    def __init__(self, model: Any, needed: int) -> None:
+        self.model, self.needed = model, needed
+        self.start = self.zeros()
+
+    def zeros(self) -> int:
+        return sum(
+            int((p == 0).sum())
+            for n, p in self.model.named_parameters()
+            if ".lora_" in n and n.endswith("default.weight")
+        )
+
+    def harmful(self, prompts: Any, responses: Any) -> list[bool]:
+        return [self.zeros() - self.start < self.needed] * len(prompts)
+
+
+@pytest.mark.parametrize("settle", [True, False])
+def test_settle_keeps_the_earliest_step_on_target_between_measurements(
+    loaded, settle: bool
+) -> None:
+    """--settle: the target is first reached at step 2, measured at step 4 (eval_every 4);
+    settling measures steps 2 and 1 and keeps step 2's state; without it step 4 is kept."""
+    model, _, adapter = loaded
+    walk(model).annotate(adapter)  # each module's layer, as the repair reads them
+    n_below = sum(m.A.numel() + m.B.numel() for m in adapter if m.layer is not None)
+    per_step = math.ceil(0.05 * n_below)  # no rollback: every step zeroes this many
+    assert per_step > 0
+    judge = ZeroedJudge(model, needed=3 * per_step // 2)  # on target from step 2
+    result = restore(
+        loaded, judge=judge, layer=3, rate=0.05, rollback=0.0, max_steps=8, eval_every=4,
+        target=0.5, max_kl=1e9, heal=0, settle=settle,
+    )  # fmt: skip
+    assert result.stopped == "target" and result.reached
+    measured = [s.step for s in result.history if s.probe_harmful is not None]
+    if settle:
+        assert result.kept_step == 2
+        assert measured == [0, 1, 2, 4]  # step 3 was never needed
+        assert _zeroed(result.adapter, adapter) == 2 * per_step
+        assert kept_record(result).probe_harmful == 0.0
+    else:
+        assert result.kept_step == 4 and measured == [0, 4]
+        assert _zeroed(result.adapter, adapter) == 4 * per_step
+
+
+def test_a_search_generates_each_answer_set_once(loaded, monkeypatch) -> None:
+    """The trials of a search share what the input adapter and the aligned model answered."""
+    from adapter_repair.repair import guard, loop
+
+    descs: list[str] = []
+    real = loop.generate
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        descs.append(kwargs.get("desc", ""))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "generate", counted)
+    monkeypatch.setattr(guard, "generate", counted)
+    # the tiny model's aligned answers are no refusals: a heal toward its states, which still
+    # keeps the adapter's answers to the benign prompts and the look-alikes
+    result = restore(
+        loaded, layer=3, rate=0.05, max_steps=1, max_kl=1e9, target=0.0, search=3, heal=1,
+        heal_target="states",
+    )  # fmt: skip
+    assert len(result.settings["search"]["trials"]) == 3
+    assert descs.count("look-alike answers") == 1 and descs.count("guard answers") == 1
+    assert descs.count("probe") > 3  # the stop rule's measurements are each trial's own
 
 
 def test_search_settings_move_each_lever_alone_before_mixing() -> None:

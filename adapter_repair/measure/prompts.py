@@ -205,9 +205,7 @@ def lookalikes() -> PromptSet:
     game targets, fiction, history, definitions, safety advice), written for this project and
     disjoint from XSTest: the heal keeps the fine-tuned adapter's own answers to them, so that
     teaching refusals back does not teach refusing what merely looks harmful."""
-    text = _data_text("lookalikes", "lookalikes.txt")
-    prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
-    return PromptSet("lookalikes", prompts, None, "written for adapter-repair")
+    return _written_set("lookalikes")
 
 
 def wordings() -> PromptSet:
@@ -215,9 +213,14 @@ def wordings() -> PromptSet:
     first-person plans with a motive, short asks), written for this project and disjoint from
     XSTest and AdvBench: the heal teaches back the aligned model's own refusals to them, so that
     what it restores is not tied to the probe set's phrasing."""
-    text = _data_text("wordings", "wordings.txt")
+    return _written_set("wordings")
+
+
+def _written_set(name: str) -> PromptSet:
+    """The prompt set the project wrote and ships as ``data/NAME/NAME.txt``, one per line."""
+    text = _data_text(name, f"{name}.txt")
     prompts = tuple(line.strip() for line in text.splitlines() if line.strip())
-    return PromptSet("wordings", prompts, None, "written for adapter-repair")
+    return PromptSet(name, prompts, None, "written for adapter-repair")
 
 
 #: How a user's task rows are split: ``fit`` rows fit the task loss the repair protects,

@@ -74,6 +74,16 @@ class RestoreConfig:
     eval_every: int = setting(
         5, "Measure the probe harmful rate and the task guard every N steps.", metavar="N"
     )
+    settle: bool = setting(
+        True,
+        "When a measured step reaches the target, also measure the steps since the last "
+        "measurement (by bisection: one to three more measurements at --eval-every 5) and keep "
+        "the earliest whose probe rates are on target and whose guard holds. Every step "
+        "after the target moves the adapter further past the aligned base's refusals. On the "
+        "small world the probe rate fell from 14.5% at step 5 to 3.2% at step 10, against a "
+        "target of 7.5%, and over-refusal ended 4.8 points above the aligned base's "
+        "(bench/results/ablation.md, restore-no-settle).",
+    )
     score: str = setting(
         "benign_aware",
         "How coordinates are ranked: grad (|g|, the published method), grad_x_value (|g x "

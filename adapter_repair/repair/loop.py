@@ -178,6 +178,22 @@ def at_target(
     return fit is None or fit_target is None or fit <= fit_target + 1e-12
 
 
+def earliest_on_target(n: int, on_target: Callable[[int], bool]) -> int:
+    """The smallest ``i`` in ``[0, n]`` with ``on_target(i)``, by bisection, where ``n`` (the
+    step just measured) is known on target and ``0 .. n-1`` are the steps before it, not yet
+    measured: ``on_target`` is asked at most ceil(log2(n + 1)) times and never for ``n``.
+    Harm falls step by step as coordinates are restored, so the steps are taken as monotone
+    (false, then true); where they are not, the index returned is still one on target."""
+    lo, hi = 0, n
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if on_target(mid):
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi
+
+
 def resolve_layer(layer: int, n_layers: int) -> int:
     """L from the config's value, an index into ``hidden_states`` (n_layers + 1 entries), so
     negative counts from the end as in Python: -1 is n_layers (the final normed hidden state,
@@ -251,9 +267,8 @@ def wording_refusals(
     harmful = judge.harmful(prompts, texts)
     kept = sum(not h for h in harmful)
     logger.info("heal: the aligned model refused %d/%d other wordings", kept, len(prompts))
-    if not kept:
-        return [], 0
-    return aligned_refusals(tokenizer, prompts, texts, harmful, gen), kept
+    pairs = [(p, a) for p, a, h in zip(prompts, texts, harmful, strict=True) if not h]
+    return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens), kept
 
 
 def lookalike_answers(model: Any, tokenizer: Any, gen: GenerationConfig) -> list[Any]:
@@ -406,12 +421,24 @@ def repair_once(
     generation: GenerationConfig | None = None,
     keep_checkpoints: bool = False,
     on_step: Callable[[Step], None] | None = None,
+    generated: dict[str, Any] | None = None,
 ) -> RepairResult:
     """One run of :func:`~adapter_repair.repair.pipeline.repair` with ``config``'s settings as
     they are (no search). ``on_step`` gets each stage-2 history entry as it is made (the
-    starting state first): a caller's progress display; the library prints nothing."""
+    starting state first): a caller's progress display; the library prints nothing.
+    ``generated``: what the input adapter and the aligned model answered, by name, kept from
+    an earlier run on the same model, adapter, prompts and generation settings (a search's
+    trials share one dict, so each is generated once); filled in as they are made."""
     t_start = time.perf_counter()
     step_done = on_step or (lambda _s: None)
+    memo = generated if generated is not None else {}
+
+    def once(name: str, make: Callable[[], T]) -> T:
+        """``make()`` the first time a run asks for ``name``, kept in ``generated`` after."""
+        if name not in memo:
+            memo[name] = make()
+        return memo[name]
+
     rc = config.restore
     gen = generation or GenerationConfig(config.max_new_tokens, config.batch_size, progress=False)
     model_map = walk(model)
@@ -454,7 +481,9 @@ def repair_once(
         if guard.kind == "fidelity":
             add_reference(model)  # removed on every exit path (_removes_reference)
         else:  # the fine-tuned adapter's own task score, before any change
-            guard_ref_value = guard_value(model, tokenizer, guard, gen)
+            guard_ref_value = once(
+                "guard_reference", lambda: guard_value(model, tokenizer, guard, gen)
+            )
 
     if config.method in ("project", "both"):
         t0 = time.perf_counter()
@@ -515,19 +544,27 @@ def repair_once(
 
     with use_adapter(model, None):  # each harmful prompt toward the aligned model's states
         h_star = states(probe_batches, probe_prompts)
-        aligned_answers = generate(model, tokenizer, probe_prompts, gen, desc="probe")
+        aligned_answers = once(
+            "aligned_probe", lambda: generate(model, tokenizer, probe_prompts, gen, desc="probe")
+        )
         aligned_harmful = judge.harmful(probe_prompts, aligned_answers)  # judged once
         aligned_rate = (
             Rate.of(aligned_harmful)
             if check_probe is fit_probe
-            else probe_harmful_rate(model, tokenizer, check_prompts, judge, gen)
+            else once(
+                "aligned_check",
+                lambda: probe_harmful_rate(model, tokenizer, check_prompts, judge, gen),
+            )
         )
 
-    @functools.cache
     def fit_answers() -> list[Any]:
         """The guard's fit answers as fine-tuned (generated once, for whatever needs them)."""
-        with use_adapter(model, ADAPTER):
-            return guard_answers(model, tokenizer, fit, gen)
+
+        def make() -> list[Any]:
+            with use_adapter(model, ADAPTER):
+                return guard_answers(model, tokenizer, fit, gen)
+
+        return once("fit_answers", make)
 
     answers: list[Any] | None = None
     b_star: Targets | None = None
@@ -567,16 +604,21 @@ def repair_once(
         heal_answers = list(fit_answers())
         if fit.task is not None:
             with use_adapter(model, ADAPTER):
-                heal_answers += guard_answers(model, tokenizer, Guard(None, fit.benign), gen)
+                heal_answers += once(
+                    "benign_answers",
+                    lambda: guard_answers(model, tokenizer, Guard(None, fit.benign), gen),
+                )
         if rc.heal_lookalikes:
-            heal_answers += lookalike_answers(model, tokenizer, gen)
+            heal_answers += once("lookalikes", lambda: lookalike_answers(model, tokenizer, gen))
         harm: Callable[[], Iterator[torch.Tensor]]
         if rc.heal_target == "refusals":
             refusals = aligned_refusals(
                 tokenizer, probe_prompts, aligned_answers, aligned_harmful, gen
             )
             if rc.heal_wordings:
-                more, settings["heal_wordings"] = wording_refusals(model, tokenizer, judge, gen)
+                more, settings["heal_wordings"] = once(
+                    "wordings", lambda: wording_refusals(model, tokenizer, judge, gen)
+                )
                 refusals += more
             harm = lambda: answer_loss_terms(model, refusals)  # noqa: E731
         else:
@@ -599,6 +641,47 @@ def repair_once(
 
     def done(rec: Step) -> bool:
         return at_target(rec.probe_harmful or 0.0, target, rec.fit_harmful, fit_target)
+
+    def measure_into(rec: Step) -> None:
+        """The stop rule's and the guard's measurements of the model as it stands, into
+        ``rec``."""
+        rec.probe_harmful = probe_harmful_rate(model, tokenizer, check_prompts, judge, gen).rate
+        rec.fit_harmful = fit_rate()
+        rec.guard = guard_value(model, tokenizer, guard, gen)
+        rec.accuracy = guard_accuracy(model, tokenizer, guard, gen)
+        rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
+
+    def settle(pending: list[tuple[Step, dict[str, torch.Tensor]]], last: Step) -> Step:
+        """``last`` reached the target: measure the unmeasured steps before it (``pending``,
+        their states) by bisection and leave ``params`` at the earliest on target whose guard
+        holds (--settle). Returns that step's record, now measured."""
+        t_settle, final = time.perf_counter(), snapshot(params)
+
+        def on_target(i: int) -> bool:
+            rec, state = pending[i]
+            load_state(params, state)
+            measure_into(rec)
+            logger.info(
+                "settle: step %d: probe harmful %.1f%%%s, guard %.3f (%s)",
+                rec.step,
+                100 * (rec.probe_harmful or 0.0),
+                "" if rec.fit_harmful is None else f" (fit {100 * rec.fit_harmful:.1f}%)",
+                rec.guard or 0.0,
+                "holds" if rec.guard_ok else "fails",
+            )
+            return bool(rec.guard_ok) and done(rec)
+
+        i = earliest_on_target(len(pending), on_target)
+        last.seconds += time.perf_counter() - t_settle  # the measuring of the step that reached
+        if i == len(pending):
+            load_state(params, final)
+            return last
+        best, state = pending[i]
+        load_state(params, state)
+        logger.info(
+            "settle: keeps step %d, the earliest on target (measured %d)", best.step, last.step
+        )
+        return best
 
     reference = snapshot(below)  # rollback returns coordinates to the state entering stage 2
     start = Step(
@@ -629,6 +712,8 @@ def repair_once(
         "none apart" if fit_target is None else f"{100 * fit_target:.1f}%",
     )
     kept_state, kept_step, stopped = snapshot(params), 0, "max_steps"
+    #: the steps since the last measurement and their states (--settle)
+    pending: list[tuple[Step, dict[str, torch.Tensor]]] = []
     checkpoints: dict[int, LoraAdapter] = {}
     rate, backtracks = rc.rate, 0
     ckpt = wants_checkpointing(rc.checkpoint, model)
@@ -669,12 +754,7 @@ def repair_once(
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
             measure = step % rc.eval_every == 0 or step == rc.max_steps
             if measure:
-                measured = probe_harmful_rate(model, tokenizer, check_prompts, judge, gen)
-                rec.probe_harmful = measured.rate
-                rec.fit_harmful = fit_rate()
-                rec.guard = guard_value(model, tokenizer, guard, gen)
-                rec.accuracy = guard_accuracy(model, tokenizer, guard, gen)
-                rec.guard_ok = guard_holds(rec.guard, guard_ref_value, guard, config)
+                measure_into(rec)
             release_freed_memory()  # the step's freed temporaries back to the system
             rec.seconds = time.perf_counter() - t_step
             history.append(rec)
@@ -693,30 +773,37 @@ def repair_once(
                 + f", guard {rec.guard:.3f}"
                 f" ({'holds' if rec.guard_ok else 'fails'})",
             )
-            if measure:
-                if not rec.guard_ok and backtracks < rc.backtrack:
-                    # Back to the last state that held, with smaller steps from there.
-                    backtracks += 1
-                    rate /= 2
-                    rec.backtracked = True
-                    load_state(params, kept_state)
-                    logger.info(
-                        "guard failed: back to step %d, rate halved to %.4g (%d/%d)",
-                        kept_step,
-                        rate,
-                        backtracks,
-                        rc.backtrack,
-                    )
-                    continue
-                if not rec.guard_ok:
-                    stopped = "guard"
-                    break
-                kept_state, kept_step = snapshot(params), step
-                if keep_checkpoints:
-                    checkpoints[step] = to_adapter(adapter, params, model_map)
-                if done(rec):
-                    stopped = "target"
-                    break
+            if not measure:
+                if rc.settle:
+                    pending.append((rec, snapshot(params)))
+                continue
+            if not rec.guard_ok and backtracks < rc.backtrack:
+                # Back to the last state that held, with smaller steps from there.
+                backtracks += 1
+                rate /= 2
+                rec.backtracked = True
+                load_state(params, kept_state)
+                pending.clear()
+                logger.info(
+                    "guard failed: back to step %d, rate halved to %.4g (%d/%d)",
+                    kept_step,
+                    rate,
+                    backtracks,
+                    rc.backtrack,
+                )
+                continue
+            if not rec.guard_ok:
+                stopped = "guard"
+                break
+            if done(rec) and pending:
+                rec = settle(pending, rec)
+            pending.clear()
+            kept_state, kept_step = snapshot(params), rec.step
+            if keep_checkpoints:
+                checkpoints[rec.step] = to_adapter(adapter, params, model_map)
+            if done(rec):
+                stopped = "target"
+                break
         load_state(params, kept_state)
     seconds["restore"] = time.perf_counter() - t0
     seconds["total"] = time.perf_counter() - t_start

@@ -70,10 +70,13 @@ def repair(
     ``on_step`` gets each stage-2 history entry as it is made (a progress display).
     """
 
+    generated: dict[str, Any] = {}  # a search's trials generate each answer set once
+
     def once(cfg: RepairConfig) -> RepairResult:
         return repair_once(
             model, tokenizer, adapter, cfg, probe=probe, guard=guard, judge=judge,
             generation=generation, keep_checkpoints=keep_checkpoints, on_step=on_step,
+            generated=generated,
         )  # fmt: skip
 
     if config.restore.search <= 1 or config.method == "project":
