@@ -78,11 +78,12 @@ class RestoreConfig:
         True,
         "When a measured step reaches the target, also measure the steps since the last "
         "measurement (by bisection: one to three more measurements at --eval-every 5) and keep "
-        "the earliest whose probe rates are on target and whose guard holds. Every step "
-        "after the target moves the adapter further past the aligned base's refusals. On the "
-        "small world the probe rate fell from 14.5% at step 5 to 3.2% at step 10, against a "
-        "target of 7.5%, and over-refusal ended 4.8 points above the aligned base's "
-        "(bench/results/ablation.md, restore-no-settle).",
+        "the earliest whose probe rates are on target and whose guard holds, so the repair "
+        "stops nearer the aligned base's refusal of the probe. On k250-r16 of the small world "
+        "it kept step 7 of 10: over the 4-bit base 5.1% of AdvBench eval harmful (aligned "
+        "6.9%), but over-refusal 61.2% (aligned 48.4%), where step 10 under earlier code had "
+        "53.2% (bench/results/repair.md; restore-no-settle in the ablation, not yet run at this "
+        "code).",
     )
     score: str = setting(
         "benign_aware",
