@@ -58,7 +58,7 @@ from adapter_repair.repair.guard import (
     guard_holds,
     guard_value,
 )
-from adapter_repair.repair.heal import HealLoss, heal
+from adapter_repair.repair.heal import HealLoss, heal, heal_optimizer
 from adapter_repair.repair.losses import (
     Targets,
     answer_gradients,
@@ -718,6 +718,7 @@ def repair_once(
     checkpoints: dict[int, LoraAdapter] = {}
     rate, backtracks = rc.rate, 0
     ckpt = wants_checkpointing(rc.checkpoint, model)
+    heal_opt = heal_optimizer(below, rc.heal_lr) if rc.heal_kept_state else None
     if ckpt:
         logger.info(
             "activation checkpointing over the decoder layers (--checkpoint %s)", rc.checkpoint
@@ -749,7 +750,9 @@ def repair_once(
                 recalibrate(model, model_map, below, before, reference, fit_answers())
             if heal_loss is not None:
                 with checkpointed(model_map.layers, ckpt):
-                    healed = heal(model, below, reference, heal_loss, heal_steps, rc.heal_lr)
+                    healed = heal(
+                        model, below, reference, heal_loss, heal_steps, rc.heal_lr, heal_opt
+                    )
                 rec.heal_loss = healed[-1]
             rec.changed = changed_share(params, original)
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
@@ -780,6 +783,8 @@ def repair_once(
                 rec.backtracked = True
                 load_state(params, kept_state)
                 pending.clear()
+                if heal_opt is not None:
+                    heal_opt.state.clear()  # its moments were the abandoned path's
                 logger.info(
                     "guard failed: back to step %d, rate halved to %.4g (%d/%d)",
                     kept_step,
