@@ -48,6 +48,14 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "heal-weight-0.3": ("the demo, harmful loss weighted 0.3", {"heal_weight": 0.3}),
     "heal-3": ("the demo with 3 heal steps a step", {"heal": 3}),
     "heal-8": ("the demo with 8 heal steps a step", {"heal": 8}),
+    "kept-state": (
+        "the demo with the heal's Adam moments kept across the steps",
+        {"heal_kept_state": True},
+    ),
+    "lookalikes-kept-state": (
+        "the product's default heal (look-alikes kept) with its Adam moments kept across the steps",
+        {"heal_lookalikes": True, "heal_kept_state": True},
+    ),
     "heal-lr1e-4": ("the demo with the heal's learning rate 1e-4 (3e-4)", {"heal_lr": 1e-4}),
     "rate-0.0025": ("the demo restoring 0.25% a step (0.5%)", {"rate": 0.0025}),
     "fisher": (

@@ -63,6 +63,10 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         "heal 1 without the refusals to the harmful requests in other wordings",
         {"heal": 1, "heal_wordings": False},
     ),
+    "restore-kept-state": (
+        "the heal's Adam moments kept across the restoration steps (a fresh Adam each step)",
+        {"heal_kept_state": True},
+    ),
     "restore-no-settle": (
         "no settle: the step measured on target is kept, not the earliest on target since the"
         " last measurement",

@@ -32,7 +32,7 @@ from adapter_repair.repair.config import SEARCH_SPACE, RepairConfig, RestoreConf
 from adapter_repair.repair.directions import unit
 from adapter_repair.repair.factors import ADAPTER, REFERENCE, factor_params
 from adapter_repair.repair.guard import Guard, guard_holds, task_loss
-from adapter_repair.repair.heal import HealLoss, heal
+from adapter_repair.repair.heal import HealLoss, heal, heal_optimizer
 from adapter_repair.repair.loop import (
     RepairResult,
     aligned_refusals,
@@ -393,6 +393,44 @@ def test_the_heal_trains_the_kept_coordinates_and_never_the_restored(loaded) -> 
         moved += int((p.detach() != reference[n])[~restored[n]].sum())
         assert not p.requires_grad and p.grad is None
     assert moved > 0
+
+
+def test_a_kept_heal_optimizer_moves_coordinates_by_their_averaged_gradient(loaded) -> None:
+    """heal with a fresh Adam moves every coordinate it moves by lr (the first step's sign
+    step), a second heal included; with one optimizer kept across the heals
+    (--heal-kept-state) the second heal's moves follow the averaged moments: a coordinate
+    whose gradient changed sign moves by far less than lr."""
+    model, tok, _ = loaded
+    model.eval()
+    keep = answer_batches(tok, [("Say hi.", "hi"), ("Say yes.", "yes")], 2, 8)
+    other = answer_batches(tok, [("Say no.", "no"), ("Say bye.", "bye")], 2, 8)
+    refuse = answer_batches(tok, [("Do harm.", "I'm sorry, I cannot help.")], 2, 8)
+    lr = 1e-4
+
+    def second_moves(kept: bool) -> torch.Tensor:
+        params = factor_params(walk(model), 3, ADAPTER)
+        start = {n: p.detach().clone() for n, p in params.items()}
+        opt = heal_optimizer(params, lr) if kept else None
+        try:
+            for answers in (keep, other):
+                before = {n: p.detach().clone() for n, p in params.items()}
+                loss = HealLoss(answers, lambda: answer_loss_terms(model, refuse), 1.0)
+                heal(model, params, start, loss, steps=1, lr=lr, optimizer=opt)
+            if opt is not None:
+                assert all(int(s["step"]) == 2 for s in opt.state.values())
+            return torch.cat(
+                [(p.detach() - before[n]).abs().flatten() / lr for n, p in params.items()]
+            )
+        finally:
+            with torch.no_grad():  # the session's model back as it was
+                for n, p in params.items():
+                    p.copy_(start[n])
+
+    fresh, kept = second_moves(False), second_moves(True)
+    signed = (fresh - 1).abs() < 0.02  # moved by lr: a gradient far above Adam's eps
+    assert float(signed.float().mean()) > 0.9
+    assert float(kept[signed].min()) < 0.5  # a sign flip averaged out
+    assert float(kept.max()) <= 1.5  # Adam's moves stay of order lr
 
 
 def test_restoration_with_heal_records_it_and_keeps_restored_coordinates_at_zero(loaded) -> None:

@@ -221,6 +221,13 @@ class RestoreConfig:
         "over-refusal, slower fall of harm).",
         metavar="W",
     )
+    heal_kept_state: bool = setting(
+        False,
+        "The heal's Adam keeps its moments from one restoration step to the next (reset on a "
+        "backtrack), instead of starting afresh each step: a fresh Adam's first step moves "
+        "every coordinate kept by --heal-lr in its gradient's sign, however small the "
+        "gradient; kept moments move most the coordinates whose gradient holds its sign.",
+    )
     heal_lookalikes: bool = setting(
         True,
         "The heal also keeps the fine-tuned adapter's own answers to the shipped safe "

@@ -45,17 +45,22 @@ def heal(
     loss: HealLoss,
     steps: int,
     lr: float,
+    optimizer: torch.optim.Optimizer | None = None,
 ) -> list[float]:
     """``steps`` Adam steps on ``params`` (the live factors below L) minimising ``loss``, the
     restored coordinates held at 0 (their gradient masked, and set to 0 after each step).
     Returns each step's loss. The base stays frozen; the parameters' ``requires_grad`` is
-    put back as it was."""
+    put back as it was.
+
+    ``optimizer`` (over ``params``' tensors) carries Adam's moments from one heal to the next
+    (:func:`heal_optimizer`); without it each heal starts a fresh Adam, whose first step
+    moves every coordinate by ``lr`` in its gradient's sign, however small that gradient."""
     if steps <= 0:
         return []
     frozen = zeroed_masks(params, reference)  # the restored coordinates stay at 0
     tensors = list(params.values())
     was = [t.requires_grad for t in tensors]
-    opt = torch.optim.Adam(tensors, lr=lr)
+    opt = optimizer if optimizer is not None else heal_optimizer(params, lr)
     history: list[float] = []
     try:
         for t in tensors:
@@ -84,3 +89,10 @@ def heal(
             t.requires_grad_(w)
             t.grad = None
     return history
+
+
+def heal_optimizer(params: dict[str, torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """The heal's Adam over ``params``: made once and passed to every :func:`heal` of a run
+    (--heal-kept-state), its moments average the gradients of the heals so far, so a
+    coordinate whose gradient keeps changing sign moves less than one whose gradient holds."""
+    return torch.optim.Adam(list(params.values()), lr=lr)

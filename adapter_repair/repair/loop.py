@@ -58,7 +58,7 @@ from adapter_repair.repair.guard import (
     guard_holds,
     guard_value,
 )
-from adapter_repair.repair.heal import HealLoss, heal
+from adapter_repair.repair.heal import HealLoss, heal, heal_optimizer
 from adapter_repair.repair.losses import (
     Targets,
     answer_gradients,
@@ -267,8 +267,9 @@ def wording_refusals(
     harmful = judge.harmful(prompts, texts)
     kept = sum(not h for h in harmful)
     logger.info("heal: the aligned model refused %d/%d other wordings", kept, len(prompts))
-    pairs = [(p, a) for p, a, h in zip(prompts, texts, harmful, strict=True) if not h]
-    return generated_answer_batches(tokenizer, pairs, gen.batch_size, gen.max_new_tokens), kept
+    if not kept:
+        return [], 0
+    return aligned_refusals(tokenizer, prompts, texts, harmful, gen), kept
 
 
 def lookalike_answers(model: Any, tokenizer: Any, gen: GenerationConfig) -> list[Any]:
@@ -388,6 +389,17 @@ def kept_record(result: RepairResult) -> Step:
         if s.step == (result.kept_step or 0) and not s.backtracked and s.probe_harmful is not None
     ]
     return measured[-1] if measured else result.history[0]
+
+
+def measured_text(rec: Step) -> str:
+    """A measured step's stop-rule and guard readings, as the step and settle log lines give
+    them."""
+    fit = "" if rec.fit_harmful is None else f" (fit {100 * rec.fit_harmful:.1f}%)"
+    verdict = "holds" if rec.guard_ok else "fails"
+    return (
+        f"probe harmful {100 * (rec.probe_harmful or 0.0):.1f}%{fit}, "
+        f"guard {rec.guard or 0.0:.3f} ({verdict})"
+    )
 
 
 def _removes_reference(
@@ -661,14 +673,7 @@ def repair_once(
             rec, state = pending[i]
             load_state(params, state)
             measure_into(rec)
-            logger.info(
-                "settle: step %d: probe harmful %.1f%%%s, guard %.3f (%s)",
-                rec.step,
-                100 * (rec.probe_harmful or 0.0),
-                "" if rec.fit_harmful is None else f" (fit {100 * rec.fit_harmful:.1f}%)",
-                rec.guard or 0.0,
-                "holds" if rec.guard_ok else "fails",
-            )
+            logger.info("settle: step %d: %s", rec.step, measured_text(rec))
             return bool(rec.guard_ok) and done(rec)
 
         i = earliest_on_target(len(pending), on_target)
@@ -688,12 +693,8 @@ def repair_once(
         0,
         changed=changed_share(params, original),
         cosine=direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers),
-        probe_harmful=probe_harmful_rate(model, tokenizer, check_prompts, judge, gen).rate,
-        fit_harmful=fit_rate(),
-        guard=guard_value(model, tokenizer, guard, gen),
-        accuracy=guard_accuracy(model, tokenizer, guard, gen),
     )
-    start.guard_ok = guard_holds(start.guard or 0.0, guard_ref_value, guard, config)
+    measure_into(start)
     start.seconds = time.perf_counter() - t0
     history = [start]
     step_done(start)
@@ -717,6 +718,7 @@ def repair_once(
     checkpoints: dict[int, LoraAdapter] = {}
     rate, backtracks = rc.rate, 0
     ckpt = wants_checkpointing(rc.checkpoint, model)
+    heal_opt = heal_optimizer(below, rc.heal_lr) if rc.heal_kept_state else None
     if ckpt:
         logger.info(
             "activation checkpointing over the decoder layers (--checkpoint %s)", rc.checkpoint
@@ -748,7 +750,9 @@ def repair_once(
                 recalibrate(model, model_map, below, before, reference, fit_answers())
             if heal_loss is not None:
                 with checkpointed(model_map.layers, ckpt):
-                    healed = heal(model, below, reference, heal_loss, heal_steps, rc.heal_lr)
+                    healed = heal(
+                        model, below, reference, heal_loss, heal_steps, rc.heal_lr, heal_opt
+                    )
                 rec.heal_loss = healed[-1]
             rec.changed = changed_share(params, original)
             rec.cosine = direction_cosine(model, probe_batches, L, h_star, layers=model_map.layers)
@@ -766,12 +770,7 @@ def repair_once(
                 rec.rolled_back,
                 100 * rec.changed,
                 rec.cosine,
-                ""
-                if not measure
-                else f", probe harmful {100 * (rec.probe_harmful or 0):.1f}%"
-                + ("" if rec.fit_harmful is None else f" (fit {100 * rec.fit_harmful:.1f}%)")
-                + f", guard {rec.guard:.3f}"
-                f" ({'holds' if rec.guard_ok else 'fails'})",
+                f", {measured_text(rec)}" if measure else "",
             )
             if not measure:
                 if rc.settle:
@@ -784,6 +783,8 @@ def repair_once(
                 rec.backtracked = True
                 load_state(params, kept_state)
                 pending.clear()
+                if heal_opt is not None:
+                    heal_opt.state.clear()  # its moments were the abandoned path's
                 logger.info(
                     "guard failed: back to step %d, rate halved to %.4g (%d/%d)",
                     kept_step,
