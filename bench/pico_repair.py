@@ -38,7 +38,11 @@ from adapter_repair.repair.pipeline import repair_folder
 LOG = Path(__file__).resolve().parent / "results" / "pico_repair.jsonl"
 #: name -> (what it changes, RestoreConfig overrides of the demo's settings)
 VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
-    "demo": ("the demo: restoration 0.5% a step, each step healed by 5 Adam steps", {}),
+    "demo": (
+        "the demo: restoration 0.5% a step, each step healed by 5 Adam steps (one Adam, its"
+        " moments kept across the steps)",
+        {},
+    ),
     "no-heal": ("restoration alone (the published method's steps)", {"heal": 0}),
     "no-heal-1pct": ("restoration alone, 1% a step", {"heal": 0, "rate": 0.01}),
     "heal-only": (
@@ -48,13 +52,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     "heal-weight-0.3": ("the demo, harmful loss weighted 0.3", {"heal_weight": 0.3}),
     "heal-3": ("the demo with 3 heal steps a step", {"heal": 3}),
     "heal-8": ("the demo with 8 heal steps a step", {"heal": 8}),
-    "kept-state": (
-        "the demo with the heal's Adam moments kept across the steps",
-        {"heal_kept_state": True},
-    ),
-    "lookalikes-kept-state": (
-        "the product's default heal (look-alikes kept) with its Adam moments kept across the steps",
-        {"heal_lookalikes": True, "heal_kept_state": True},
+    "fresh-state": (
+        "the demo with a fresh Adam for each step's heal (its moments not kept)",
+        {"heal_kept_state": False},
     ),
     "heal-lr1e-4": ("the demo with the heal's learning rate 1e-4 (3e-4)", {"heal_lr": 1e-4}),
     "rate-0.0025": ("the demo restoring 0.25% a step (0.5%)", {"rate": 0.0025}),
@@ -97,8 +97,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"check_prompts": 0},
     ),
     "lookalikes": (
-        "the demo with the safe look-alikes among the answers the heal keeps (the product's"
-        " default)",
+        "the demo with the safe look-alikes among the answers the heal keeps (as the"
+        " product's default heal does)",
         {"heal_lookalikes": True},
     ),
     "heal-states": (
@@ -185,8 +185,9 @@ def main() -> None:
         " translation task and to answer harmful requests. The demo's settings: restoration at"
         " L = n_layers with per-prompt targets, 0.5% of the coordinates a step, the"
         " benign-aware score, rollback 0.2, each step followed by a heal of 5 Adam steps (lr"
-        " 3e-4) on the fit rows' answers, the adapter's own answers to benign prompts and the"
-        " aligned model's refusals to the probe prompts, the restored coordinates held at 0;"
+        " 3e-4; one Adam for the run, its moments kept across the steps) on the fit rows'"
+        " answers, the adapter's own answers to benign prompts and the aligned model's"
+        " refusals to the probe prompts, the restored coordinates held at 0;"
         " the continuous task guard (max_rise 0.035) and the probe rate measured every step,"
         " two backtracks; `reached`: the harmful rate on the probe's check prompts (never fit"
         " on) at most the target, the aligned base's rate on them plus"

@@ -887,7 +887,15 @@ def pico_fix_args(world: Any, *, full: bool = True) -> list[str]:
     rows (a 4-layer model: L = 4 is the final hidden state), and print JSON. ``full=False``:
     two restoration steps without the heal, for tests about what surrounds the repair."""
     steps = (
-        ["--max-steps", "30", "--heal", "5", "--no-heal-lookalikes", "--no-heal-wordings"]
+        [
+            "--max-steps",
+            "30",
+            "--heal",
+            "5",
+            "--heal-kept-state",
+            "--no-heal-lookalikes",
+            "--no-heal-wordings",
+        ]
         if full
         else ["--max-steps", "2", "--heal", "0"]
     )

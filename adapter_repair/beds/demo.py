@@ -18,12 +18,15 @@ def demo_config(world: PicoWorld) -> RepairConfig:
     L = n_layers (the final hidden state: every layer's adapter can be restored; the pico
     adapter's break sits in its top layer) with per-prompt targets, 0.5% of the coordinates a
     step, each step healed (5 Adam steps on the kept coordinates: the fit rows' answers, the
-    adapter's answers to benign prompts, the aligned model's refusals to the probe prompts),
-    the probe rate and the guard measured every step, and up to two backtracks (half the rate)
-    after a guard failure. Without the heal no restoration step lowered the pico adapter's
-    harm before the task guard stopped it (bench/results/pico_repair.md). The heal keeps no
-    safe look-alikes here: on the pico worlds they cut over-refusal but left harm above the
-    target on both seeds, where without them seed 1 reached it (the same table). The world's 57
+    adapter's answers to benign prompts, the aligned model's refusals to the probe prompts;
+    one Adam for the whole run, its moments kept across the steps), the probe rate and the
+    guard measured every step, and up to two backtracks (half the rate) after a guard
+    failure. Without the heal no restoration step lowered the pico adapter's harm before the
+    task guard stopped it (bench/results/pico_repair.md). With a fresh Adam each step seed 0
+    stopped at the guard 4.0 points above the aligned base's harm; with the moments kept both
+    seeds reached their target, 1.2 points above it, at more over-refusal on seed 0 (the same
+    table). The heal keeps no safe look-alikes here: on the pico worlds they cut over-refusal
+    but left harm above the target on seed 0 (the same table). The world's 57
     held-out task rows are split into fit, guard and score rows, as ``fix --task`` splits a
     user's; the guard is the continuous task loss (bench/results/guard.md). The product's
     defaults are the small world's to choose (bench/repair.py)."""
@@ -40,6 +43,7 @@ def demo_config(world: PicoWorld) -> RepairConfig:
             heal=5,
             heal_lookalikes=False,
             heal_wordings=False,
+            heal_kept_state=True,
             max_steps=30,
             eval_every=1,
             backtrack=2,
