@@ -64,7 +64,8 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
         {"heal": 1, "heal_wordings": False},
     ),
     "restore-kept-state": (
-        "the heal's Adam moments kept across the restoration steps (a fresh Adam each step)",
+        "the heal's Adam moments kept across the restoration steps (the default: a fresh Adam"
+        " each step)",
         {"heal_kept_state": True},
     ),
     "restore-no-settle": (
@@ -104,8 +105,9 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
 #: per-matrix top-k, a smaller rate) and one per lever added since (the heal without its
 #: look-alikes or without its other wordings, no settle). Each costs about 40 min per adapter
 #: here, so the rest run when named (--variants all): check0 and margin0.02 (the stop's earlier
-#: defaults), heal1-every1, heal1-lr1e-4, heal1-w0.3, heal-w0.3, and steps20 (fewer steps: the
-#: same as the default wherever the default stops before step 20, as every measured row has)
+#: defaults), heal1-every1, heal1-lr1e-4, heal1-w0.3, heal-w0.3, kept-state, ratio, grad,
+#: no-rollback, heal1, and steps20 (fewer steps: the same as the default wherever the default
+#: stops before step 20; k25-r16 needed 25 at 28b7874's code)
 DEFAULT_VARIANTS = (
     "restore-fisher",
     "restore-recalibrate",

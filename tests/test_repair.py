@@ -417,6 +417,7 @@ def test_a_kept_heal_optimizer_moves_coordinates_by_their_averaged_gradient(load
                 loss = HealLoss(answers, lambda: answer_loss_terms(model, refuse), 1.0)
                 heal(model, params, start, loss, steps=1, lr=lr, optimizer=opt)
             if opt is not None:
+                assert len(opt.state) == len(params)
                 assert all(int(s["step"]) == 2 for s in opt.state.values())
             return torch.cat(
                 [(p.detach() - before[n]).abs().flatten() / lr for n, p in params.items()]
