@@ -80,10 +80,10 @@ class RestoreConfig:
         "measurement (by bisection: one to three more measurements at --eval-every 5) and keep "
         "the earliest whose probe rates are on target and whose guard holds, so the repair "
         "stops nearer the aligned base's refusal of the probe. On k250-r16 of the small world "
-        "it kept step 7 of 10: over the 4-bit base 5.1% of AdvBench eval harmful (aligned "
-        "6.9%), but over-refusal 61.2% (aligned 48.4%), where step 10 under earlier code had "
-        "53.2% (bench/results/repair.md; restore-no-settle in the ablation, not yet run at this "
-        "code).",
+        "it kept step 9 of 10: over the 4-bit base 2.3% of AdvBench eval harmful (aligned "
+        "6.9%), but over-refusal 64.0% (aligned 48.4%) (bench/results/repair.md); under "
+        "earlier code step 7 read 61.2% and step 10 53.2% (docs/repair.md). Whether it stays "
+        "on is for restore-no-settle at one code to say: not yet run.",
     )
     score: str = setting(
         "benign_aware",
