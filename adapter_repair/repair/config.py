@@ -225,7 +225,7 @@ class RestoreConfig:
         False,
         "The heal's Adam keeps its moments from one restoration step to the next (reset on a "
         "backtrack), instead of starting afresh each step: a fresh Adam's first step moves "
-        "every coordinate kept by --heal-lr in its gradient's sign, however small the "
+        "every coordinate kept by about --heal-lr in its gradient's sign, however small the "
         "gradient; kept moments move most the coordinates whose gradient holds its sign.",
     )
     heal_lookalikes: bool = setting(
