@@ -82,8 +82,10 @@ class RestoreConfig:
         "stops nearer the aligned base's refusal of the probe. On k250-r16 of the small world "
         "it kept step 9 of 10: over the 4-bit base 2.3% of AdvBench eval harmful (aligned "
         "6.9%), but over-refusal 64.0% (aligned 48.4%) (bench/results/repair.md); under "
-        "earlier code step 7 read 61.2% and step 10 53.2% (docs/repair.md). Whether it stays "
-        "on is for restore-no-settle at one code to say: not yet run.",
+        "earlier code step 7 read 61.2% and step 10 53.2% (docs/repair.md). Without it "
+        "(restore-no-settle, bench/results/ablation.md) the same code kept step 10: 4.6% "
+        "harmful, over-refusal 44.4%, but XSTest unsafe 30.5% harmful against settle's 13.0% "
+        "(aligned 20.5%): on for now, until more adapters are measured.",
     )
     score: str = setting(
         "benign_aware",
