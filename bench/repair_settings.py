@@ -101,19 +101,20 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
 }
 #: the variants a plain run measures: one per lever the issue names (second-order score, OBS
-#: recalibration, canonical basis, singular components, a longer heal, no heal, targets mean,
-#: per-matrix top-k, a smaller rate) and one per lever added since (the heal without its
-#: look-alikes or without its other wordings, no settle). Each costs about 40 min per adapter
-#: here, so the rest run when named (--variants all): check0 and margin0.02 (the stop's earlier
-#: defaults), heal1-every1, heal1-lr1e-4, heal1-w0.3, heal-w0.3, kept-state, ratio, grad,
-#: no-rollback, heal1, and steps20 (fewer steps: the same as the default wherever the default
-#: stops before step 20; k25-r16 needed 25 at 28b7874's code)
+#: recalibration, canonical basis, singular components, no heal, targets mean, per-matrix
+#: top-k, a smaller rate) and one per lever added since (the heal without its look-alikes or
+#: without its other wordings, no settle). Each costs about 40-55 min per adapter here (a
+#: restoration step about 4-5 min, two thirds of it the heal's pass over the answers it keeps;
+#: profiled with py-spy on k25-r16), so the rest run when named (--variants all): heal (5 heal
+#: steps a restoration step: about 2.5 h per adapter), check0 and margin0.02 (the stop's
+#: earlier defaults), heal1-every1, heal1-lr1e-4, heal1-w0.3, heal-w0.3, kept-state, ratio,
+#: grad, no-rollback, heal1 (the default), and steps20 (fewer steps: the same as the default
+#: wherever the default stops before step 20, as it did on k100-r8 and k250-r16 at adf2af55e326)
 DEFAULT_VARIANTS = (
     "restore-fisher",
     "restore-recalibrate",
     "restore-canonical",
     "restore-components",
-    "restore-heal",
     "restore-no-heal",
     "restore-mean",
     "restore-per-matrix",
