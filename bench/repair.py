@@ -7,17 +7,19 @@ and bench/results/ablation.md and .json (restore with one lever moved, on the sa
     python bench/repair.py [--adapters all|k100-r8,...] [--compare k100-r8,k250-r16,k25-r16]
                            [--methods restore] [--baselines published,safelora,dense,...]
                            [--variants restore-heal,...] [--sst2 bench/data/sst2]
-                           [--cache-dir DIR] [--no-run] [--no-nf4] [--no-ledger]
+                           [--cache-dir DIR] [--no-run] [--no-nf4]
 
 Each (adapter, method) runs in its own process (so its peak RSS is its own) and is cached as
 an artifact of the small world, keyed by the adapter's recipe, the settings and what measured
 it (a digest of the code that measures it: the package but its CLI, its Hub client, its
 repair settings' file and its report rendering, and bench/repair_runs.py with what it
 imports; the judge, the prompt sets). This file chooses the rows and their order;
-bench/repair_tables.py writes the tables and the ledger; neither is in the digest. The
+bench/repair_tables.py writes the tables; neither is in the digest. The
 settings are in the key themselves, resolved: a changed default reruns exactly the rows that
 use it. Rerunning after an interruption resumes where it stopped; ``--no-run`` only writes the
-tables of what is done. The zoo must be built first (``python bench/bed.py``).
+tables of what is done. A table holds only rows this machine's cache holds: nothing is carried
+from another machine or an earlier session. The zoo must be built first (``python
+bench/bed.py``).
 
 Repair runs over the 4-bit aligned base (as the adapters were trained and as
 ``PeftModel.from_pretrained`` loads them); the task guard is SST-2 rows held out from the
@@ -47,7 +49,7 @@ from repair_runs import (
     run_reference,
 )
 from repair_settings import BASELINES, COMPARE_ADAPTERS, DEFAULT_VARIANTS, METHODS, OURS, VARIANTS
-from repair_tables import LEDGER, Plan, restore_from_ledger, write_tables
+from repair_tables import Plan, write_tables
 
 from adapter_repair.beds.small import small_world
 
@@ -81,12 +83,6 @@ def main() -> None:
         action="store_true",
         help="Skip measuring harm and over-refusal over the 4-bit base.",
     )
-    ap.add_argument(
-        "--no-ledger",
-        action="store_true",
-        help="Restore nothing from bench/results/repair_ledger.jsonl: every missing row is"
-        " measured here, by this run.",
-    )
     ap.add_argument("--one", nargs=2, metavar=("ADAPTER", "METHOD"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(message)s")
@@ -109,8 +105,6 @@ def main() -> None:
         baselines=names(args.baselines, (*METHODS, *BASELINES), "baseline(s)"),
         variants=names(args.variants, tuple(VARIANTS), "variant(s)"),
     )
-    if not args.no_ledger and (n := restore_from_ledger(world, plan)):
-        logging.info("restored %d artifact(s) of this build from %s", n, LEDGER.name)
     if not args.no_run:
         for name in dict.fromkeys((*plan.adapters, *plan.compare)):
             if not world.artifacts[f"adapter-{name}"].done(world.root):

@@ -1,8 +1,8 @@
 """What bench/repair.py measures, and nothing else: the settings of every method, the cache
 key of every row (a digest of this file, bench/baselines.py and the package's measuring code;
 the settings; the judge; the prompt sets) and the runs that build the rows (a repair and its
-merged-bf16 measures, the 4-bit measures, the reference rows). The tables and the ledger that
-read these rows live in bench/repair_tables.py, outside the digest: a change to how a table is
+merged-bf16 measures, the 4-bit measures, the reference rows). The tables that read these
+rows live in bench/repair_tables.py, outside the digest: a change to how a table is
 written keeps every row; a change here reruns them all.
 """
 
@@ -91,7 +91,7 @@ NOT_MEASURING = ("cli", "hub")
 #: the bench scripts whose code produces rows: this file (the small world's rows), the
 #: comparison methods, the pico bench (its rows key on this digest too) and the results helper;
 #: not the entry point (bench/repair.py: which rows, in what order), the rows' settings
-#: (bench/repair_settings.py: each key holds them, resolved) nor the tables and ledger
+#: (bench/repair_settings.py: each key holds them, resolved) nor the tables
 #: (bench/repair_tables.py), which read rows and never make one
 BENCH_CODE = ("repair_runs.py", "baselines.py", "pico_repair.py", "results_io.py")
 

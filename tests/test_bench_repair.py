@@ -11,8 +11,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import repair_runs as runs
@@ -74,7 +72,7 @@ def test_a_changed_repair_default_changes_the_key_of_the_rows_that_use_it() -> N
 
 @dataclasses.dataclass
 class _World:
-    """A stand-in for the small world's files and keys: what the ledger and the tables read of
+    """A stand-in for the small world's files and keys: what the tables read of
     a world (a dataclass, as SmallWorld is: a build's view is a copy with another root)."""
 
     root: Path
@@ -125,16 +123,32 @@ def _rate(k: int, n: int) -> dict[str, Any]:
     return {"k": k, "n": n, "rate": k / n}
 
 
+def _artifacts(world: Any, plan: Any) -> list[tuple[Any, str]]:
+    """Every artifact a campaign of ``plan`` makes, with its kind (ref, nf4 or repair)."""
+    out = [
+        (runs.reference_artifact(world, None), "ref"),
+        (runs.nf4_artifact(world, None, "none"), "nf4"),
+    ]
+    for adapter in dict.fromkeys(a for a, _ in plan.runs()):
+        out += [
+            (runs.reference_artifact(world, adapter), "ref"),
+            (runs.nf4_artifact(world, adapter, "none"), "nf4"),
+        ]
+    for adapter, method in plan.runs():
+        out.append((runs.artifact(world, adapter, method), "repair"))
+        if method not in runs.NO_NF4:
+            out.append((runs.nf4_artifact(world, adapter, method), "nf4"))
+    return out
+
+
 def _measure_everything(world: Any, plan: Any, changed: float = 0.12) -> None:
-    """Every artifact of the plan built with made-up measures, as a finished campaign."""
-    for i, m in enumerate(tables.plan_artifacts(world, plan)):
-        if m.art.done(world.root):
+    """Every artifact of the plan built with made-up measures and stored SST-2 answers, as a
+    finished campaign."""
+    for i, (art, kind) in enumerate(_artifacts(world, plan)):
+        if art.done(world.root):
             continue
-        facts: dict[str, Any] = {
-            "measures": {"harmful_rate": _rate(i, 175)},
-            "task_exact": _rate(800 - i, 872),
-        }
-        if m.kind == "repair":
+        facts: dict[str, Any] = {"measures": {"harmful_rate": _rate(i, 175)}}
+        if kind == "repair":
             history = [
                 {"step": s, "seconds": 10.0, "passes_seconds": 8.0, "probe_harmful": None}
                 for s in range(4)
@@ -150,78 +164,20 @@ def _measure_everything(world: Any, plan: Any, changed: float = 0.12) -> None:
                 repair_seconds=60.0,
                 peak_rss_gb=2.5,
             )
-        m.art.build(world.root, lambda _out, facts=facts: facts)
+
+        def make(out: Path, facts: dict[str, Any] = facts, right: int = i % 3) -> dict[str, Any]:
+            answers = [{"response": "positive", "answer": "positive"}] * right + [
+                {"response": "negative", "answer": "positive"}
+            ]
+            (out / "measures.json").write_text(json.dumps({"samples": {"task": answers}}))
+            return facts
+
+        art.build(world.root, make)
 
 
 PLAN = tables.Plan(
     adapters=("a",), compare=("a",), methods=("restore",), baselines=("dense",), variants=()
 )
-
-
-def test_the_ledger_brings_back_exactly_the_rows_this_code_measured_on_these_files(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """A session's machine starts with an empty cache: rows measured by the same code over the
-    same world bytes come back from the committed ledger; other bytes or another key do not."""
-    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
-    n = len(tables.plan_artifacts(_world(tmp_path / "zero"), PLAN))
-    first = _world(tmp_path / "one")
-    _measure_everything(first, PLAN)
-    tables.write_ledger(first)
-    assert len(tables.read_ledger()) == n
-    rows = tables.collect(first, ["a"], ["restore", "dense"])
-    assert [r["method"] for r in rows] == ["none", "restore", "dense"]
-    assert not any(r["restored"] for r in rows)
-
-    # a fresh machine, the same world bytes: every row back, the same numbers
-    fresh = _world(tmp_path / "two")
-    assert tables.restore_from_ledger(fresh, PLAN) == n
-    back = tables.collect(fresh, ["a"], ["restore", "dense"])
-    assert [r["restored"] for r in back] == [
-        {"merged": tables.MACHINE, "4-bit": tables.MACHINE},
-        {"merged": tables.MACHINE, "4-bit": tables.MACHINE},
-        {"merged": tables.MACHINE},  # dense: no row over 4-bit
-    ]
-    strip = [{k: v for k, v in r.items() if k != "restored"} for r in rows]
-    assert [{k: v for k, v in r.items() if k != "restored"} for r in back] == strip
-    assert back[1]["steps"] == 4 and back[1]["nf4"]["task_exact"] == rows[1]["nf4"]["task_exact"]
-    # steps 1-3 (step 0 is the start); the two that did not measure: 10 s against 8 s of passes
-    assert rows[1]["step_seconds"] == back[1]["step_seconds"] == 50.0 / 3
-    assert rows[1]["step_over_passes"] == back[1]["step_over_passes"] == 1.25
-    assert tables.restore_from_ledger(fresh, PLAN) == 0  # already there
-
-    # the adapter built to other bytes: only the aligned base's rows come back
-    other = _world(tmp_path / "three", adapter_bytes=b"another build")
-    assert tables.restore_from_ledger(other, PLAN) == 2
-    assert [r["method"] for r in tables.collect(other, ["a"], ["restore", "dense"])] == []
-
-    # an empty machine rewriting the ledger keeps what it has not measured
-    tables.write_ledger(_world(tmp_path / "four"))
-    assert len(tables.read_ledger()) == n
-
-    # the other build measures its own rows beside the first build's (the aligned base's are
-    # shared), and each build gets its own numbers back
-    _measure_everything(other, PLAN, changed=0.34)
-    tables.write_ledger(other)
-    assert len(tables.read_ledger()) == n + n - 2
-    for root, adapter_bytes, changed in (
-        ("five", b"adapter", 0.12),
-        ("six", b"another build", 0.34),
-    ):
-        again = _world(tmp_path / root, adapter_bytes=adapter_bytes)
-        assert tables.restore_from_ledger(again, PLAN) == n
-        assert tables.collect(again, ["a"], ["restore"])[1]["changed"] == changed
-        # one base, the adapter built to two sets of bytes: two builds, this machine's first
-        builds = tables.ledger_builds(again)
-        assert [b.here for b in builds] == [True, False]
-        assert builds[0].inputs("a") == tables.world_inputs(again, "a")
-
-    # changed code: no key matches, nothing comes back, and the stale entries are dropped
-    monkeypatch.setitem(runs.MEASURED_BY, "code", "0" * 64)
-    changed_code = _world(tmp_path / "seven")
-    assert tables.restore_from_ledger(changed_code, PLAN) == 0
-    tables.write_ledger(changed_code)
-    assert tables.read_ledger() == {}
 
 
 def test_a_table_names_the_command_of_its_plan_with_every_list() -> None:
@@ -233,64 +189,9 @@ def test_a_table_names_the_command_of_its_plan_with_every_list() -> None:
     )
 
 
-def test_the_ledger_keeps_rows_of_any_plan_and_survives_a_cut_write(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """A run with a smaller plan (fewer adapters, no variants) drops none of another plan's
-    entries; a ledger cut mid-line stops the bench with a way out instead of losing rows."""
-    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
-    wide = tables.Plan(("a", "b"), ("a", "b"), ("restore",), ("dense",), ("restore-heal",))
-    first = _world(tmp_path / "one")
-    _measure_everything(first, wide)
-    tables.write_ledger(first)
-    entries = len(tables.read_ledger())
-    assert entries == len(tables.plan_artifacts(first, wide))
-    fresh = _world(tmp_path / "two")
-    tables.restore_from_ledger(fresh, PLAN)
-    tables.write_ledger(fresh)
-    assert len(tables.read_ledger()) == entries
-    text = tables.LEDGER.read_text()
-    tables.LEDGER.write_text(text[: len(text) // 2])
-    with pytest.raises(
-        SystemExit, match=re.escape("git checkout -- bench/results/repair_ledger.jsonl")
-    ):
-        tables.read_ledger()
-
-
-def test_a_repair_comes_back_only_with_its_measures_over_the_4bit_base(
-    tmp_path: Path, monkeypatch
-) -> None:
-    """The ledger keeps no repaired adapter: a repair without its 4-bit row could never get
-    one, so it is measured anew; and a repair made here never takes another session's 4-bit
-    measures."""
-    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
-    first = _world(tmp_path / "one")
-    _measure_everything(first, PLAN)
-    tables.write_ledger(first)
-    full = tables.LEDGER.read_text()
-    nf4 = runs.nf4_artifact(first, "a", "restore").key
-    lines = full.splitlines()
-    kept = [line for line in lines if nf4 not in line]
-    assert len(kept) == len(lines) - 1
-    tables.LEDGER.write_text("\n".join(kept) + "\n")
-    fresh = _world(tmp_path / "two")
-    tables.restore_from_ledger(fresh, PLAN)
-    assert not runs.artifact(fresh, "a", "restore").done(fresh.root)
-    assert runs.artifact(fresh, "a", "dense").done(fresh.root)  # no 4-bit row to need
-
-    # the repair made here (as after an interrupted run), the ledger holding a 4-bit row
-    runs.artifact(fresh, "a", "restore").build(
-        fresh.root, lambda _out: {"measures": {}, "repair": {}}
-    )
-    tables.LEDGER.write_text(full)
-    tables.restore_from_ledger(fresh, PLAN)
-    assert not runs.nf4_artifact(fresh, "a", "restore").done(fresh.root)
-
-
 def test_the_tables_name_as_not_run_only_what_is_not_done(tmp_path: Path, monkeypatch) -> None:
     """An ablation row that was measured is in its table and not in the "Not run yet" list;
     one that was not is named there (in ablation.md; repair.md names the rest)."""
-    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
     monkeypatch.setattr(tables.results_io, "RESULTS", tmp_path / "results")
     world = _world(tmp_path / "w")
     measured = tables.Plan(("a",), ("a",), ("restore",), ("dense",), ("restore-heal",))
@@ -336,37 +237,53 @@ def test_a_row_shows_whether_the_repair_reached_its_target() -> None:
     assert lines[0].count("|") == lines[-1].count("|")
 
 
-def test_rows_of_two_builds_each_count_from_their_own_aligned_base(
+def test_a_row_reads_its_measures_steps_and_time_from_this_cache(tmp_path: Path) -> None:
+    """collect reads each row from this machine's cache: its measures, its bare-label SST-2
+    score scored from the stored answers, its step timing and when it was measured."""
+    world = _world(tmp_path / "one")
+    _measure_everything(world, PLAN)
+    rows = tables.collect(world, ["a"], ["restore", "dense"])
+    assert [r["method"] for r in rows] == ["none", "restore", "dense"]
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d", r["measured"]) for r in rows)
+    ours = rows[1]
+    assert ours["steps"] == 4 and ours["changed"] == 0.12 and ours["nf4"] is not None
+    # steps 1-3 (step 0 is the start); the two that did not measure: 10 s against 8 s of passes
+    assert ours["step_seconds"] == 50.0 / 3 and ours["step_over_passes"] == 1.25
+    exact = [r["measures"]["task_exact"] for r in rows]
+    assert all(e["n"] == e["k"] + 1 for e in exact)  # one wrong answer each, the rest right
+    assert rows[2]["nf4"] is None  # dense: no row over 4-bit
+    # an empty cache over the same bytes holds no row: nothing comes from elsewhere
+    assert tables.collect(_world(tmp_path / "two"), ["a"], ["restore", "dense"]) == []
+
+
+def test_a_table_shows_only_this_caches_rows_and_counts_each_from_its_aligned_base(
     tmp_path: Path, monkeypatch
 ) -> None:
-    """Each session builds the world anew and the aligned base need not come out in the same
-    bytes: the tables show this machine's build and name the others the ledger keeps, and a
-    row's targets count from its own build's aligned base and fine-tuned adapter, never
-    another's."""
-    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
+    """Each session builds the world anew: a table shows the rows this machine's cache
+    measured, never an earlier machine's, and a row's targets count from its own build's
+    aligned base and fine-tuned adapter, never another's."""
     monkeypatch.setattr(tables.results_io, "RESULTS", tmp_path / "results")
     earlier = _world(tmp_path / "one", aligned_bytes=b"aligned, first build")
     _measure_everything(earlier, PLAN)
-    tables.write_ledger(earlier)
+    tables.write_tables(earlier, PLAN)
     here = _world(tmp_path / "two", aligned_bytes=b"aligned, second build")
-    tables.write_tables(here, PLAN)  # nothing measured here yet: the earlier build is named
+    tables.write_tables(here, PLAN)  # nothing measured here yet
     md = (tmp_path / "results" / "repair.md").read_text()
-    first = tables._sha256(str(earlier.aligned_dir / "model.safetensors"))
-    assert "### World build " not in md and "No rows on this machine's build yet." in md
-    assert "Not shown: rows of other builds" in md and first[:12] in md
-    assert "Not run on this machine's build (a run here measures these): a/restore" in md
+    second = tables._sha256(str(here.aligned_dir / "model.safetensors"))
+    got = json.loads((tmp_path / "results" / "repair.json").read_text())
+    assert got["rows"] == [] and "| a | restore |" not in md
+    assert "Not run yet: a/restore, a/dense." in md
 
     _measure_everything(here, PLAN, changed=0.34)
     tables.write_tables(here, PLAN)
     md = (tmp_path / "results" / "repair.md").read_text()
-    second = tables._sha256(str(here.aligned_dir / "model.safetensors"))
     assert md.count("### World build ") == 1 and f"### World build {second[:12]}" in md
     assert "(this machine's cache)" in md
     rows = json.loads((tmp_path / "results" / "repair.json").read_text())["rows"]
-    assert {r["build"] for r in rows} == {second[:12]}  # the earlier build's rows left out
+    assert {r["build"] for r in rows} == {second[:12]}
     assert next(r for r in rows if r["method"] == "restore")["changed"] == 0.34
-    # the ledger keeps both builds' rows
-    assert [b.label for b in tables.ledger_builds(here)] == [second[:12], first[:12]]
+    line = next(x for x in md.splitlines() if x.startswith("| a | restore |"))
+    assert line.split("|")[-2].strip() == rows[1]["measured"]
 
     # targets: a row 2 points above its own aligned base and one 1 point above its own, though
     # 11 points above the other build's: mean +1.5, max +2
@@ -393,15 +310,11 @@ def test_rows_of_two_builds_each_count_from_their_own_aligned_base(
     assert task["ok"] and task["value"] == "min 100.0%"
 
 
-def test_a_repair_without_its_4bit_row_is_still_shown_and_builds_never_share_a_label(
-    tmp_path: Path, monkeypatch
-) -> None:
+def test_a_repair_without_its_4bit_row_is_still_shown(tmp_path: Path, monkeypatch) -> None:
     """A repair measured here whose 4-bit row is not taken yet (--no-nf4, or a run cut short)
-    is a row with its 4-bit cells empty, not a row "not run"; two builds on one aligned base
-    (other SST-2 rows) get labels of their own, so neither's rows count from the other's."""
+    is a row with its 4-bit cells empty, not a row "not run"."""
     import shutil
 
-    monkeypatch.setattr(tables, "LEDGER", tmp_path / "ledger.jsonl")
     monkeypatch.setattr(tables.results_io, "RESULTS", tmp_path / "results")
     world = _world(tmp_path / "one")
     _measure_everything(world, PLAN)
@@ -410,15 +323,4 @@ def test_a_repair_without_its_4bit_row_is_still_shown_and_builds_never_share_a_l
     got = json.loads((tmp_path / "results" / "repair.json").read_text())
     ours = [r for r in got["rows"] if r["method"] == "restore"]
     assert len(ours) == 1 and ours[0]["nf4"] is None and ours[0]["measures"]
-    assert got["missing"] == got["missing_here"] == []
-
-    other = _world(tmp_path / "two")
-    other.sst2 = "other sst2 rows"
-    _measure_everything(other, PLAN, changed=0.34)
-    tables.write_tables(other, PLAN)
-    got = json.loads((tmp_path / "results" / "repair.json").read_text())
-    builds = tables.ledger_builds(other)
-    labels = [b.label for b in builds]
-    assert len(labels) == len(set(labels)) == 2 and builds[0].here
-    changed = {r["build"]: r["changed"] for r in got["rows"] if r["method"] == "restore"}
-    assert changed == {labels[0]: 0.34}
+    assert got["missing"] == []
