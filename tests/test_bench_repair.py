@@ -72,8 +72,7 @@ def test_a_changed_repair_default_changes_the_key_of_the_rows_that_use_it() -> N
 
 @dataclasses.dataclass
 class _World:
-    """A stand-in for the small world's files and keys: what the tables read of
-    a world (a dataclass, as SmallWorld is: a build's view is a copy with another root)."""
+    """A stand-in for the small world's files and keys: what the tables read of a world."""
 
     root: Path
     files: Path
