@@ -11,8 +11,8 @@ layers (``ours-4bit-ckpt``, ``--checkpoint``), and over float32. ``ours-4bit-ckp
 ``ours-4bit-ckpt`` again with glibc told to serve every block of 128 KiB or more by its own
 memory map (``MALLOC_MMAP_THRESHOLD_``), so that freed memory leaves the process at once: its
 peak RSS is what the step needs with no freed heap kept, and its time what that costs in page
-faults. The gap to ``ours-4bit-ckpt`` is the C allocator's share of the resident set. Each (shape, method) runs in
-its own process, so its peak RSS is its own; the C allocator's freed memory is handed back
+faults. The gap to ``ours-4bit-ckpt`` is the C allocator's share of the resident set. Each
+(shape, method) runs in its own process, so its peak RSS is its own; the C allocator's freed memory is handed back
 after each step, as the repair loop does. Per step, ours is
 also timed against the bare passes it makes (the same gradient passes, run alone): the rest
 is choosing coordinates, zeroing, rollback bookkeeping. The dense method keeps two copies of
@@ -46,6 +46,8 @@ SHAPE_1B = {
     "num_attention_heads": 32,
     "num_key_value_heads": 4,
 }
+#: our methods, in table order (dense, where it runs, comes after them)
+OURS = ("ours-4bit", "ours-4bit-ckpt", "ours-4bit-ckpt-mmap", "ours-fp32")
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -76,7 +78,8 @@ def peak_rss_gb() -> float:
 
 def make_shape(shape: str, root: Path, sst2: str) -> tuple[Path, Path]:
     """(base folder, adapter folder) for a shape: the small world's aligned model and its
-    k25-r16 adapter (the adapter the repair tables measure), or a random 1B Llama with a random r=16 adapter (built once, cached)."""
+    k25-r16 adapter (the adapter the repair tables measure), or a random 1B Llama with a random
+    r=16 adapter (built once, cached)."""
     from adapter_repair.beds.small import small_world
 
     world = small_world(sst2=sst2)
@@ -179,7 +182,7 @@ def run_ours(
 
     step_s, bare_s = [], []
     release_freed_memory()
-    from memory import rss_gb
+    from memory import profile_step, rss_gb
 
     before = rss_gb()  # the floor every step stands on: runtime, model, the step's inputs
     reset_peak_rss()
@@ -205,8 +208,6 @@ def run_ours(
     steps_peak, whole_peak = current_peak_rss_gb(), peak_rss_gb()  # before the profiler's own
     # one more step, profiled: torch's own peak of live tensors (what a GPU's allocator would
     # have to hold), beside the process's resident set above
-    from memory import profile_step
-
     tensor_peak = profile_step(lambda: one_step(steps + 1))["torch_peak_gb"]
     n_params = sum(p.numel() for p in model.parameters())
     return {
@@ -297,7 +298,7 @@ def main() -> None:
     Path(args.cache).mkdir(parents=True, exist_ok=True)
     rows = []
     for shape in args.shapes.split(","):
-        methods = ["ours-4bit", "ours-4bit-ckpt", "ours-4bit-ckpt-mmap", "ours-fp32"]
+        methods = list(OURS)
         if shape in args.dense_shapes.split(","):
             methods.append("dense")
         for method in methods:
@@ -374,8 +375,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             # gradient, the aligned and the fine-tuned decoder weights
             need = 16 * by["ours-fp32"]["parameters"] / 1024**3
             why = failed["dense"]["failed"] if "dense" in failed else "not run"
-            for m in ("ours-4bit", "ours-4bit-ckpt", "ours-4bit-ckpt-mmap"):
-                if m not in by:
+            for m in OURS:
+                if m not in by or not m.startswith("ours-4bit"):
                     continue
                 ours = by[m].get("steps_peak_rss_gb") or by[m]["peak_rss_gb"]
                 md.append(
@@ -406,7 +407,7 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
                 f"| {shape} | step time dense / ours (both float32) >= 1.5 | {speed:.2f}x |"
                 f" {'yes' if speed >= 1.5 else 'NO'} |"
             )
-        for m in ("ours-4bit", "ours-4bit-ckpt", "ours-4bit-ckpt-mmap", "ours-fp32"):
+        for m in OURS:
             if m in by:
                 r = by[m]
                 over = mean(r["step_seconds"]) / mean(r["bare_seconds"])
