@@ -76,3 +76,35 @@ def test_checkpointing_gives_the_same_loss_and_gradients_and_undoes_itself(loade
         torch.allclose(a, b, rtol=1e-3, atol=1e-6) for a, b in zip(ck_g, plain_g, strict=True)
     )
     assert not any(layer.gradient_checkpointing or layer.training for layer in mm.layers)
+
+
+def test_freed_heap_goes_back_between_each_forward_and_its_backward(
+    loaded4, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CPU what glibc keeps between passes, not the live tensors, was most of a step's
+    resident set (bench/results/cost.md): the stage hands the heap back after each batch's
+    forward, before its backward allocates, and after the backward."""
+    from adapter_repair.repair import losses
+
+    model, tok = loaded4
+    mm = walk(model)
+    below = factor_params(mm, mm.n_layers, ADAPTER)
+    pairs = [("Name a colour.", "Blue."), ("Count to three, please.", "One, two, three.")]
+    batches = answer_batches(tok, pairs, 1, 8)  # two batches: two forward/backward pairs
+    events: list[str] = []
+
+    def release() -> bool:
+        events.append("release")
+        return release_freed_memory()  # the real hand-back, recorded
+
+    monkeypatch.setattr(losses, "release_freed_memory", release)
+    first = next(iter(below.values()))
+    hook = first.register_hook(lambda g: events.append("backward"))  # fires inside a backward
+    try:
+        _, grads = losses.answer_gradients(model, batches, below)
+    finally:
+        hook.remove()
+    assert any(float(g.abs().sum()) > 0 for g in grads.values())
+    # collapse repeats: each backward sits between two hand-backs
+    runs = [e for i, e in enumerate(events) if i == 0 or events[i - 1] != e]
+    assert runs == ["release", "backward", "release", "backward", "release"]

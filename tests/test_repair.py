@@ -355,7 +355,9 @@ def test_checkpoint_setting_counts_a_packed_base_by_its_unpacked_shape(
         < sum(p.numel() for p in model.parameters()) + 1
     )
     assert sum(p.numel() for p in packed.parameters()) < base_parameters(packed)
-    assert not wants_checkpointing("auto", model)  # a tiny base: far below 1B
+    assert not wants_checkpointing("auto", model)  # a tiny unquantized base: far below 1B
+    assert wants_checkpointing("auto", packed)  # a quantized base: memory binds
+    assert not wants_checkpointing("off", packed)
     assert wants_checkpointing("on", model) and not wants_checkpointing("off", model)
     with pytest.raises(ValueError, match="on, off or auto"):
         wants_checkpointing("yes", model)

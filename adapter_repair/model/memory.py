@@ -9,7 +9,9 @@ Two things made the difference, neither a live tensor:
   quantizing, stays resident as long as they live: :func:`own_memory` copies them out;
 * freed memory the C allocator keeps. A step allocates and frees hundreds of dequantized
   weights of a few tens of MB; glibc keeps the freed heap for reuse instead of returning it:
-  :func:`release_freed_memory` hands it back between steps.
+  :func:`release_freed_memory` hands it back between steps and around each backward pass
+  (between a forward's freed blocks and a backward's new ones the heap would otherwise hold
+  both).
 
 What a step needs while it runs is mostly saved activations (a decoder layer's worth per
 token, float32 where the LoRA path upcasts): :func:`checkpointed` keeps only each decoder
@@ -126,16 +128,23 @@ def base_parameters(model: torch.nn.Module) -> int:
     return n
 
 
+def is_quantized(model: torch.nn.Module) -> bool:
+    """Whether any of ``model``'s weights is a packed quantized one (a bitsandbytes 4-bit or
+    8-bit base, as QLoRA loads it)."""
+    return any(p.__class__.__name__ in PACKED for p in model.parameters())
+
+
 def wants_checkpointing(setting: str, model: torch.nn.Module) -> bool:
     """Whether the ``checkpoint`` setting (on, off, auto) turns checkpointing on for ``model``:
-    auto does from :data:`AUTO_CHECKPOINT_PARAMETERS` on. Where memory binds (a 1B-plus base on
-    one consumer card) a step's saved activations are most of it: at the 1.2B shape over 4-bit
-    checkpointing cut the step's live tensors from 2.38 to 1.08 GB for 1.13x the step time
-    (bench/results/cost.md), at the 7B shape the peak RSS during the repair from 9.42 to 7.65 GB
-    (bench/results/scale*.md); on a small base the time matters more than memory nobody runs
-    short of."""
+    auto does over a quantized base and from :data:`AUTO_CHECKPOINT_PARAMETERS` on. A quantized
+    base is loaded because memory binds, and there a step's saved activations are most of what
+    a step adds (QLoRA training checkpoints by default for the same reason: peft's
+    ``prepare_model_for_kbit_training``). The price is about one more forward pass a gradient
+    (bench/results/cost.md has the step times, the live tensors and the resident set with and
+    without it at the small and 1.2B shapes; bench/results/scale*.md the 7B shape). A small
+    unquantized base keeps the faster steps: memory nobody runs short of."""
     if setting not in CHECKPOINT_MODES:
         raise ValueError(f"checkpoint must be on, off or auto; got {setting!r}")
     if setting == "auto":
-        return base_parameters(model) >= AUTO_CHECKPOINT_PARAMETERS
+        return is_quantized(model) or base_parameters(model) >= AUTO_CHECKPOINT_PARAMETERS
     return setting == "on"

@@ -250,9 +250,10 @@ class RestoreConfig:
         "auto",
         "Activation checkpointing over the decoder layers while stage 2 takes gradients: each "
         "layer keeps only its input and runs again in the backward pass, for the same values. "
-        "on, off, or auto: on for a base of 1B parameters or more, where saved activations are "
-        "most of a step's memory (the 1.2B shape over 4-bit: live tensors 1.08 GB instead of "
-        "2.38; bench/results/cost.md).",
+        "on, off, or auto: on over a quantized base (4-bit or 8-bit, where memory is what "
+        "binds, as QLoRA training checkpoints by default) and for a base of 1B parameters or "
+        "more, where saved activations are most of a step's memory; off otherwise, for faster "
+        "steps (time and memory with and without it: bench/results/cost.md).",
         choices=("auto", "on", "off"),  # model.memory.CHECKPOINT_MODES, kept torch-free here
     )
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from adapter_repair.model.memory import release_freed_memory
 from adapter_repair.repair.factors import zeroed_masks
 from adapter_repair.repair.losses import Batch3, answer_loss_terms
 
@@ -69,12 +70,16 @@ def heal(
             opt.zero_grad(set_to_none=True)
             total = 0.0
             # one batch's graph at a time: the gradients add up in .grad
+            # as in the stage's gradient passes: freed heap back around each backward
             for term in answer_loss_terms(model, loss.answers):
+                release_freed_memory()
                 term.backward()
                 total += float(term.detach())
             for term in loss.harm():
+                release_freed_memory()
                 (loss.weight * term).backward()
                 total += loss.weight * float(term.detach())
+            release_freed_memory()
             with torch.no_grad():
                 for n, p in params.items():
                     if p.grad is not None:

@@ -25,6 +25,7 @@ from adapter_repair.model.inputs import (
     pad_token_id,
     render_chat,
 )
+from adapter_repair.model.memory import release_freed_memory
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +99,10 @@ def _gradients(
     grads: list[torch.Tensor | None] = [None] * len(tensors)
     try:
         for loss in losses:
+            # the forward's freed temporaries back to the system before the backward grows
+            # the heap again, and the backward's after it: on CPU what glibc keeps between
+            # passes, not the live tensors, is most of a step's resident set (cost.md)
+            release_freed_memory()
             parts = torch.autograd.grad(loss, tensors, allow_unused=True)
             for i, g in enumerate(parts):
                 if g is None:
@@ -113,6 +118,7 @@ def _gradients(
                     grads[i].add_(g)  # type: ignore[union-attr]
             del parts
             total += float(loss.detach())
+            release_freed_memory()
     finally:
         for t, w in zip(tensors, was, strict=True):
             t.requires_grad_(w)
