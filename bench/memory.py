@@ -180,8 +180,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         f"One restoration step (L = n_layers, per-prompt targets, answers loss, rate 0.01) on"
         f" {args.prompts} harmful and {args.prompts} benign prompts, batch 8, the base loaded"
         f" {args.quant}{', activation checkpointing over the decoder layers' if args.checkpoint else ''},"
-        " run as the repair loop runs it (the C allocator's freed memory handed back after"
-        " each step). RSS from /proc/self/status (the peak is VmHWM, reset before the step);"
+        " run as the repair loop runs it (the C allocator's freed memory handed back around"
+        " each backward pass and after each step). RSS from /proc/self/status (the peak is VmHWM, reset before the step);"
         " torch's view from `torch.profiler` with `profile_memory` (its memory timeline by"
         " category, parameters alive before the step included). A step after a warm-up step.",
         "",

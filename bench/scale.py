@@ -283,8 +283,8 @@ def main() -> None:
         "--checkpoint",
         choices=CHECKPOINT_MODES,
         default="auto",
-        help="Activation checkpointing (the repair's setting; auto: on from 1B parameters);"
-        " a value other than auto writes scale_checkpoint_VALUE.md.",
+        help="Activation checkpointing (the repair's setting; auto: on over a quantized base"
+        " or from 1B parameters); a value other than auto writes scale_checkpoint_VALUE.md.",
     )
     ap.add_argument("--tokenizer", default=None, help="default: the pico world's tokenizer")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "adapter-repair-scale"))
