@@ -11,7 +11,10 @@ layers (``ours-4bit-ckpt``, ``--checkpoint``), and over float32. ``ours-4bit-ckp
 ``ours-4bit-ckpt`` again with glibc told to serve every block of 128 KiB or more by its own
 memory map (``MALLOC_MMAP_THRESHOLD_``), so that freed memory leaves the process at once: its
 peak RSS is what the step needs with no freed heap kept, and its time what that costs in page
-faults. The gap to ``ours-4bit-ckpt`` is the C allocator's share of the resident set. Each
+faults. The gap to ``ours-4bit-ckpt`` is the C allocator's share of the resident set.
+``ours-4bit-ckpt-no-handback`` is ``ours-4bit-ckpt`` with the stage's hand-back of freed heap
+around each backward pass switched off (an ablation: the bench replaces it, the product has no
+switch), so the two rows show what that hand-back buys in one run. Each
 (shape, method) runs in its own process, so its peak RSS is its own; the C allocator's freed
 memory is handed back around each backward pass and after each step, as the repair loop does
 (the hand-back inside the step is the stage's own code). Per step, ours is
@@ -48,7 +51,13 @@ SHAPE_1B = {
     "num_key_value_heads": 4,
 }
 #: our methods, in table order (dense, where it runs, comes after them)
-OURS = ("ours-4bit", "ours-4bit-ckpt", "ours-4bit-ckpt-mmap", "ours-fp32")
+OURS = (
+    "ours-4bit",
+    "ours-4bit-ckpt",
+    "ours-4bit-ckpt-mmap",
+    "ours-4bit-ckpt-no-handback",
+    "ours-fp32",
+)
 #: what the repair runs over a 4-bit base by default (``--checkpoint auto``: on when quantized)
 DEFAULT_4BIT = "ours-4bit-ckpt"
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -276,6 +285,10 @@ def child(args: argparse.Namespace) -> None:
     else:
         quant = "4bit" if method.startswith("ours-4bit") else "none"
         checkpoint = "-ckpt" in method
+        if method.endswith("-no-handback"):  # what the hand-back around each backward buys
+            from adapter_repair.repair import losses
+
+            losses.release_freed_memory = lambda: False  # the heap kept within a step
         out = run_ours(base, adapter, quant, args.steps, args.prompts, checkpoint)
     print("RESULT " + json.dumps(out), flush=True)
 
@@ -350,7 +363,9 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         " the steps start from (runtime, model, the step's inputs), after the freed heap is"
         " handed back. ours-4bit-ckpt-mmap: ours-4bit-ckpt with glibc's mmap threshold fixed at"
         " 128 KiB, so no freed block stays in the process: the RSS a step needs without the"
-        " allocator's kept heap, and the time its page faults cost.",
+        " allocator's kept heap, and the time its page faults cost. ours-4bit-ckpt-no-handback:"
+        " ours-4bit-ckpt without the hand-back of freed heap around each backward pass inside"
+        " the step (between steps it stays): what that hand-back buys.",
         "",
         "| shape | method | parameters | step s | bare passes s | step / bare | peak RSS GB"
         " | RSS GB before the steps | peak RSS GB during the steps"
@@ -432,6 +447,15 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
             md.append(
                 f"| {shape} | (what checkpointing costs) ours-4bit-ckpt step / ours-4bit step |"
                 f" {price:.2f}x | - |"
+            )
+        if {"ours-4bit-ckpt", "ours-4bit-ckpt-no-handback"} <= by.keys():
+            kept, back = by["ours-4bit-ckpt-no-handback"], by["ours-4bit-ckpt"]
+            price = mean(back["step_seconds"]) / mean(kept["step_seconds"])
+            md.append(
+                f"| {shape} | (the hand-back around each backward) ours-4bit-ckpt-no-handback peak"
+                f" RSS during the steps - ours-4bit-ckpt's | {fmt_gb(kept.get('steps_peak_rss_gb'))}"
+                f" - {fmt_gb(back.get('steps_peak_rss_gb'))} GB, at {price:.2f}x the step time"
+                " with it | - |"
             )
         if {"ours-4bit-ckpt", "ours-4bit-ckpt-mmap"} <= by.keys():
             kept, lean = by["ours-4bit-ckpt"], by["ours-4bit-ckpt-mmap"]
